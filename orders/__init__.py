@@ -1,0 +1,1 @@
+"""Shared core of the orders CQRS backend."""

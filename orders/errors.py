@@ -1,0 +1,80 @@
+"""Errors of the orders backend, independent of gRPC, asyncpg and redis.
+
+Driver errors are converted to these at the storage boundary, and each servicer
+maps them to gRPC status codes with one table.
+
+    OrdersError
+    ├── InvalidCommand          malformed input; carries field violations
+    ├── OrderNotFound           no order with that id
+    ├── OrderAlreadyExists      CreateOrder with an id that is taken
+    ├── RuleViolation           a business rule forbids the command; carries a reason
+    ├── ConcurrencyConflict     expected version differs, or a racing writer won
+    ├── CommandIdReused         command id already used for a different request
+    ├── InvalidQuery            malformed query input (page token, consistency token)
+    ├── ViewsNotReady           views have not caught up enough to answer
+    └── Unavailable             PostgreSQL or Redis unreachable: retry
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class OrdersError(Exception):
+    """Base of every error this backend raises on purpose."""
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One invalid request field, named by its proto path (e.g. `unit_price.currency_code`)."""
+
+    field: str
+    description: str
+
+
+class InvalidCommand(OrdersError):
+    def __init__(self, violations: list[FieldViolation]) -> None:
+        self.violations = violations
+        super().__init__("; ".join(f"{v.field}: {v.description}" for v in violations))
+
+
+class InvalidQuery(InvalidCommand):
+    """Same shape as InvalidCommand, raised by the read side."""
+
+
+class OrderNotFound(OrdersError):
+    def __init__(self, order_id: str) -> None:
+        self.order_id = order_id
+        super().__init__(f"order {order_id!r} not found")
+
+
+class OrderAlreadyExists(OrdersError):
+    def __init__(self, order_id: str) -> None:
+        self.order_id = order_id
+        super().__init__(f"order {order_id!r} already exists")
+
+
+class RuleViolation(OrdersError):
+    """A business rule refuses the command; `reason` is a stable UPPER_SNAKE_CASE code."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        super().__init__(message)
+
+
+class ConcurrencyConflict(OrdersError):
+    pass
+
+
+class CommandIdReused(OrdersError):
+    def __init__(self, command_id: str) -> None:
+        self.command_id = command_id
+        super().__init__(f"command_id {command_id!r} was already used for a different request; use a new command_id")
+
+
+class ViewsNotReady(OrdersError):
+    """The views lag behind what the caller asked for; retrying later will succeed."""
+
+
+class Unavailable(OrdersError):
+    """A backing store is unreachable; the operation changed nothing and may be retried."""

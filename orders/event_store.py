@@ -1,0 +1,218 @@
+"""The event store: an append-only PostgreSQL table, accessed with asyncpg.
+
+Writing: `EventStore.execute` runs one command in one transaction: look up its
+idempotency key, load the order's events, decide, append, record the key, and
+NOTIFY the sync workers. `UNIQUE (stream_id, version)` makes racing writers
+conflict; a conflict is retried from the start a few times (a retry may find
+that the racing writer was this same command, and return its result).
+
+Reading in commit order: positions come from an identity column, handed out at
+INSERT but visible at COMMIT, so a reader that saw position 11 may later find
+10. `read_batch` therefore orders by (tx_id, position) and returns only rows
+whose transaction is older than every transaction still running
+(`pg_snapshot_xmin`): no row can ever appear before them. A long-running
+transaction anywhere in the cluster holds readers back (delay, never loss).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from orders.consistency import LogPosition
+from orders.errors import CommandIdReused, ConcurrencyConflict, Unavailable
+from orders.events import Event, RecordedEvent, event_type, from_payload, to_payload
+
+log = logging.getLogger(__name__)
+Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
+
+NOTIFY_CHANNEL = "orders_events"
+CONFLICT_RETRIES = 5
+_COLUMNS = "position, tx_id, stream_id, version, event_type, schema_version, payload, metadata, recorded_at"
+
+# Driver errors that mean "PostgreSQL is unreachable or restarting": the command changed nothing.
+_UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.TooManyConnectionsError,
+)
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    """What a command returns: the order's new version and where its last event sits."""
+
+    stream_id: str
+    version: int
+    last: LogPosition
+
+
+@dataclass(frozen=True)
+class AppendRequest:
+    """One command's write: `decide` maps the stream's events to the events to append."""
+
+    stream_id: str
+    decide: Callable[[list[Event]], list[Event]]
+    command_id: str | None  # idempotency key
+    fingerprint: str  # identifies the request, to refuse a reused command id
+    expected_version: int | None
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Batch:
+    events: list[RecordedEvent]
+    held_back: bool  # newer rows exist but wait for an older transaction to end
+
+
+async def _init_connection(conn: Connection) -> None:
+    for name in ("json", "jsonb"):
+        await conn.set_type_codec(name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def connect(url: str, *, min_size: int = 0, max_size: int = 20) -> asyncpg.Pool:
+    """A pool that opens connections lazily, so a process can start while PostgreSQL is down."""
+    return await asyncpg.create_pool(
+        url, min_size=min_size, max_size=max_size, init=_init_connection, command_timeout=30
+    )
+
+
+@asynccontextmanager
+async def unavailable_on_connection_errors(what: str) -> AsyncIterator[None]:
+    try:
+        yield
+    except _UNAVAILABLE_ERRORS as error:
+        raise Unavailable(f"PostgreSQL is unavailable ({what}): {type(error).__name__}: {error}") from error
+
+
+def _record(row: asyncpg.Record) -> RecordedEvent:
+    return RecordedEvent(
+        position=row["position"],
+        tx_id=row["tx_id"],
+        stream_id=row["stream_id"],
+        version=row["version"],
+        event=from_payload(row["event_type"], row["schema_version"], row["payload"]),
+        recorded_at=row["recorded_at"],
+        metadata=row["metadata"],
+    )
+
+
+class EventStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def execute(self, request: AppendRequest, timeout: float) -> AppendResult:
+        """Runs `request.decide` on the stream's events and appends what it returns, atomically.
+
+        Raises CommandIdReused, ConcurrencyConflict, Unavailable, or whatever `decide` raises.
+        """
+        async with unavailable_on_connection_errors("append"), asyncio.timeout(timeout):
+            for _ in range(CONFLICT_RETRIES):
+                try:
+                    return await self._attempt(request)
+                except asyncpg.UniqueViolationError:
+                    log.debug("conflict appending to %s; retrying", request.stream_id)
+            raise ConcurrencyConflict(f"order {request.stream_id!r} kept changing under concurrent writers; retry")
+
+    async def _attempt(self, request: AppendRequest) -> AppendResult:
+        stream_id, command_id = request.stream_id, request.command_id
+        async with self._pool.acquire() as conn, conn.transaction():
+            if command_id is not None:
+                earlier = await self._earlier_result(conn, command_id, request.fingerprint)
+                if earlier is not None:
+                    return earlier
+            history = await conn.fetch(
+                "SELECT event_type, schema_version, payload FROM events WHERE stream_id = $1 ORDER BY version",
+                stream_id,
+            )
+            expected = request.expected_version
+            if expected is not None and expected != len(history):
+                raise ConcurrencyConflict(f"order {stream_id!r} is at version {len(history)}, expected {expected}")
+            past = [from_payload(r["event_type"], r["schema_version"], r["payload"]) for r in history]
+            result = await self._append(conn, stream_id, len(history), request.decide(past), request.metadata)
+            if command_id is not None:
+                await conn.execute(
+                    "INSERT INTO processed_commands (command_id, fingerprint, stream_id, version, position, tx_id)"
+                    " VALUES ($1, $2, $3, $4, $5, $6)",
+                    command_id,
+                    request.fingerprint,
+                    stream_id,
+                    result.version,
+                    result.last.position,
+                    result.last.tx_id,
+                )
+            await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
+            return result
+
+    @staticmethod
+    async def _earlier_result(conn: Connection, command_id: str, fingerprint: str) -> AppendResult | None:
+        row = await conn.fetchrow(
+            "SELECT fingerprint, stream_id, version, position, tx_id FROM processed_commands WHERE command_id = $1",
+            command_id,
+        )
+        if row is None:
+            return None
+        if row["fingerprint"] != fingerprint:
+            raise CommandIdReused(command_id)
+        return AppendResult(row["stream_id"], row["version"], LogPosition(row["tx_id"], row["position"]))
+
+    @staticmethod
+    async def _append(
+        conn: Connection,
+        stream_id: str,
+        version: int,
+        events: list[Event],
+        metadata: dict[str, Any],
+    ) -> AppendResult:
+        rows = await conn.fetch(
+            "INSERT INTO events (stream_id, version, event_type, schema_version, payload, metadata)"
+            " SELECT $1, v, t, s, p, $5 FROM unnest($2::int[], $3::text[], $4::smallint[], $6::jsonb[])"
+            " AS u(v, t, s, p) ORDER BY v RETURNING position, tx_id",
+            stream_id,
+            list(range(version + 1, version + 1 + len(events))),
+            [event_type(e) for e in events],
+            [e.schema_version for e in events],
+            metadata,
+            [to_payload(e) for e in events],
+        )
+        last = max(LogPosition(r["tx_id"], r["position"]) for r in rows)
+        return AppendResult(stream_id, version + len(events), last)
+
+    async def read_stream(self, stream_id: str) -> list[RecordedEvent]:
+        async with unavailable_on_connection_errors("read stream"):
+            rows = await self._pool.fetch(
+                f"SELECT {_COLUMNS} FROM events WHERE stream_id = $1 ORDER BY version", stream_id
+            )
+        return [_record(r) for r in rows]
+
+
+async def read_batch(conn: Connection, after: LogPosition, limit: int) -> Batch:
+    """Up to `limit` events after `after` in (tx_id, position) order, none of which can
+    ever be preceded by a row that is not visible yet."""
+    rows = await conn.fetch(
+        f"SELECT {_COLUMNS}, pg_snapshot_xmin(pg_current_snapshot()) AS horizon FROM events"
+        " WHERE (tx_id, position) > ($1::xid8, $2::bigint) ORDER BY tx_id, position LIMIT $3",
+        after.tx_id,
+        after.position,
+        limit,
+    )
+    safe = [r for r in rows if r["tx_id"] < r["horizon"]]
+    return Batch([_record(r) for r in safe], held_back=len(safe) < len(rows))
+
+
+async def head(conn: Connection) -> LogPosition | None:
+    """The last event in read order, or None for an empty log."""
+    row = await conn.fetchrow("SELECT tx_id, position FROM events ORDER BY tx_id DESC, position DESC LIMIT 1")
+    return None if row is None else LogPosition(row["tx_id"], row["position"])

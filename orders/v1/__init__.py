@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for orders.v1. Do not edit."""

@@ -1,0 +1,106 @@
+"""The read views in Redis: key names, the order view's shape and its JSON codec.
+
+The sync worker writes these and the read service reads them; nothing else
+knows the layout. Redis is a cache that can be rebuilt from the event store at
+any time, so everything here is derived from events.
+
+Keys, under a configurable prefix (default "orders:"):
+    {p}order:{order_id}                     the order view, JSON
+    {p}idx:all                              sorted set of every order
+    {p}idx:customer:{customer_id}           a customer's orders
+    {p}idx:status:{STATUS}                  orders in one status
+    {p}idx:customer:{customer_id}:{STATUS}  a customer's orders in one status
+    {p}checkpoint:orders                    consistency token of the last applied event
+Channel:
+    {p}checkpoint:orders                    the new checkpoint, published with every batch
+
+Index members all have score 0 and sort lexicographically as
+`{created_at in µs, 16 digits}:{order_id}`: newest first is a reverse range,
+and a member is an exact, stable cursor for paging.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from orders.events import Address
+
+PROJECTION = "orders"
+
+
+@dataclass(frozen=True)
+class ViewLine:
+    sku: str
+    name: str
+    quantity: int
+    unit_price_minor: int
+
+
+@dataclass(frozen=True)
+class OrderView:
+    order_id: str
+    customer_id: str
+    currency_code: str
+    status: str
+    created_at_us: int
+    updated_at_us: int
+    version: int
+    lines: tuple[ViewLine, ...] = ()
+    shipping_address: Address | None = None
+    carrier: str = ""
+    tracking_number: str = ""
+    cancellation_reason: str = ""
+
+    @property
+    def total_minor(self) -> int:
+        return sum(line.quantity * line.unit_price_minor for line in self.lines)
+
+    def index_member(self) -> str:
+        return f"{self.created_at_us:016d}:{self.order_id}"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> OrderView:
+        data: dict[str, Any] = json.loads(text)
+        address = data.pop("shipping_address")
+        lines = tuple(ViewLine(**line) for line in data.pop("lines"))
+        view = cls(**data, lines=lines)
+        return view if address is None else replace(view, shipping_address=Address(**address))
+
+
+@dataclass(frozen=True)
+class ViewKeys:
+    """Names of every key and channel, under one prefix (tests use a prefix each)."""
+
+    prefix: str = "orders:"
+    projection: str = field(default=PROJECTION)
+
+    def order(self, order_id: str) -> str:
+        return f"{self.prefix}order:{order_id}"
+
+    def index(self, customer_id: str = "", status: str = "") -> str:
+        """The index holding exactly the orders matching both filters (empty = any)."""
+        if customer_id and status:
+            return f"{self.prefix}idx:customer:{customer_id}:{status}"
+        if customer_id:
+            return f"{self.prefix}idx:customer:{customer_id}"
+        if status:
+            return f"{self.prefix}idx:status:{status}"
+        return f"{self.prefix}idx:all"
+
+    def indexes_of(self, view: OrderView) -> list[str]:
+        """Every index that lists `view` in its current status."""
+        customer, status = view.customer_id, view.status
+        return [self.index(), self.index(customer), self.index("", status), self.index(customer, status)]
+
+    @property
+    def checkpoint(self) -> str:
+        return f"{self.prefix}checkpoint:{self.projection}"
+
+    @property
+    def checkpoint_channel(self) -> str:
+        return f"{self.prefix}checkpoint:{self.projection}"

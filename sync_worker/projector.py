@@ -1,0 +1,90 @@
+"""Applies batches of events to the Redis views, exactly once in effect.
+
+Each batch is one MULTI/EXEC transaction holding the view writes, the index
+changes, the new checkpoint and the notification for waiting readers, so a
+crash leaves either all of it or none. WATCH on the checkpoint makes the
+transaction fail if anyone else moved it (another worker, a flush) since it
+was read. Each apply also skips events the view already has (by version), so
+a replayed batch changes nothing.
+"""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import WatchError
+
+from orders.consistency import LogPosition
+from orders.events import RecordedEvent
+from orders.views import OrderView, ViewKeys
+from sync_worker.projection import project
+
+
+class CheckpointMoved(Exception):
+    """The checkpoint in Redis is not the one this batch was read after; re-read and retry."""
+
+
+class OrdersProjector:
+    def __init__(self, redis: Redis, keys: ViewKeys) -> None:
+        self._redis = redis
+        self.keys = keys
+
+    async def checkpoint(self) -> LogPosition | None:
+        """The position of the last applied event; None when the views are empty (new or flushed)."""
+        raw = await self._redis.get(self.keys.checkpoint)
+        return None if raw is None else LogPosition.parse(raw)
+
+    async def mark_empty_log(self) -> None:
+        """Records that the views are complete for an empty event log (readers wait for a checkpoint)."""
+        await self._redis.set(self.keys.checkpoint, LogPosition(0, 0).token(), nx=True)
+
+    async def apply(self, after: LogPosition | None, events: list[RecordedEvent]) -> LogPosition:
+        """Applies `events`, which follow checkpoint `after`, atomically; returns the new checkpoint."""
+        new_checkpoint = max(LogPosition(e.tx_id, e.position) for e in events)
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                await pipe.watch(self.keys.checkpoint)
+                current = await pipe.get(self.keys.checkpoint)
+                if (None if current is None else LogPosition.parse(current)) != after:
+                    raise CheckpointMoved(f"checkpoint is {current!r}, batch follows {after}")
+                before = await self._load(pipe, {e.stream_id for e in events})
+                after_views = self._fold(before, events)
+                pipe.multi()  # type: ignore[no-untyped-call]
+                self._queue_writes(pipe, before, after_views)
+                token = new_checkpoint.token()
+                pipe.set(self.keys.checkpoint, token)
+                pipe.publish(self.keys.checkpoint_channel, token)
+                await pipe.execute()
+        except WatchError as error:
+            raise CheckpointMoved("checkpoint changed during the batch") from error
+        return new_checkpoint
+
+    async def _load(self, pipe: Pipeline, order_ids: set[str]) -> dict[str, OrderView | None]:
+        ids = sorted(order_ids)
+        raws = await pipe.mget([self.keys.order(i) for i in ids])
+        return {i: None if raw is None else OrderView.from_json(raw) for i, raw in zip(ids, raws, strict=True)}
+
+    @staticmethod
+    def _fold(before: dict[str, OrderView | None], events: list[RecordedEvent]) -> dict[str, OrderView | None]:
+        views = dict(before)
+        for recorded in events:
+            view = views[recorded.stream_id]
+            if view is not None and recorded.version <= view.version:
+                continue  # already applied: a replay after a crash must change nothing
+            views[recorded.stream_id] = project(view, recorded)
+        return views
+
+    def _queue_writes(
+        self, pipe: Pipeline, before: dict[str, OrderView | None], after: dict[str, OrderView | None]
+    ) -> None:
+        for order_id, view in after.items():
+            old = before[order_id]
+            if view is None or view == old:
+                continue
+            pipe.set(self.keys.order(order_id), view.to_json())
+            new_indexes = self.keys.indexes_of(view)
+            stale = [k for k in self.keys.indexes_of(old) if k not in new_indexes] if old else []
+            for key in stale:
+                pipe.zrem(key, view.index_member())
+            for key in new_indexes:
+                pipe.zadd(key, {view.index_member(): 0})

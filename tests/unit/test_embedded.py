@@ -1,0 +1,156 @@
+"""Embedded PostgreSQL and Redis servers: start, use, stop, restart, and die with their parent."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import asyncpg
+import pytest
+import redis
+
+from orders.embedded import free_port, start_postgres, start_redis
+
+pytestmark = pytest.mark.embedded
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+async def _fetchval(url: str, *statements: str) -> object:
+    """Run statements in order on a fresh connection and return the first value of the last."""
+    conn = await asyncpg.connect(url)
+    try:
+        for statement in statements[:-1]:
+            await conn.execute(statement)
+        return await conn.fetchval(statements[-1])
+    finally:
+        await conn.close()
+
+
+def _refuses_connections(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return False
+    except OSError:
+        return True
+
+
+def test_postgres_keeps_rows_across_restart(tmp_path: Path) -> None:
+    """A row committed before stop() is still there after a restart on the same data dir."""
+    first = start_postgres(tmp_path / "pg")
+    try:
+        assert first.url.startswith("postgresql://postgres@127.0.0.1:")
+        create = "CREATE TABLE orders (id int PRIMARY KEY, item text)"
+        assert asyncio.run(_fetchval(first.url, create, "INSERT INTO orders VALUES (1, 'tea') RETURNING id")) == 1
+    finally:
+        first.stop()
+    first.stop()  # idempotent
+
+    second = start_postgres(tmp_path / "pg")
+    try:
+        assert asyncio.run(_fetchval(second.url, "SELECT item FROM orders WHERE id = 1")) == "tea"
+    finally:
+        second.stop()
+
+
+def test_postgres_runs_with_dev_settings_and_logs_to_data_dir(tmp_path: Path) -> None:
+    """The server listens on the requested port with the dev settings and logs to postgres.log."""
+    port = free_port()
+    server = start_postgres(tmp_path / "pg", port=port)
+    try:
+        assert server.url == f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        for setting, expected in {
+            "max_connections": "200",
+            "idle_in_transaction_session_timeout": "1min",
+            "fsync": "on",
+            "listen_addresses": "127.0.0.1",
+        }.items():
+            assert asyncio.run(_fetchval(server.url, f"SHOW {setting}")) == expected
+    finally:
+        server.stop()
+    assert "database system is shut down" in (tmp_path / "pg" / "postgres.log").read_text()
+
+
+def test_postgres_restarts_after_the_server_was_killed(tmp_path: Path) -> None:
+    """After a SIGKILL of the server (stale postmaster.pid, unreaped process) a new start recovers the data."""
+    first = start_postgres(tmp_path / "pg")
+    try:
+        asyncio.run(_fetchval(first.url, "CREATE TABLE t (x int)", "INSERT INTO t VALUES (7)", "SELECT 1"))
+        pid = int((tmp_path / "pg" / "postmaster.pid").read_text().split()[0])
+        os.kill(pid, signal.SIGKILL)
+        second = start_postgres(tmp_path / "pg")
+        try:
+            assert asyncio.run(_fetchval(second.url, "SELECT x FROM t")) == 7
+        finally:
+            second.stop()
+    finally:
+        first.stop()
+
+
+def test_redis_set_get(tmp_path: Path) -> None:
+    """A non-persistent Redis answers SET/GET, stops idempotently and leaves no snapshot behind."""
+    server = start_redis(tmp_path / "redis", persist=False)
+    try:
+        assert server.url.startswith("redis://127.0.0.1:")
+        with redis.Redis.from_url(server.url) as client:
+            assert client.set("order:1", "tea")
+            assert client.get("order:1") == b"tea"
+    finally:
+        server.stop()
+    server.stop()  # idempotent
+    assert not (tmp_path / "redis" / "dump.rdb").exists()
+    assert (tmp_path / "redis" / "redis.log").exists()
+
+
+def test_persistent_redis_keeps_keys_across_restart(tmp_path: Path) -> None:
+    """With persist=True a key written before stop() is loaded again by the next start."""
+    first = start_redis(tmp_path / "redis")
+    try:
+        with redis.Redis.from_url(first.url) as client:
+            client.set("order:1", "tea")
+    finally:
+        first.stop()
+    second = start_redis(tmp_path / "redis")
+    try:
+        with redis.Redis.from_url(second.url) as client:
+            assert client.get("order:1") == b"tea"
+    finally:
+        second.stop()
+
+
+def test_start_fails_clearly_when_the_port_is_taken(tmp_path: Path) -> None:
+    """An explicitly requested port that is busy gives a RuntimeError quoting the server log."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(RuntimeError, match="Address already in use"):
+            start_redis(tmp_path / "redis", port=busy.getsockname()[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
+def test_servers_shut_down_when_their_parent_is_killed(tmp_path: Path) -> None:
+    """SIGKILL of the process that started the servers makes both shut down cleanly on their own."""
+    script = (
+        "import sys, time; from pathlib import Path; from orders.embedded import start_postgres, start_redis; "
+        "d = Path(sys.argv[1]); p = start_postgres(d / 'pg'); r = start_redis(d / 'redis'); "
+        "print(p.url.rsplit(':', 1)[1].split('/')[0], r.url.rsplit(':', 1)[1].split('/')[0], flush=True); "
+        "time.sleep(120)"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    with subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env) as child:
+        assert child.stdout is not None
+        ports = [int(port) for port in child.stdout.readline().split()]
+        child.kill()
+    assert len(ports) == 2, "child failed to start the servers"
+    deadline = time.monotonic() + 15
+    while not all(map(_refuses_connections, ports)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(map(_refuses_connections, ports))
+    # A fast (clean) shutdown removes postmaster.pid; a crash would leave it behind.
+    assert not (tmp_path / "pg" / "postmaster.pid").exists()

@@ -1,0 +1,1 @@
+"""The write service: runs OrderCommands, turning commands into events in PostgreSQL."""

@@ -1,0 +1,3 @@
+from write_service.main import main
+
+main()

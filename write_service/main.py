@@ -1,0 +1,72 @@
+"""`orders-write-service`: serves OrderCommands on its own."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncpg
+
+from orders import config
+from orders.event_store import EventStore, connect
+from orders.grpc_server import RunningServer, run, start_server, stop_on_signals
+from orders.v1 import commands_pb2_grpc
+from write_service.command_bus import CommandBus
+from write_service.servicer import SERVICE_NAME, OrderCommandsServicer
+
+log = logging.getLogger("write_service")
+
+
+@dataclass(frozen=True)
+class WriteSettings:
+    postgres_url: str
+    write_address: str
+    shutdown_grace: float
+    max_concurrent_rpcs: int
+    pool_size: int
+    log_level: str
+
+
+def parse_settings(argv: Sequence[str] | None = None) -> WriteSettings:
+    parser = argparse.ArgumentParser(
+        prog="orders-write-service",
+        description="Serve the OrderCommands gRPC API: validate commands and append their events to PostgreSQL.",
+    )
+    config.add_postgres_argument(parser)
+    config.add_server_arguments(parser, "write-address", config.DEFAULT_WRITE_ADDRESS)
+    config.add_setting(parser, "pool-size", "PostgreSQL connections at most", default="20", parse=config.positive_int)
+    config.add_log_argument(parser)
+    return WriteSettings(**vars(parser.parse_args(argv)))
+
+
+async def start_write_service(pool: asyncpg.Pool, address: str, max_concurrent_rpcs: int = 1000) -> RunningServer:
+    servicer = OrderCommandsServicer(CommandBus(EventStore(pool)))
+    return await start_server(
+        address,
+        lambda server: commands_pb2_grpc.add_OrderCommandsServicer_to_server(servicer, server),
+        [SERVICE_NAME],
+        max_concurrent_rpcs,
+    )
+
+
+async def serve(settings: WriteSettings) -> None:
+    stop = stop_on_signals()
+    pool = await connect(settings.postgres_url, max_size=settings.pool_size)
+    running = await start_write_service(pool, settings.write_address, settings.max_concurrent_rpcs)
+    log.info("OrderCommands listening on %s (port %d)", settings.write_address, running.port)
+    await stop.wait()
+    await running.stop(settings.shutdown_grace)
+    await pool.close()
+    log.info("stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings = parse_settings(argv)
+    config.setup_logging(settings.log_level)
+    run(lambda: serve(settings))
+
+
+if __name__ == "__main__":
+    main()
