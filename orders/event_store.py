@@ -89,6 +89,13 @@ async def connect(url: str, *, min_size: int = 0, max_size: int = 20) -> asyncpg
     )
 
 
+async def open_connection(url: str) -> asyncpg.Connection:
+    """One connection with our codecs, for a long-lived reader such as the sync worker."""
+    conn = await asyncpg.connect(url, timeout=10)
+    await _init_connection(conn)
+    return conn
+
+
 @asynccontextmanager
 async def unavailable_on_connection_errors(what: str) -> AsyncIterator[None]:
     try:

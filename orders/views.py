@@ -25,6 +25,8 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from redis.asyncio import Redis
+
 from orders.events import Address
 
 PROJECTION = "orders"
@@ -104,3 +106,15 @@ class ViewKeys:
     @property
     def checkpoint_channel(self) -> str:
         return f"{self.prefix}checkpoint:{self.projection}"
+
+
+def redis_client(url: str) -> Redis:
+    """A client with explicit timeouts: a hung Redis must fail a call, not stall it forever."""
+    return Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=5,
+        socket_connect_timeout=5,
+        health_check_interval=30,
+        max_connections=200,
+    )

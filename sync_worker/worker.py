@@ -20,7 +20,7 @@ import asyncpg
 import redis.exceptions
 
 from orders.consistency import START
-from orders.event_store import NOTIFY_CHANNEL, Batch, Connection, read_batch
+from orders.event_store import NOTIFY_CHANNEL, Batch, Connection, open_connection, read_batch
 from sync_worker.projector import CheckpointMoved, OrdersProjector
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class SyncWorker:
                 failures = 0
 
     async def _tail(self, stop: asyncio.Event) -> None:
-        conn = await asyncpg.connect(self._settings.postgres_url, timeout=10)
+        conn = await open_connection(self._settings.postgres_url)
         try:
             await conn.add_listener(NOTIFY_CHANNEL, lambda *_: self._wake.set())
             log.info("tailing the event log into %s", self._projector.keys.prefix)

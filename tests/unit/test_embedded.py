@@ -21,6 +21,19 @@ pytestmark = pytest.mark.embedded
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
+# Starts both servers, reports their ports, then idles until killed.
+_CHILD_STARTING_SERVERS = """
+import sys, time
+from pathlib import Path
+from urllib.parse import urlsplit
+from orders.embedded import start_postgres, start_redis
+
+data = Path(sys.argv[1])
+servers = [start_postgres(data / "pg"), start_redis(data / "redis")]
+print(*(urlsplit(server.url).port for server in servers), flush=True)
+time.sleep(120)
+"""
+
 
 async def _fetchval(url: str, *statements: str) -> object:
     """Run statements in order on a fresh connection and return the first value of the last."""
@@ -136,21 +149,17 @@ def test_start_fails_clearly_when_the_port_is_taken(tmp_path: Path) -> None:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
 def test_servers_shut_down_when_their_parent_is_killed(tmp_path: Path) -> None:
     """SIGKILL of the process that started the servers makes both shut down cleanly on their own."""
-    script = (
-        "import sys, time; from pathlib import Path; from orders.embedded import start_postgres, start_redis; "
-        "d = Path(sys.argv[1]); p = start_postgres(d / 'pg'); r = start_redis(d / 'redis'); "
-        "print(p.url.rsplit(':', 1)[1].split('/')[0], r.url.rsplit(':', 1)[1].split('/')[0], flush=True); "
-        "time.sleep(120)"
-    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    with subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env) as child:
+    command = [sys.executable, "-c", _CHILD_STARTING_SERVERS, str(tmp_path)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env) as child:
         assert child.stdout is not None
         ports = [int(port) for port in child.stdout.readline().split()]
         child.kill()
     assert len(ports) == 2, "child failed to start the servers"
+    # A clean (fast) shutdown removes postmaster.pid as its last step; a crash would leave it behind.
+    pid_file = tmp_path / "pg" / "postmaster.pid"
     deadline = time.monotonic() + 15
-    while not all(map(_refuses_connections, ports)) and time.monotonic() < deadline:
+    while time.monotonic() < deadline and (pid_file.exists() or not all(map(_refuses_connections, ports))):
         time.sleep(0.05)
+    assert not pid_file.exists()
     assert all(map(_refuses_connections, ports))
-    # A fast (clean) shutdown removes postmaster.pid; a crash would leave it behind.
-    assert not (tmp_path / "pg" / "postmaster.pid").exists()

@@ -1,0 +1,1 @@
+"""The read service: runs OrderQueries, answering from the Redis views only."""

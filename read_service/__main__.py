@@ -1,0 +1,3 @@
+from read_service.main import main
+
+main()

@@ -1,0 +1,83 @@
+"""Read-your-writes: wait until the views have reached a consistency token.
+
+The sync worker publishes its new checkpoint on a Redis channel with every
+batch. One subscription per process tracks it, and queries that carry a token
+wait on a condition that each publication wakes: a push, not a poll. After
+(re)subscribing the watcher reads the checkpoint key once, since publications
+sent while it was not subscribed are lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import redis.exceptions
+from redis.asyncio import Redis
+
+from orders.consistency import LogPosition
+from orders.views import ViewKeys
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointWatcher:
+    def __init__(self, redis: Redis, keys: ViewKeys) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._changed = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+        self._waiting = 0
+        self.latest: LogPosition | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._follow(), name="checkpoint-watcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def reached(self, target: LogPosition) -> bool:
+        return self.latest is not None and self.latest >= target
+
+    async def wait_for(self, target: LogPosition, timeout: float) -> bool:
+        """True once the views include `target`; False if `timeout` seconds pass first."""
+        if self.reached(target):
+            return True
+        self._waiting += 1
+        try:
+            async with asyncio.timeout(max(timeout, 0)), self._changed:
+                await self._changed.wait_for(lambda: self.reached(target))
+        except TimeoutError:
+            pass
+        finally:
+            self._waiting -= 1
+        return self.reached(target)
+
+    async def _set(self, raw: str | bytes | None) -> None:
+        # Not max(): after a flush the views restart from zero, and so must the watcher.
+        self.latest = None if raw is None else LogPosition.parse(raw)
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                await self._subscribe_and_listen()
+            except (redis.exceptions.RedisError, OSError) as error:
+                log.warning("checkpoint subscription lost (%s); resubscribing in 1s", error)
+                await asyncio.sleep(1)
+
+    async def _subscribe_and_listen(self) -> None:
+        async with self._redis.pubsub() as pubsub:
+            await pubsub.subscribe(self._keys.checkpoint_channel)
+            await self._set(await self._redis.get(self._keys.checkpoint))
+            while True:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if message is not None:
+                    await self._set(message["data"])
+                elif self._waiting:  # re-read in case a publication was lost
+                    await self._set(await self._redis.get(self._keys.checkpoint))

@@ -1,0 +1,97 @@
+"""`orders-read-service`: serves OrderQueries on its own, from Redis only."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from orders import config
+from orders.grpc_server import RunningServer, run, start_server, stop_on_signals
+from orders.v1 import queries_pb2_grpc
+from orders.views import ViewKeys, redis_client
+from read_service.freshness import CheckpointWatcher
+from read_service.servicer import SERVICE_NAME, OrderQueriesServicer
+
+log = logging.getLogger("read_service")
+
+
+@dataclass(frozen=True)
+class ReadSettings:
+    redis_url: str
+    redis_prefix: str
+    read_address: str
+    shutdown_grace: float
+    max_concurrent_rpcs: int
+    max_consistency_wait: float
+    log_level: str
+
+
+def parse_settings(argv: Sequence[str] | None = None) -> ReadSettings:
+    parser = argparse.ArgumentParser(
+        prog="orders-read-service",
+        description="Serve the OrderQueries gRPC API from the Redis views (no PostgreSQL access).",
+    )
+    config.add_redis_arguments(parser)
+    config.add_server_arguments(parser, "read-address", config.DEFAULT_READ_ADDRESS)
+    config.add_setting(
+        parser,
+        "max-consistency-wait",
+        "seconds a query waits at most for the views to reach its consistency token",
+        default="5",
+        parse=config.positive_float,
+    )
+    config.add_log_argument(parser)
+    return ReadSettings(**vars(parser.parse_args(argv)))
+
+
+@dataclass
+class ReadService:
+    server: RunningServer
+    watcher: CheckpointWatcher
+
+    async def stop(self, grace: float) -> None:
+        await self.server.stop(grace)
+        await self.watcher.stop()
+
+
+async def start_read_service(
+    redis: Redis, keys: ViewKeys, address: str, max_wait: float = 5.0, max_concurrent_rpcs: int = 1000
+) -> ReadService:
+    watcher = CheckpointWatcher(redis, keys)
+    watcher.start()
+    servicer = OrderQueriesServicer(redis, keys, watcher, max_wait)
+    server = await start_server(
+        address,
+        lambda s: queries_pb2_grpc.add_OrderQueriesServicer_to_server(servicer, s),
+        [SERVICE_NAME],
+        max_concurrent_rpcs,
+    )
+    return ReadService(server, watcher)
+
+
+async def serve(settings: ReadSettings) -> None:
+    stop = stop_on_signals()
+    redis = redis_client(settings.redis_url)
+    keys = ViewKeys(settings.redis_prefix)
+    service = await start_read_service(
+        redis, keys, settings.read_address, settings.max_consistency_wait, settings.max_concurrent_rpcs
+    )
+    log.info("OrderQueries listening on %s (port %d)", settings.read_address, service.server.port)
+    await stop.wait()
+    await service.stop(settings.shutdown_grace)
+    await redis.aclose()
+    log.info("stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings = parse_settings(argv)
+    config.setup_logging(settings.log_level)
+    run(lambda: serve(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""OrderQueries over gRPC, answered from the Redis views only."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import grpc
+import redis.exceptions
+from google.protobuf.timestamp_pb2 import Timestamp
+from redis.asyncio import Redis
+
+from orders.consistency import LogPosition
+from orders.domain import ID_PATTERN
+from orders.errors import FieldViolation, InvalidQuery, OrderNotFound, Unavailable, ViewsNotReady
+from orders.rpc_errors import ErrorTable, translate_errors
+from orders.v1 import queries_pb2 as pb
+from orders.v1 import queries_pb2_grpc, types_pb2
+from orders.views import OrderView, ViewKeys
+from read_service.freshness import CheckpointWatcher
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["OrderQueries"].full_name
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+DEADLINE_MARGIN = 0.05  # seconds kept back from the deadline to read and answer after waiting
+
+ERRORS: ErrorTable = {
+    InvalidQuery: (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+    OrderNotFound: (grpc.StatusCode.NOT_FOUND, "ORDER_NOT_FOUND"),
+    ViewsNotReady: (grpc.StatusCode.UNAVAILABLE, "VIEWS_NOT_READY"),
+    Unavailable: (grpc.StatusCode.UNAVAILABLE, "VIEWS_UNAVAILABLE"),
+}
+
+# One round trip, one consistent snapshot: the checkpoint, then (member, view) pairs of a page.
+_PAGE_SCRIPT = """
+local members = redis.call('ZREVRANGEBYLEX', KEYS[1], ARGV[1], '-', 'LIMIT', 0, tonumber(ARGV[2]))
+local result = {redis.call('GET', KEYS[2])}
+for _, member in ipairs(members) do
+  result[#result + 1] = member
+  result[#result + 1] = redis.call('GET', ARGV[3] .. string.sub(member, 18))
+end
+return result
+"""
+
+
+@asynccontextmanager
+async def unavailable_on_redis_errors() -> AsyncIterator[None]:
+    try:
+        yield
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as error:
+        raise Unavailable(f"Redis is unavailable: {error}") from error
+
+
+def _timestamp(micros: int) -> Timestamp:
+    return Timestamp(seconds=micros // 1_000_000, nanos=(micros % 1_000_000) * 1000)
+
+
+def order_message(view: OrderView) -> types_pb2.Order:
+    def money(minor: int) -> types_pb2.Money:
+        return types_pb2.Money(currency_code=view.currency_code, minor_units=minor)
+
+    order = types_pb2.Order(
+        order_id=view.order_id,
+        customer_id=view.customer_id,
+        status=types_pb2.OrderStatus.Value(f"ORDER_STATUS_{view.status}"),
+        items=[
+            types_pb2.LineItem(
+                sku=line.sku,
+                name=line.name,
+                quantity=line.quantity,
+                unit_price=money(line.unit_price_minor),
+                line_total=money(line.unit_price_minor * line.quantity),
+            )
+            for line in view.lines
+        ],
+        total=money(view.total_minor),
+        created_at=_timestamp(view.created_at_us),
+        updated_at=_timestamp(view.updated_at_us),
+        version=view.version,
+        carrier=view.carrier,
+        tracking_number=view.tracking_number,
+        cancellation_reason=view.cancellation_reason,
+    )
+    if view.shipping_address is not None:
+        order.shipping_address.CopyFrom(types_pb2.ShippingAddress(**vars(view.shipping_address)))
+    return order
+
+
+def parse_token(text: str) -> LogPosition | None:
+    if not text:
+        return None
+    try:
+        return LogPosition.parse(text)
+    except ValueError:
+        raise InvalidQuery([FieldViolation("consistency_token", "not a token returned by a command")]) from None
+
+
+@dataclass(frozen=True)
+class PageCursor:
+    """What a page token carries: the filters it belongs to and the last member returned."""
+
+    customer_id: str
+    status: str
+    after: str
+
+    def encode(self) -> str:
+        raw = json.dumps([self.customer_id, self.status, self.after], separators=(",", ":"))
+        return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, token: str, customer_id: str, status: str) -> PageCursor:
+        try:
+            customer, stat, after = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+            cursor = cls(str(customer), str(stat), str(after))
+        except ValueError:
+            raise InvalidQuery([FieldViolation("page_token", "not a token returned by ListOrders")]) from None
+        if (cursor.customer_id, cursor.status) != (customer_id, status):
+            raise InvalidQuery([FieldViolation("page_token", "belongs to a request with other filters")])
+        return cursor
+
+
+class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
+    def __init__(self, redis: Redis, keys: ViewKeys, watcher: CheckpointWatcher, max_wait: float) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._watcher = watcher
+        self._max_wait = max_wait
+        self._page_script = redis.register_script(_PAGE_SCRIPT)
+
+    async def _await_token(self, token: LogPosition | None, context: grpc.aio.ServicerContext) -> None:
+        if token is None:
+            return
+        remaining = context.time_remaining()
+        budget = self._max_wait if remaining is None else min(self._max_wait, remaining - DEADLINE_MARGIN)
+        await self._watcher.wait_for(token, budget)
+
+    @staticmethod
+    def _consistency(token: LogPosition | None, raw_checkpoint: str | bytes | None) -> pb.ReadConsistency:
+        if raw_checkpoint is None:
+            raise ViewsNotReady("the views are empty or being rebuilt; retry shortly")
+        checkpoint = LogPosition.parse(raw_checkpoint)
+        return pb.ReadConsistency(stale=token is not None and checkpoint < token, view_token=checkpoint.token())
+
+    @translate_errors(ERRORS)
+    async def GetOrder(self, request: pb.GetOrderRequest, context: grpc.aio.ServicerContext) -> pb.GetOrderResponse:
+        if not ID_PATTERN.fullmatch(request.order_id):
+            raise InvalidQuery([FieldViolation("order_id", "must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'")])
+        token = parse_token(request.consistency_token)
+        await self._await_token(token, context)
+        async with unavailable_on_redis_errors():
+            raw_view, raw_checkpoint = await self._redis.mget(self._keys.order(request.order_id), self._keys.checkpoint)
+        consistency = self._consistency(token, raw_checkpoint)
+        if raw_view is None:
+            if consistency.stale:
+                raise ViewsNotReady(
+                    f"order {request.order_id!r} is not in the views yet: they had not reached the "
+                    "consistency token when the wait ended; retry"
+                )
+            raise OrderNotFound(request.order_id)
+        return pb.GetOrderResponse(order=order_message(OrderView.from_json(raw_view)), consistency=consistency)
+
+    @translate_errors(ERRORS)
+    async def ListOrders(
+        self, request: pb.ListOrdersRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListOrdersResponse:
+        size, status = self._validate_list(request)
+        token = parse_token(request.consistency_token)
+        cursor = PageCursor.decode(request.page_token, request.customer_id, status) if request.page_token else None
+        await self._await_token(token, context)
+        index = self._keys.index(request.customer_id, status)
+        start = f"({cursor.after}" if cursor else "+"
+        async with unavailable_on_redis_errors():
+            reply = await self._page_script(
+                keys=[index, self._keys.checkpoint], args=[start, size + 1, self._keys.order("")]
+            )
+        consistency = self._consistency(token, reply[0])
+        pairs = list(zip(reply[1::2], reply[2::2], strict=True))
+        orders = [order_message(OrderView.from_json(view)) for _, view in pairs[:size] if view is not None]
+        more = len(pairs) > size
+        next_token = PageCursor(request.customer_id, status, pairs[size - 1][0]).encode() if more else ""
+        return pb.ListOrdersResponse(orders=orders, next_page_token=next_token, consistency=consistency)
+
+    @staticmethod
+    def _validate_list(request: pb.ListOrdersRequest) -> tuple[int, str]:
+        problems = []
+        size = request.page_size or DEFAULT_PAGE_SIZE
+        if not 1 <= size <= MAX_PAGE_SIZE:
+            problems.append(FieldViolation("page_size", f"must be 0 (default {DEFAULT_PAGE_SIZE}) to {MAX_PAGE_SIZE}"))
+        if request.customer_id and not ID_PATTERN.fullmatch(request.customer_id):
+            problems.append(FieldViolation("customer_id", "must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'"))
+        if request.status not in types_pb2.OrderStatus.values():
+            problems.append(FieldViolation("status", f"unknown status {request.status}"))
+        if problems:
+            raise InvalidQuery(problems)
+        status = "" if request.status == 0 else types_pb2.OrderStatus.Name(request.status).removeprefix("ORDER_STATUS_")
+        return size, status

@@ -1,0 +1,3 @@
+from sync_worker.main import main
+
+main()
