@@ -223,3 +223,9 @@ async def head(conn: Connection) -> LogPosition | None:
     """The last event in read order, or None for an empty log."""
     row = await conn.fetchrow("SELECT tx_id, position FROM events ORDER BY tx_id DESC, position DESC LIMIT 1")
     return None if row is None else LogPosition(row["tx_id"], row["position"])
+
+
+async def read_log(conn: Connection) -> list[RecordedEvent]:
+    """Every event in read order, for checks and tools (the worker reads in batches)."""
+    rows = await conn.fetch(f"SELECT {_COLUMNS} FROM events ORDER BY tx_id, position")
+    return [_record(r) for r in rows]

