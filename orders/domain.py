@@ -17,6 +17,7 @@ from orders.commands import (
     CancelOrder,
     ChangeShippingAddress,
     Command,
+    CommandEnvelope,
     ConfirmOrder,
     CreateOrder,
     RemoveItem,
@@ -42,6 +43,7 @@ from orders.events import (
 )
 
 MAX_LINE_ITEMS = 100
+MAX_COMMAND_ID = 128
 MAX_QUANTITY = 10_000
 MAX_UNIT_PRICE_MINOR = 1_000_000_000_000
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -180,9 +182,13 @@ def _(command: CancelOrder) -> list[FieldViolation]:
     return [*_check_id("order_id", command.order_id), *_check_length("reason", command.reason, 0, 500)]
 
 
-def validate(command: Command) -> None:
-    """Raises InvalidCommand listing every malformed field, or returns."""
-    problems = _violations(command)
+def validate(envelope: CommandEnvelope) -> None:
+    """Raises InvalidCommand listing every malformed field of the command and its envelope."""
+    problems = _violations(envelope.command)
+    if envelope.command_id is not None and not 1 <= len(envelope.command_id) <= MAX_COMMAND_ID:
+        problems.append(FieldViolation("command_id", f"must be 1-{MAX_COMMAND_ID} characters"))
+    if envelope.expected_version is not None and envelope.expected_version < 0:
+        problems.append(FieldViolation("expected_version", "must be >= 0"))
     if problems:
         raise InvalidCommand(problems)
 

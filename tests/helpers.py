@@ -7,6 +7,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import grpc
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
 from redis.asyncio import Redis
 
 from orders.event_store import open_connection, read_log
@@ -34,7 +37,9 @@ def create_request(customer_id: str = "cust-1", **fields: object) -> commands_pb
     return commands_pb2.CreateOrderRequest(customer_id=customer_id, currency_code=EUR, **fields)  # type: ignore[arg-type]
 
 
-def add_item_request(order_id: str, sku: str = "SKU-1", quantity: int = 1, price: int = 250) -> commands_pb2.AddItemRequest:
+def add_item_request(
+    order_id: str, sku: str = "SKU-1", quantity: int = 1, price: int = 250
+) -> commands_pb2.AddItemRequest:
     return commands_pb2.AddItemRequest(
         order_id=order_id, sku=sku, name=f"Product {sku}", quantity=quantity, unit_price=money(price)
     )
@@ -79,3 +84,31 @@ async def assert_views_match_events(database_url: str, redis: Redis, keys: ViewK
     expected = await expected_views(database_url)
     actual = await views_in_redis(redis, keys)
     assert expected == actual
+
+
+def rich_details(error: grpc.aio.AioRpcError) -> dict[str, Message]:
+    """The google.rpc details of a failed call, by type name ("BadRequest", "ErrorInfo", "RetryInfo")."""
+    raw = dict(error.trailing_metadata() or ()).get("grpc-status-details-bin")
+    assert raw is not None, "the status carries no rich details"
+    status = status_pb2.Status.FromString(raw)
+    assert error.code().value[0] == status.code
+    found: dict[str, Message] = {}
+    for packed in status.details:
+        for cls in (error_details_pb2.BadRequest, error_details_pb2.ErrorInfo, error_details_pb2.RetryInfo):
+            if packed.Is(cls.DESCRIPTOR):
+                message = cls()
+                packed.Unpack(message)
+                found[cls.__name__] = message
+    return found
+
+
+def violated_fields(error: grpc.aio.AioRpcError) -> set[str]:
+    bad_request = rich_details(error)["BadRequest"]
+    assert isinstance(bad_request, error_details_pb2.BadRequest)
+    return {v.field for v in bad_request.field_violations}
+
+
+def error_reason(error: grpc.aio.AioRpcError) -> str:
+    info = rich_details(error)["ErrorInfo"]
+    assert isinstance(info, error_details_pb2.ErrorInfo)
+    return str(info.reason)

@@ -32,8 +32,8 @@ class CommandBus:
 
     async def dispatch(self, envelope: CommandEnvelope, timeout: float) -> AppendResult:
         """Applies the command once; raises an OrdersError when it is refused."""
+        validate(envelope)
         command = envelope.command
-        validate(command)
         order_id = command.order_id
 
         def decide_on(history: list[Event]) -> list[Event]:

@@ -20,7 +20,6 @@ from orders.commands import (
 from orders.errors import (
     CommandIdReused,
     ConcurrencyConflict,
-    FieldViolation,
     InvalidCommand,
     OrderAlreadyExists,
     OrderNotFound,
@@ -85,8 +84,6 @@ class OrderCommandsServicer(commands_pb2_grpc.OrderCommandsServicer):
     async def _run(
         self, request: CommandRequest, command: Command, context: grpc.aio.ServicerContext
     ) -> pb.CommandResult:
-        if len(request.command_id) > 128:
-            raise InvalidCommand([FieldViolation("command_id", "must be at most 128 characters")])
         envelope = CommandEnvelope(
             command,
             command_id=request.command_id or None,

@@ -32,12 +32,12 @@ async def test_an_order_goes_through_its_whole_life(system: System) -> None:
     order = reply.order
     assert False is reply.consistency.stale
     assert (order_id, "alice", types_pb2.ORDER_STATUS_SHIPPED) == (order.order_id, order.customer_id, order.status)
-    assert [("APPLE", 5, 150, 750)] == [
-        (i.sku, i.quantity, i.unit_price.minor_units, i.line_total.minor_units) for i in order.items
+    assert [(i.sku, i.quantity, i.unit_price.minor_units, i.line_total.minor_units) for i in order.items] == [
+        ("APPLE", 5, 150, 750)
     ]
-    assert ("EUR", 750) == (order.total.currency_code, order.total.minor_units)
-    assert "Paris" == order.shipping_address.city
-    assert ("DHL", "T1") == (order.carrier, order.tracking_number)
+    assert (order.total.currency_code, order.total.minor_units) == ("EUR", 750)
+    assert order.shipping_address.city == "Paris"
+    assert (order.carrier, order.tracking_number) == ("DHL", "T1")
     assert 8 == order.version == shipped.version
     assert order.created_at.ToMicroseconds() <= order.updated_at.ToMicroseconds()
     await assert_views_match_events(system.database_url, system.redis, system.keys)
@@ -54,7 +54,7 @@ async def test_cancelled_order_keeps_its_reason(system: System) -> None:
 
     order = (await system.queries.GetOrder(qry.GetOrderRequest(order_id=order_id, consistency_token=token))).order
 
-    assert (types_pb2.ORDER_STATUS_CANCELLED, "changed my mind") == (order.status, order.cancellation_reason)
+    assert (order.status, order.cancellation_reason) == (types_pb2.ORDER_STATUS_CANCELLED, "changed my mind")
 
 
 async def test_client_chosen_order_id_is_kept(system: System) -> None:
@@ -62,9 +62,10 @@ async def test_client_chosen_order_id_is_kept(system: System) -> None:
     chosen = (await system.commands.CreateOrder(create_request(order_id="my-order-1"))).result
     generated = (await system.commands.CreateOrder(create_request())).result
 
-    assert "my-order-1" == chosen.order_id
-    assert generated.order_id and generated.order_id != chosen.order_id
-    assert (1, 1) == (chosen.version, generated.version)
+    assert chosen.order_id == "my-order-1"
+    assert generated.order_id
+    assert generated.order_id != chosen.order_id
+    assert (chosen.version, generated.version) == (1, 1)
 
 
 async def test_command_results_name_the_event_they_appended(system: System) -> None:
@@ -89,6 +90,6 @@ async def test_events_carry_command_metadata(system: System) -> None:
     row = await system.pool.fetchrow("SELECT event_type, schema_version, metadata, recorded_at FROM events")
 
     assert row is not None
-    assert ("OrderCreated", 1) == (row["event_type"], row["schema_version"])
-    assert {"command": "CreateOrder", "command_id": "cmd-meta-1", "correlation_id": "corr-42"} == row["metadata"]
+    assert (row["event_type"], row["schema_version"]) == ("OrderCreated", 1)
+    assert row["metadata"] == {"command": "CreateOrder", "command_id": "cmd-meta-1", "correlation_id": "corr-42"}
     assert result.order_id
