@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +37,7 @@ def _database_url(server_url: str, name: str) -> str:
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     postgres_url = os.environ.get("ORDERS_TEST_POSTGRES_URL")
     redis_url = os.environ.get("ORDERS_TEST_REDIS_URL")
-    stops = []
+    stops: list[Callable[[], None]] = []
     if not postgres_url or not redis_url:
         from orders.embedded import start_postgres, start_redis  # noqa: PLC0415 - only when needed
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
+from typing import Any
 
 import grpc
 import pytest
@@ -165,7 +166,7 @@ async def test_racing_writers_with_expected_version_one_wins(system: System) -> 
     """Writers racing on the same version: exactly one succeeds, the others get ABORTED."""
     order_id = await new_order(system)
 
-    def add(i: int) -> Awaitable[cmd.AddItemResponse]:
+    def add(i: int) -> Awaitable[Any]:
         return system.commands.AddItem(
             cmd.AddItemRequest(
                 order_id=order_id,
