@@ -167,7 +167,7 @@ async def test_racing_writers_with_expected_version_one_wins(system: System) -> 
     order_id = await new_order(system)
 
     def add(i: int) -> Awaitable[Any]:
-        return system.commands.AddItem(
+        return system.commands.AddItem(  # type: ignore[no-any-return]
             cmd.AddItemRequest(
                 order_id=order_id,
                 sku=f"S{i}",
