@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from orders.event_store import connect
 from orders.v1 import commands_pb2_grpc, queries_pb2_grpc
 from orders.views import ViewKeys
+from tests.helpers import eventually
 from read_service.main import ReadService, start_read_service
 from sync_worker.projector import OrdersProjector
 from sync_worker.worker import SyncWorker, WorkerSettings
@@ -70,6 +71,11 @@ async def system(database_url: str, redis: Redis, keys: ViewKeys) -> AsyncIterat
         read_port=read.server.port,
     )
     sys.start_worker()
+
+    async def views_initialised() -> None:
+        assert await redis.exists(keys.checkpoint)
+
+    await eventually(views_initialised)
     try:
         yield sys
     finally:
