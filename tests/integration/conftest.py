@@ -16,10 +16,11 @@ from redis.asyncio import Redis
 from orders.event_store import connect
 from orders.v1 import commands_pb2_grpc, queries_pb2_grpc
 from orders.views import ViewKeys
-from tests.helpers import eventually
 from read_service.main import ReadService, start_read_service
 from sync_worker.projector import OrdersProjector
 from sync_worker.worker import SyncWorker, WorkerSettings
+from tests.conftest import Servers
+from tests.helpers import eventually
 from write_service.main import start_write_service
 
 
@@ -28,6 +29,7 @@ class System:
     commands: commands_pb2_grpc.OrderCommandsStub
     queries: queries_pb2_grpc.OrderQueriesStub
     database_url: str
+    redis_url: str
     pool: asyncpg.Pool
     redis: Redis
     keys: ViewKeys
@@ -54,7 +56,7 @@ class System:
 
 
 @pytest.fixture
-async def system(database_url: str, redis: Redis, keys: ViewKeys) -> AsyncIterator[System]:
+async def system(servers: Servers, database_url: str, redis: Redis, keys: ViewKeys) -> AsyncIterator[System]:
     pool = await connect(database_url, max_size=10)
     write = await start_write_service(pool, "127.0.0.1:0")
     read: ReadService = await start_read_service(redis, keys, "127.0.0.1:0", max_wait=5.0)
@@ -64,6 +66,7 @@ async def system(database_url: str, redis: Redis, keys: ViewKeys) -> AsyncIterat
         commands=commands_pb2_grpc.OrderCommandsStub(write_channel),
         queries=queries_pb2_grpc.OrderQueriesStub(read_channel),
         database_url=database_url,
+        redis_url=servers.redis_url,
         pool=pool,
         redis=redis,
         keys=keys,

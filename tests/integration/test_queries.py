@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import grpc
 import pytest
@@ -30,7 +31,7 @@ async def create(system: System, customer: str, confirm: bool = False) -> cmd.Co
     return result
 
 
-async def list_all(system: System, page_size: int, **filters: object) -> list[types_pb2.Order]:
+async def list_all(system: System, page_size: int, **filters: Any) -> list[types_pb2.Order]:
     """Every page of a listing, following next_page_token."""
     orders: list[types_pb2.Order] = []
     token = ""
