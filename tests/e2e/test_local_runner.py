@@ -1,0 +1,72 @@
+"""`orders-local` end to end: one command starts everything on embedded servers,
+Ctrl-C stops it cleanly, and a restart keeps the orders."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from orders.embedded import free_port
+from orders.v1 import commands_pb2, commands_pb2_grpc, queries_pb2, queries_pb2_grpc
+
+pytestmark = [pytest.mark.embedded, pytest.mark.slow]
+
+
+def start_runner(data_dir: Path, write: str, read: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERS_")}
+    env.update(ORDERS_DATA_DIR=str(data_dir), ORDERS_WRITE_ADDRESS=write, ORDERS_READ_ADDRESS=read)
+    runner = subprocess.Popen([sys.executable, "-m", "orders.local_runner"], env=env, stdout=subprocess.PIPE, text=True)
+    assert runner.stdout is not None
+    deadline = time.monotonic() + 90
+    for line in runner.stdout:
+        if "orders system is ready" in line:
+            return runner
+        assert time.monotonic() < deadline, "the runner did not get ready in time"
+    raise AssertionError(f"the runner exited with {runner.wait()} before it was ready")
+
+
+def stop_runner(runner: subprocess.Popen[str]) -> int:
+    runner.send_signal(signal.SIGINT)
+    with runner:  # closes the stdout pipe
+        return runner.wait(timeout=60)
+
+
+def test_one_command_runs_the_system_and_a_restart_keeps_the_orders(tmp_path: Path) -> None:
+    """Create and read an order through the runner, stop it with Ctrl-C, restart, read it again."""
+    write, read = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    runner = start_runner(tmp_path / "data", write, read)
+    try:
+        with grpc.insecure_channel(write) as wc, grpc.insecure_channel(read) as rc:
+            result = (
+                commands_pb2_grpc.OrderCommandsStub(wc)
+                .CreateOrder(
+                    commands_pb2.CreateOrderRequest(order_id="kept", customer_id="alice", currency_code="EUR"),
+                    timeout=10,
+                )
+                .result
+            )
+            first = queries_pb2_grpc.OrderQueriesStub(rc).GetOrder(
+                queries_pb2.GetOrderRequest(order_id="kept", consistency_token=result.consistency_token), timeout=10
+            )
+    finally:
+        first_exit = stop_runner(runner)
+
+    runner = start_runner(tmp_path / "data", write, read)
+    try:
+        with grpc.insecure_channel(read) as rc:
+            again = queries_pb2_grpc.OrderQueriesStub(rc).GetOrder(
+                queries_pb2.GetOrderRequest(order_id="kept", consistency_token=result.consistency_token), timeout=10
+            )
+    finally:
+        second_exit = stop_runner(runner)
+
+    assert first.order.customer_id == "alice"
+    assert again.order == first.order
+    assert (first_exit, second_exit) == (0, 0)
