@@ -10,7 +10,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -22,8 +22,23 @@ def env_name(flag: str) -> str:
     return "ORDERS_" + flag.upper().replace("-", "_")
 
 
+class SettingsParser(argparse.ArgumentParser):
+    """An argument parser whose missing required settings are named by flag and variable."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.required_settings: dict[str, str] = {}  # dest -> "--flag (or ORDERS_FLAG): help"
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: None = None) -> argparse.Namespace:  # type: ignore[override]
+        parsed = super().parse_args(args)
+        for dest, description in self.required_settings.items():
+            if getattr(parsed, dest) is None:
+                self.error(f"missing setting {description}")
+        return parsed
+
+
 def add_setting(
-    parser: argparse.ArgumentParser,
+    parser: SettingsParser,
     flag: str,
     help: str,
     *,
@@ -33,14 +48,10 @@ def add_setting(
     """Adds `--flag`, defaulting to $ORDERS_FLAG, then to `default`; required if neither exists."""
     env = env_name(flag)
     value = os.environ.get(env, default)
+    if value is None:
+        parser.required_settings[flag.replace("-", "_")] = f"--{flag} (or {env}): {help}"
     shown = "required" if value is None else f"default: {value}"
-    parser.add_argument(
-        f"--{flag}",
-        default=value,
-        required=value is None,
-        type=_named(env, parse),
-        help=f"{help} [env {env}; {shown}]",
-    )
+    parser.add_argument(f"--{flag}", default=value, type=_named(env, parse), help=f"{help} [env {env}; {shown}]")
 
 
 def _named(env: str, parse: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -96,16 +107,16 @@ def log_level(text: str) -> str:
     return level
 
 
-def add_postgres_argument(parser: argparse.ArgumentParser) -> None:
+def add_postgres_argument(parser: SettingsParser) -> None:
     add_setting(parser, "postgres-url", "PostgreSQL holding the event store", parse=postgres_url)
 
 
-def add_redis_arguments(parser: argparse.ArgumentParser) -> None:
+def add_redis_arguments(parser: SettingsParser) -> None:
     add_setting(parser, "redis-url", "Redis holding the read views", parse=redis_url)
     add_setting(parser, "redis-prefix", "prefix of every Redis key and channel", default="orders:")
 
 
-def add_server_arguments(parser: argparse.ArgumentParser, flag: str, default_address: str) -> None:
+def add_server_arguments(parser: SettingsParser, flag: str, default_address: str) -> None:
     add_setting(parser, flag, "HOST:PORT the gRPC server listens on", default=default_address, parse=address)
     add_setting(
         parser,
@@ -117,7 +128,7 @@ def add_server_arguments(parser: argparse.ArgumentParser, flag: str, default_add
     add_setting(parser, "max-concurrent-rpcs", "RPCs served at once; more wait", default="1000", parse=positive_int)
 
 
-def add_log_argument(parser: argparse.ArgumentParser) -> None:
+def add_log_argument(parser: SettingsParser) -> None:
     add_setting(parser, "log-level", "DEBUG, INFO, WARNING or ERROR", default="INFO", parse=log_level)
 
 

@@ -10,7 +10,6 @@ waits until both servers report SERVING, and prints how to call them. Ctrl-C
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -49,7 +48,7 @@ class LocalSettings:
 
 
 def parse_settings(argv: Sequence[str] | None = None) -> LocalSettings:
-    parser = argparse.ArgumentParser(
+    parser = config.SettingsParser(
         prog="orders-local",
         description=__doc__.split("\n\n")[1].replace("\n", " ") if __doc__ else None,
     )

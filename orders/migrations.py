@@ -8,13 +8,13 @@ Run them with `orders-migrate` (the local runner runs them at start).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 from importlib import resources
 
 import asyncpg
 
+from orders import config
 from orders.config import add_log_argument, add_postgres_argument, setup_logging
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ async def migrate_url(postgres_url: str) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="orders-migrate", description=__doc__)
+    parser = config.SettingsParser(prog="orders-migrate", description=__doc__)
     add_postgres_argument(parser)
     add_log_argument(parser)
     args = parser.parse_args()

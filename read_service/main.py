@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ class ReadSettings:
 
 
 def parse_settings(argv: Sequence[str] | None = None) -> ReadSettings:
-    parser = argparse.ArgumentParser(
+    parser = config.SettingsParser(
         prog="orders-read-service",
         description="Serve the OrderQueries gRPC API from the Redis views (no PostgreSQL access).",
     )

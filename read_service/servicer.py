@@ -115,7 +115,7 @@ class PageCursor:
         try:
             customer, stat, after = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
             cursor = cls(str(customer), str(stat), str(after))
-        except ValueError:
+        except (ValueError, TypeError):  # not base64, not JSON, or not a 3-item list
             raise InvalidQuery([FieldViolation("page_token", "not a token returned by ListOrders")]) from None
         if (cursor.customer_id, cursor.status) != (customer_id, status):
             raise InvalidQuery([FieldViolation("page_token", "belongs to a request with other filters")])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ class SyncSettings:
 
 
 def parse_settings(argv: Sequence[str] | None = None) -> SyncSettings:
-    parser = argparse.ArgumentParser(
+    parser = config.SettingsParser(
         prog="orders-sync-worker",
         description="Tail the PostgreSQL event store and project its events into the Redis views.",
     )

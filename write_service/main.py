@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ class WriteSettings:
 
 
 def parse_settings(argv: Sequence[str] | None = None) -> WriteSettings:
-    parser = argparse.ArgumentParser(
+    parser = config.SettingsParser(
         prog="orders-write-service",
         description="Serve the OrderCommands gRPC API: validate commands and append their events to PostgreSQL.",
     )
