@@ -3,25 +3,30 @@ Ctrl-C stops it cleanly, and a restart keeps the orders."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
+import asyncpg
 import grpc
 import pytest
 
 from orders.embedded import free_port
 from orders.v1 import commands_pb2, commands_pb2_grpc, queries_pb2, queries_pb2_grpc
+from orders.views import redis_client
+from tests.conftest import Servers
 
-pytestmark = [pytest.mark.embedded, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 
-def start_runner(data_dir: Path, write: str, read: str) -> subprocess.Popen[str]:
+def start_runner(data_dir: Path, write: str, read: str, **settings: str) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERS_")}
-    env.update(ORDERS_DATA_DIR=str(data_dir), ORDERS_WRITE_ADDRESS=write, ORDERS_READ_ADDRESS=read)
+    env.update(ORDERS_DATA_DIR=str(data_dir), ORDERS_WRITE_ADDRESS=write, ORDERS_READ_ADDRESS=read, **settings)
     runner = subprocess.Popen([sys.executable, "-m", "orders.local_runner"], env=env, stdout=subprocess.PIPE, text=True)
     assert runner.stdout is not None
     deadline = time.monotonic() + 90
@@ -38,6 +43,7 @@ def stop_runner(runner: subprocess.Popen[str]) -> int:
         return runner.wait(timeout=60)
 
 
+@pytest.mark.embedded
 def test_one_command_runs_the_system_and_a_restart_keeps_the_orders(tmp_path: Path) -> None:
     """Create and read an order through the runner, stop it with Ctrl-C, restart, read it again."""
     write, read = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
@@ -70,3 +76,48 @@ def test_one_command_runs_the_system_and_a_restart_keeps_the_orders(tmp_path: Pa
     assert first.order.customer_id == "alice"
     assert again.order == first.order
     assert (first_exit, second_exit) == (0, 0)
+
+
+def test_configured_servers_are_used_instead_of_embedded_ones(
+    tmp_path: Path, servers: Servers, database_url: str
+) -> None:
+    """With ORDERS_POSTGRES_URL and ORDERS_REDIS_URL set, the runner embeds nothing and uses them."""
+    write, read = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    prefix = f"test:{uuid.uuid4().hex[:12]}:"
+    runner = start_runner(
+        tmp_path / "data",
+        write,
+        read,
+        ORDERS_POSTGRES_URL=database_url,
+        ORDERS_REDIS_URL=servers.redis_url,
+        ORDERS_REDIS_PREFIX=prefix,
+    )
+    try:
+        with grpc.insecure_channel(write) as wc:
+            commands_pb2_grpc.OrderCommandsStub(wc).CreateOrder(
+                commands_pb2.CreateOrderRequest(order_id="external", customer_id="bob", currency_code="EUR"),
+                timeout=10,
+            )
+    finally:
+        exit_code = stop_runner(runner)
+
+    stored = asyncio.run(_stream_ids(database_url))
+    assert stored == ["external"]
+    assert not (tmp_path / "data").exists()
+    assert exit_code == 0
+    asyncio.run(_delete_prefix(servers.redis_url, prefix))
+
+
+async def _stream_ids(url: str) -> list[str]:
+    conn = await asyncpg.connect(url)
+    try:
+        return [r["stream_id"] for r in await conn.fetch("SELECT stream_id FROM events")]
+    finally:
+        await conn.close()
+
+
+async def _delete_prefix(url: str, prefix: str) -> None:
+    client = redis_client(url)
+    async for key in client.scan_iter(match=f"{prefix}*"):
+        await client.delete(key)
+    await client.aclose()
