@@ -70,7 +70,8 @@ class SyncWorker:
                 if not batch.events:
                     await self._idle(stop, held_back=batch.held_back)
         finally:
-            await conn.close(timeout=5)
+            with contextlib.suppress(*RETRYABLE):  # the connection may be the thing that broke
+                await conn.close(timeout=5)
 
     async def _step(self, conn: Connection) -> Batch:
         checkpoint = await self._projector.checkpoint()
