@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 DEFAULT_WRITE_ADDRESS = "127.0.0.1:50051"
@@ -31,10 +32,14 @@ class SettingsParser(argparse.ArgumentParser):
 
     def parse_args(self, args: Sequence[str] | None = None, namespace: None = None) -> argparse.Namespace:  # type: ignore[override]
         parsed = super().parse_args(args)
-        for dest, description in self.required_settings.items():
-            if getattr(parsed, dest) is None:
-                self.error(f"missing setting {description}")
+        missing = [description for dest, description in self.required_settings.items() if getattr(parsed, dest) is None]
+        if missing:
+            self.error("missing setting " + "; missing setting ".join(missing))
         return parsed
+
+    def error(self, message: str) -> NoReturn:
+        """One line that names the problem, instead of argparse's usage block."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def add_setting(
@@ -88,7 +93,7 @@ def address(text: str) -> str:
 
 def positive_float(text: str) -> float:
     value = float(text)
-    if value <= 0:
+    if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"expected a number > 0, got {text!r}")
     return value
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-_TOKEN = re.compile(r"(\d{1,20})-(\d{1,20})")
+_TOKEN = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
 
 
 class LogPosition(NamedTuple):

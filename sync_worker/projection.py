@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from functools import singledispatch
 
 from orders.events import (
@@ -18,6 +19,8 @@ from orders.events import (
 )
 from orders.views import OrderView, ViewLine
 
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
 
 class ProjectionGap(Exception):
     """An event does not follow the view's version: applying it would corrupt the view."""
@@ -31,7 +34,7 @@ def project(view: OrderView | None, recorded: RecordedEvent) -> OrderView:
             f"order {recorded.stream_id!r}: got event version {recorded.version} at position "
             f"{recorded.position}, expected version {expected}"
         )
-    at_us = int(recorded.recorded_at.timestamp() * 1_000_000)
+    at_us = (recorded.recorded_at - EPOCH) // timedelta(microseconds=1)  # exact, unlike float seconds
     if view is None:
         return _created(recorded, at_us)
     return replace(_apply(recorded.event, view), version=recorded.version, updated_at_us=at_us)
@@ -63,7 +66,7 @@ def _(event: ItemAdded, view: OrderView) -> OrderView:
     lines = list(view.lines)
     for i, line in enumerate(lines):
         if line.sku == event.sku:
-            lines[i] = replace(line, quantity=line.quantity + event.quantity)
+            lines[i] = replace(line, name=event.name, quantity=line.quantity + event.quantity)
             break
     else:
         lines.append(ViewLine(event.sku, event.name, event.quantity, event.unit_price_minor))
