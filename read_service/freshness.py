@@ -10,7 +10,6 @@ sent while it was not subscribed are lost.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 import redis.exceptions
@@ -35,10 +34,12 @@ class CheckpointWatcher:
         self._task = asyncio.create_task(self._follow(), name="checkpoint-watcher")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        task = self._task
+        # On Python 3.11 a single cancel can be swallowed inside redis-py (asyncio.wait_for, CPython
+        # gh-86296), which would hang shutdown for ever: cancel until the task has really ended.
+        while task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.1)
 
     def reached(self, target: LogPosition) -> bool:
         return self.latest is not None and self.latest >= target
