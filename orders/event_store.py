@@ -38,7 +38,8 @@ NOTIFY_CHANNEL = "orders_events"
 CONFLICT_RETRIES = 5
 _COLUMNS = "position, tx_id, stream_id, version, event_type, schema_version, payload, metadata, recorded_at"
 
-# Driver errors that mean "PostgreSQL is unreachable or restarting": the command changed nothing.
+# Driver errors that mean "PostgreSQL is unreachable or restarting". If the connection broke during
+# COMMIT the command may have been applied: a retry with the same command id finds out safely.
 _UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
