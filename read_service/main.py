@@ -10,10 +10,9 @@ from redis.asyncio import Redis
 
 from orders import config
 from orders.grpc_server import RunningServer, run, start_server, stop_on_signals
-from orders.v1 import queries_pb2_grpc
 from orders.views import ViewKeys, redis_client
 from read_service.freshness import CheckpointWatcher
-from read_service.servicer import SERVICE_NAME, OrderQueriesServicer
+from read_service.servicer import SERVICE, OrderQueriesServicer
 
 log = logging.getLogger("read_service")
 
@@ -63,12 +62,7 @@ async def start_read_service(
     watcher = CheckpointWatcher(redis, keys)
     watcher.start()
     servicer = OrderQueriesServicer(redis, keys, watcher, max_wait)
-    server = await start_server(
-        address,
-        lambda s: queries_pb2_grpc.add_OrderQueriesServicer_to_server(servicer, s),
-        [SERVICE_NAME],
-        max_concurrent_rpcs,
-    )
+    server = await start_server(address, {SERVICE: servicer}, max_concurrent_rpcs)
     return ReadService(server, watcher)
 
 

@@ -22,7 +22,7 @@ from orders.v1 import queries_pb2_grpc, types_pb2
 from orders.views import OrderView, ViewKeys
 from read_service.freshness import CheckpointWatcher
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["OrderQueries"].full_name
+SERVICE = pb.DESCRIPTOR.services_by_name["OrderQueries"]
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 DEADLINE_MARGIN = 0.05  # seconds kept back from the deadline to read and answer after waiting

@@ -11,9 +11,8 @@ import asyncpg
 from orders import config
 from orders.event_store import EventStore, connect
 from orders.grpc_server import RunningServer, run, start_server, stop_on_signals
-from orders.v1 import commands_pb2_grpc
 from write_service.command_bus import CommandBus
-from write_service.servicer import SERVICE_NAME, OrderCommandsServicer
+from write_service.servicer import SERVICE, OrderCommandsServicer
 
 log = logging.getLogger("write_service")
 
@@ -42,12 +41,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> WriteSettings:
 
 async def start_write_service(pool: asyncpg.Pool, address: str, max_concurrent_rpcs: int = 1000) -> RunningServer:
     servicer = OrderCommandsServicer(CommandBus(EventStore(pool)))
-    return await start_server(
-        address,
-        lambda server: commands_pb2_grpc.add_OrderCommandsServicer_to_server(servicer, server),
-        [SERVICE_NAME],
-        max_concurrent_rpcs,
-    )
+    return await start_server(address, {SERVICE: servicer}, max_concurrent_rpcs)
 
 
 async def serve(settings: WriteSettings) -> None:

@@ -33,7 +33,7 @@ from orders.v1 import commands_pb2 as pb
 from orders.v1 import commands_pb2_grpc, types_pb2
 from write_service.command_bus import CommandBus
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["OrderCommands"].full_name
+SERVICE = pb.DESCRIPTOR.services_by_name["OrderCommands"]
 DEFAULT_TIMEOUT = 10.0  # seconds, when the client sets no deadline
 CORRELATION_HEADERS = ("x-correlation-id", "x-request-id")
 # Order ids generated for a CreateOrder with a command id derive from it, so a retry gets the same id.
