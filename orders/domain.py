@@ -49,6 +49,9 @@ MAX_UNIT_PRICE_MINOR = 1_000_000_000_000
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 CURRENCY_PATTERN = re.compile(r"[A-Z]{3}")
 COUNTRY_PATTERN = re.compile(r"[A-Z]{2}")
+# Unicode general category Cc, exactly: C0 controls, DEL and C1 controls (stable by Unicode policy).
+CONTROL_PATTERN = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+SHOWN_CHARACTERS = 20  # a violation quotes at most this much of a bad value, so the status stays small
 
 
 class Status(Enum):
@@ -82,35 +85,72 @@ class OrderState:
 # --- validation: shape of the input, independent of any state -------------------------------
 
 
+def _shown(value: str) -> str:
+    """`value` quoted for a message, cut short: a violation must not echo megabytes back."""
+    if len(value) <= SHOWN_CHARACTERS:
+        return repr(value)
+    return f"{value[:SHOWN_CHARACTERS]!r}... ({len(value)} characters)"
+
+
 def _check_length(field_name: str, value: str, low: int, high: int) -> list[FieldViolation]:
     if low <= len(value) <= high:
         return []
     return [FieldViolation(field_name, f"must be {low}-{high} characters, got {len(value)}")]
 
 
+def _check_text(field_name: str, value: str, low: int, high: int) -> list[FieldViolation]:
+    """Free text: `low`-`high` characters (Unicode code points), any Unicode except control characters.
+
+    Letters of every script, combining marks, emoji (ZWJ sequences, outside the BMP) and format
+    characters such as ZWJ or right-to-left marks are kept exactly as sent. Control characters
+    (category Cc: U+0000-U+001F, U+007F-U+009F, including tab and line breaks) are refused: they
+    corrupt logs, labels and terminals, and PostgreSQL cannot store U+0000 at all.
+    """
+    problems = _check_length(field_name, value, low, high)
+    control = CONTROL_PATTERN.search(value)
+    if control is not None:
+        problems.append(
+            FieldViolation(
+                field_name,
+                "must not contain control characters (Unicode category Cc, e.g. tab, line feed, NUL), "
+                f"found U+{ord(control.group()):04X} at character {control.start()}",
+            )
+        )
+    return problems
+
+
 def _check_id(field_name: str, value: str) -> list[FieldViolation]:
     if ID_PATTERN.fullmatch(value):
         return []
-    return [FieldViolation(field_name, "must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'")]
+    return [
+        FieldViolation(field_name, f"must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-', got {_shown(value)}")
+    ]
 
 
 def _check_currency(field_name: str, value: str) -> list[FieldViolation]:
     if CURRENCY_PATTERN.fullmatch(value):
         return []
-    return [FieldViolation(field_name, f"must be an ISO 4217 code of three upper-case letters, got {value!r}")]
+    return [
+        FieldViolation(field_name, f"must be an ISO 4217 code of three upper-case letters, got {_shown(value)}")
+    ]
 
 
 def check_address(prefix: str, address: Address) -> list[FieldViolation]:
     problems = [
-        *_check_length(f"{prefix}.recipient", address.recipient, 1, 200),
-        *_check_length(f"{prefix}.line1", address.line1, 1, 200),
-        *_check_length(f"{prefix}.line2", address.line2, 0, 200),
-        *_check_length(f"{prefix}.city", address.city, 1, 100),
-        *_check_length(f"{prefix}.region", address.region, 0, 100),
-        *_check_length(f"{prefix}.postal_code", address.postal_code, 1, 20),
+        *_check_text(f"{prefix}.recipient", address.recipient, 1, 200),
+        *_check_text(f"{prefix}.line1", address.line1, 1, 200),
+        *_check_text(f"{prefix}.line2", address.line2, 0, 200),
+        *_check_text(f"{prefix}.city", address.city, 1, 100),
+        *_check_text(f"{prefix}.region", address.region, 0, 100),
+        *_check_text(f"{prefix}.postal_code", address.postal_code, 1, 20),
     ]
     if not COUNTRY_PATTERN.fullmatch(address.country_code):
-        problems.append(FieldViolation(f"{prefix}.country_code", "must be an ISO 3166-1 alpha-2 code, e.g. 'DE'"))
+        problems.append(
+            FieldViolation(
+                f"{prefix}.country_code",
+                f"must be an ISO 3166-1 alpha-2 code, e.g. 'DE', got {_shown(address.country_code)}",
+            )
+        )
     return problems
 
 
@@ -135,8 +175,8 @@ def _(command: CreateOrder) -> list[FieldViolation]:
 def _(command: AddItem) -> list[FieldViolation]:
     problems = [
         *_check_id("order_id", command.order_id),
-        *_check_length("sku", command.sku, 1, 64),
-        *_check_length("name", command.name, 1, 200),
+        *_check_text("sku", command.sku, 1, 64),
+        *_check_text("name", command.name, 1, 200),
         *_check_currency("unit_price.currency_code", command.currency_code),
     ]
     if not 1 <= command.quantity <= MAX_QUANTITY:
@@ -152,7 +192,7 @@ def _(command: AddItem) -> list[FieldViolation]:
 
 @_violations.register
 def _(command: RemoveItem) -> list[FieldViolation]:
-    return [*_check_id("order_id", command.order_id), *_check_length("sku", command.sku, 1, 64)]
+    return [*_check_id("order_id", command.order_id), *_check_text("sku", command.sku, 1, 64)]
 
 
 @_violations.register
@@ -172,21 +212,21 @@ def _(command: ConfirmOrder) -> list[FieldViolation]:
 def _(command: ShipOrder) -> list[FieldViolation]:
     return [
         *_check_id("order_id", command.order_id),
-        *_check_length("carrier", command.carrier, 0, 100),
-        *_check_length("tracking_number", command.tracking_number, 0, 100),
+        *_check_text("carrier", command.carrier, 0, 100),
+        *_check_text("tracking_number", command.tracking_number, 0, 100),
     ]
 
 
 @_violations.register
 def _(command: CancelOrder) -> list[FieldViolation]:
-    return [*_check_id("order_id", command.order_id), *_check_length("reason", command.reason, 0, 500)]
+    return [*_check_id("order_id", command.order_id), *_check_text("reason", command.reason, 0, 500)]
 
 
 def validate(envelope: CommandEnvelope) -> None:
     """Raises InvalidCommand listing every malformed field of the command and its envelope."""
     problems = _violations(envelope.command)
-    if envelope.command_id is not None and not 1 <= len(envelope.command_id) <= MAX_COMMAND_ID:
-        problems.append(FieldViolation("command_id", f"must be 1-{MAX_COMMAND_ID} characters"))
+    if envelope.command_id is not None:
+        problems += _check_text("command_id", envelope.command_id, 1, MAX_COMMAND_ID)
     if envelope.expected_version is not None and envelope.expected_version < 0:
         problems.append(FieldViolation("expected_version", "must be >= 0"))
     if problems:

@@ -220,6 +220,16 @@ async def read_batch(conn: Connection, after: LogPosition, limit: int) -> Batch:
     return Batch([_record(r) for r in safe], held_back=len(safe) < len(rows))
 
 
+async def oldest_transaction(conn: Connection) -> dict[str, Any] | None:
+    """The oldest transaction holding an id: the one that holds tailing readers back."""
+    row = await conn.fetchrow(
+        "SELECT pid, datname AS database, usename AS user, state,"
+        " extract(epoch FROM now() - xact_start)::float8 AS age_seconds, left(query, 200) AS query"
+        " FROM pg_stat_activity WHERE backend_xid IS NOT NULL ORDER BY xact_start LIMIT 1"
+    )
+    return None if row is None else dict(row)
+
+
 async def head(conn: Connection) -> LogPosition | None:
     """The last event in read order, or None for an empty log."""
     row = await conn.fetchrow("SELECT tx_id, position FROM events ORDER BY tx_id DESC, position DESC LIMIT 1")

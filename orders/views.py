@@ -11,6 +11,10 @@ Keys, under a configurable prefix (default "orders:"):
     {p}idx:status:{STATUS}                  orders in one status
     {p}idx:customer:{customer_id}:{STATUS}  a customer's orders in one status
     {p}checkpoint:orders                    consistency token of the last applied event
+    {p}rebuild:orders                       while replaying from scratch: the token to reach
+    {p}lease:orders                         id of the one worker allowed to apply (expires)
+    {p}heartbeat:orders                     that worker's last sign of life and status, JSON
+    {p}applied:orders                       events applied in total (exactly-once audit)
 Channel:
     {p}checkpoint:orders                    the new checkpoint, published with every batch
 
@@ -106,6 +110,22 @@ class ViewKeys:
     @property
     def checkpoint_channel(self) -> str:
         return f"{self.prefix}checkpoint:{self.projection}"
+
+    @property
+    def rebuild_target(self) -> str:
+        return f"{self.prefix}rebuild:{self.projection}"
+
+    @property
+    def lease(self) -> str:
+        return f"{self.prefix}lease:{self.projection}"
+
+    @property
+    def heartbeat(self) -> str:
+        return f"{self.prefix}heartbeat:{self.projection}"
+
+    @property
+    def applied(self) -> str:
+        return f"{self.prefix}applied:{self.projection}"
 
 
 def redis_client(url: str) -> Redis:

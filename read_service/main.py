@@ -12,6 +12,7 @@ from orders import config
 from orders.grpc_server import RunningServer, run, start_server, stop_on_signals
 from orders.views import ViewKeys, redis_client
 from read_service.freshness import CheckpointWatcher
+from read_service.projection_health import ProjectionHealth
 from read_service.servicer import SERVICE, OrderQueriesServicer
 
 log = logging.getLogger("read_service")
@@ -25,6 +26,7 @@ class ReadSettings:
     shutdown_grace: float
     max_concurrent_rpcs: int
     max_consistency_wait: float
+    heartbeat_timeout: float
     log_level: str
 
 
@@ -42,6 +44,13 @@ def parse_settings(argv: Sequence[str] | None = None) -> ReadSettings:
         default="5",
         parse=config.positive_float,
     )
+    config.add_setting(
+        parser,
+        "heartbeat-timeout",
+        "seconds without a sync worker heartbeat before health reports orders.projection NOT_SERVING",
+        default="5",
+        parse=config.positive_float,
+    )
     config.add_log_argument(parser)
     return ReadSettings(**vars(parser.parse_args(argv)))
 
@@ -50,20 +59,31 @@ def parse_settings(argv: Sequence[str] | None = None) -> ReadSettings:
 class ReadService:
     server: RunningServer
     watcher: CheckpointWatcher
+    health: ProjectionHealth
 
     async def stop(self, grace: float) -> None:
+        await self.health.stop()
         await self.server.stop(grace)
         await self.watcher.stop()
 
 
 async def start_read_service(
-    redis: Redis, keys: ViewKeys, address: str, max_wait: float = 5.0, max_concurrent_rpcs: int = 1000
+    redis: Redis,
+    keys: ViewKeys,
+    address: str,
+    *,
+    max_wait: float = 5.0,
+    max_concurrent_rpcs: int = 1000,
+    heartbeat_timeout: float = 5.0,
 ) -> ReadService:
     watcher = CheckpointWatcher(redis, keys)
     watcher.start()
     servicer = OrderQueriesServicer(redis, keys, watcher, max_wait)
     server = await start_server(address, {SERVICE: servicer}, max_concurrent_rpcs)
-    return ReadService(server, watcher)
+    health = ProjectionHealth(redis, keys, server.health, SERVICE.full_name, heartbeat_timeout)
+    await health.check()
+    health.start()
+    return ReadService(server, watcher, health)
 
 
 async def serve(settings: ReadSettings) -> None:
@@ -71,7 +91,12 @@ async def serve(settings: ReadSettings) -> None:
     redis = redis_client(settings.redis_url)
     keys = ViewKeys(settings.redis_prefix)
     service = await start_read_service(
-        redis, keys, settings.read_address, settings.max_consistency_wait, settings.max_concurrent_rpcs
+        redis,
+        keys,
+        settings.read_address,
+        max_wait=settings.max_consistency_wait,
+        max_concurrent_rpcs=settings.max_concurrent_rpcs,
+        heartbeat_timeout=settings.heartbeat_timeout,
     )
     log.info("OrderQueries listening on %s (port %d)", settings.read_address, service.server.port)
     await stop.wait()

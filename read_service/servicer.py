@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator
@@ -26,6 +27,7 @@ SERVICE = pb.DESCRIPTOR.services_by_name["OrderQueries"]
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 DEADLINE_MARGIN = 0.05  # seconds kept back from the deadline to read and answer after waiting
+DEFAULT_REDIS_TIMEOUT = 5.0  # seconds, when the client sets no deadline
 
 ERRORS: ErrorTable = {
     InvalidQuery: (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
@@ -34,10 +36,10 @@ ERRORS: ErrorTable = {
     Unavailable: (grpc.StatusCode.UNAVAILABLE, "VIEWS_UNAVAILABLE"),
 }
 
-# One round trip, one consistent snapshot: the checkpoint, then (member, view) pairs of a page.
+# One round trip, one consistent snapshot: the checkpoint, the rebuild mark, then (member, view) pairs of a page.
 _PAGE_SCRIPT = """
 local members = redis.call('ZREVRANGEBYLEX', KEYS[1], ARGV[1], '-', 'LIMIT', 0, tonumber(ARGV[2]))
-local result = {redis.call('GET', KEYS[2])}
+local result = {redis.call('GET', KEYS[2]), redis.call('GET', KEYS[3])}
 for _, member in ipairs(members) do
   result[#result + 1] = member
   result[#result + 1] = redis.call('GET', ARGV[3] .. string.sub(member, 18))
@@ -47,9 +49,14 @@ return result
 
 
 @asynccontextmanager
-async def unavailable_on_redis_errors() -> AsyncIterator[None]:
+async def bounded_redis_call(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """Bounds Redis calls by the RPC's remaining time and turns their failures into Unavailable."""
+    remaining = context.time_remaining()
     try:
-        yield
+        async with asyncio.timeout(DEFAULT_REDIS_TIMEOUT if remaining is None else max(remaining, 0)):
+            yield
+    except TimeoutError as error:
+        raise Unavailable("Redis did not answer within the deadline") from error
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as error:
         raise Unavailable(f"Redis is unavailable: {error}") from error
 
@@ -140,9 +147,18 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
     @staticmethod
     def _consistency(token: LogPosition | None, raw_checkpoint: str | bytes | None) -> pb.ReadConsistency:
         if raw_checkpoint is None:
-            raise ViewsNotReady("the views are empty or being rebuilt; retry shortly")
+            raise ViewsNotReady("the views are empty and being rebuilt; retry shortly")
         checkpoint = LogPosition.parse(raw_checkpoint)
         return pb.ReadConsistency(stale=token is not None and checkpoint < token, view_token=checkpoint.token())
+
+    @staticmethod
+    def _not_rebuilding(raw_target: str | bytes | None, consistency: pb.ReadConsistency) -> None:
+        """Refuses answers that an unfinished rebuild could make wrong (a missing order, a short list)."""
+        if raw_target is not None:
+            raise ViewsNotReady(
+                f"the views are being rebuilt (at {consistency.view_token} of "
+                f"{LogPosition.parse(raw_target).token()}); retry shortly"
+            )
 
     @translate_errors(ERRORS)
     async def GetOrder(self, request: pb.GetOrderRequest, context: grpc.aio.ServicerContext) -> pb.GetOrderResponse:
@@ -150,10 +166,13 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
             raise InvalidQuery([FieldViolation("order_id", "must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'")])
         token = parse_token(request.consistency_token)
         await self._await_token(token, context)
-        async with unavailable_on_redis_errors():
-            raw_view, raw_checkpoint = await self._redis.mget(self._keys.order(request.order_id), self._keys.checkpoint)
+        async with bounded_redis_call(context):
+            raw_view, raw_checkpoint, raw_target = await self._redis.mget(
+                self._keys.order(request.order_id), self._keys.checkpoint, self._keys.rebuild_target
+            )
         consistency = self._consistency(token, raw_checkpoint)
         if raw_view is None:
+            self._not_rebuilding(raw_target, consistency)
             if consistency.stale:
                 raise ViewsNotReady(
                     f"order {request.order_id!r} is not in the views yet: they had not reached the "
@@ -172,12 +191,14 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
         await self._await_token(token, context)
         index = self._keys.index(request.customer_id, status)
         start = f"({cursor.after}" if cursor else "+"
-        async with unavailable_on_redis_errors():
+        async with bounded_redis_call(context):
             reply = await self._page_script(
-                keys=[index, self._keys.checkpoint], args=[start, size + 1, self._keys.order("")]
+                keys=[index, self._keys.checkpoint, self._keys.rebuild_target],
+                args=[start, size + 1, self._keys.order("")],
             )
         consistency = self._consistency(token, reply[0])
-        pairs = list(zip(reply[1::2], reply[2::2], strict=True))
+        self._not_rebuilding(reply[1], consistency)
+        pairs = list(zip(reply[2::2], reply[3::2], strict=True))
         orders = [order_message(OrderView.from_json(view)) for _, view in pairs[:size] if view is not None]
         more = len(pairs) > size
         next_token = PageCursor(request.customer_id, status, pairs[size - 1][0]).encode() if more else ""

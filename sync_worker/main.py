@@ -22,6 +22,8 @@ class SyncSettings:
     redis_prefix: str
     batch_size: int
     poll_interval: float
+    lease_ttl: float
+    worker_id: str
     log_level: str
 
 
@@ -42,6 +44,16 @@ def parse_settings(argv: Sequence[str] | None = None) -> SyncSettings:
         default="1",
         parse=config.positive_float,
     )
+    config.add_setting(
+        parser,
+        "lease-ttl",
+        "seconds after which a standby worker takes over from a silent active one",
+        default="5",
+        parse=config.positive_float,
+    )
+    config.add_setting(
+        parser, "worker-id", "this worker's name in the lease and heartbeat (default: host:pid:random)", default=""
+    )
     config.add_log_argument(parser)
     return SyncSettings(**vars(parser.parse_args(argv)))
 
@@ -50,8 +62,11 @@ async def serve(settings: SyncSettings) -> None:
     stop = stop_on_signals()
     redis = redis_client(settings.redis_url)
     worker = SyncWorker(
-        WorkerSettings(settings.postgres_url, settings.batch_size, settings.poll_interval),
+        WorkerSettings(
+            settings.postgres_url, settings.batch_size, settings.poll_interval, lease_ttl=settings.lease_ttl
+        ),
         OrdersProjector(redis, ViewKeys(settings.redis_prefix)),
+        worker_id=settings.worker_id or None,
     )
     await worker.run(stop)
     await redis.aclose()

@@ -24,27 +24,45 @@ class CheckpointMoved(Exception):
     """The checkpoint in Redis is not the one this batch was read after; re-read and retry."""
 
 
+class LeaseLost(Exception):
+    """Another worker holds the projection's lease; this one must not write."""
+
+
 class OrdersProjector:
     def __init__(self, redis: Redis, keys: ViewKeys) -> None:
-        self._redis = redis
+        self.redis = redis
         self.keys = keys
 
     async def checkpoint(self) -> LogPosition | None:
         """The position of the last applied event; None when the views are empty (new or flushed)."""
-        raw = await self._redis.get(self.keys.checkpoint)
+        raw = await self.redis.get(self.keys.checkpoint)
         return None if raw is None else LogPosition.parse(raw)
 
     async def mark_empty_log(self) -> None:
         """Records that the views are complete for an empty event log (readers wait for a checkpoint)."""
-        await self._redis.set(self.keys.checkpoint, LogPosition(0, 0).token(), nx=True)
+        await self.redis.set(self.keys.checkpoint, LogPosition(0, 0).token(), nx=True)
 
-    async def apply(self, after: LogPosition | None, events: list[RecordedEvent]) -> LogPosition:
-        """Applies `events`, which follow checkpoint `after`, atomically; returns the new checkpoint."""
+    async def start_rebuild(self, target: LogPosition) -> None:
+        """Marks the views as being rebuilt up to `target`, so that readers do not take a view
+        that is not there yet for an order that does not exist."""
+        await self.redis.set(self.keys.rebuild_target, target.token(), nx=True)
+
+    async def apply(
+        self, after: LogPosition | None, events: list[RecordedEvent], holder: str | None = None
+    ) -> LogPosition:
+        """Applies `events`, which follow checkpoint `after`, atomically; returns the new checkpoint.
+
+        With `holder`, applies only while that worker holds the projection's lease (LeaseLost otherwise).
+        """
         new_checkpoint = max(LogPosition(e.tx_id, e.position) for e in events)
         try:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                await pipe.watch(self.keys.checkpoint)
-                current = await pipe.get(self.keys.checkpoint)
+            async with self.redis.pipeline(transaction=True) as pipe:
+                await pipe.watch(self.keys.checkpoint, self.keys.lease, self.keys.rebuild_target)
+                current, lease, rebuild = await pipe.mget(
+                    self.keys.checkpoint, self.keys.lease, self.keys.rebuild_target
+                )
+                if holder is not None and lease != holder:
+                    raise LeaseLost(f"the lease is held by {lease!r}")
                 if (None if current is None else LogPosition.parse(current)) != after:
                     raise CheckpointMoved(f"checkpoint is {current!r}, batch follows {after}")
                 before = await self._load(pipe, {e.stream_id for e in events})
@@ -53,10 +71,13 @@ class OrdersProjector:
                 self._queue_writes(pipe, before, after_views)
                 token = new_checkpoint.token()
                 pipe.set(self.keys.checkpoint, token)
+                pipe.incrby(self.keys.applied, len(events))
+                if rebuild is not None and new_checkpoint >= LogPosition.parse(rebuild):
+                    pipe.delete(self.keys.rebuild_target)
                 pipe.publish(self.keys.checkpoint_channel, token)
                 await pipe.execute()
         except WatchError as error:
-            raise CheckpointMoved("checkpoint changed during the batch") from error
+            raise CheckpointMoved("checkpoint, lease or rebuild mark changed during the batch") from error
         return new_checkpoint
 
     async def _load(self, pipe: Pipeline, order_ids: set[str]) -> dict[str, OrderView | None]:

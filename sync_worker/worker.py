@@ -6,6 +6,9 @@ older transaction become readable when that transaction ends, which notifies
 nobody. Connection failures are logged and retried with backoff; the loop
 re-reads its checkpoint from Redis every time, so it also notices a flushed
 Redis and rebuilds the views from the start of the log.
+
+Only the holder of the projection's lease applies batches (sync_worker.lease);
+other workers stand by and take over within the lease's ttl.
 """
 
 from __future__ import annotations
@@ -13,19 +16,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
+import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import redis.exceptions
 
 from orders.consistency import START
-from orders.event_store import NOTIFY_CHANNEL, Batch, Connection, open_connection, read_batch
-from sync_worker.projector import CheckpointMoved, OrdersProjector
+from orders.event_store import NOTIFY_CHANNEL, Batch, Connection, head, oldest_transaction, open_connection, read_batch
+from sync_worker.lease import Lease
+from sync_worker.projector import CheckpointMoved, LeaseLost, OrdersProjector
 
 log = logging.getLogger(__name__)
 
-RETRYABLE = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, redis.exceptions.RedisError, CheckpointMoved)
+RETRYABLE = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    redis.exceptions.RedisError,
+    CheckpointMoved,
+    LeaseLost,
+)
+HELD_BACK_REPORT_AFTER = 2.0  # seconds held back before the cause is looked up and logged
+HELD_BACK_REPORT_EVERY = 10.0
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
 @dataclass(frozen=True)
@@ -34,15 +55,31 @@ class WorkerSettings:
     batch_size: int = 500
     poll_interval: float = 1.0  # fallback when no notification arrives
     max_backoff: float = 5.0
+    lease_ttl: float = 5.0  # a standby takes over this long after the active worker stops renewing
+
+
+@dataclass
+class HeldBack:
+    """Since when the projection waits for an older transaction, and which one, for the heartbeat."""
+
+    since: float
+    reported_at: float = -float("inf")
+    blocker: dict[str, Any] | None = None
 
 
 class SyncWorker:
-    def __init__(self, settings: WorkerSettings, projector: OrdersProjector) -> None:
+    def __init__(self, settings: WorkerSettings, projector: OrdersProjector, worker_id: str | None = None) -> None:
         self._settings = settings
         self._projector = projector
+        self._lease = Lease(projector.redis, projector.keys, worker_id or default_worker_id(), settings.lease_ttl)
         self._wake = asyncio.Event()
+        self._held_back: HeldBack | None = None
+        self.state = "starting"
         self.applied_events = 0
-        self.last_progress = time.monotonic()
+
+    @property
+    def worker_id(self) -> str:
+        return self._lease.worker_id
 
     async def run(self, stop: asyncio.Event) -> None:
         """Tails until `stop` is set, reconnecting after failures."""
@@ -54,39 +91,90 @@ class SyncWorker:
                 failures += 1
                 delay = min(self._settings.max_backoff, 0.1 * 2**failures)
                 log.warning("sync failed (%s: %s); retrying in %.1fs", type(error).__name__, error, delay)
+                self._lease.forget()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
             else:
                 failures = 0
+        with contextlib.suppress(*RETRYABLE):
+            await self._lease.release()
 
     async def _tail(self, stop: asyncio.Event) -> None:
         conn = await open_connection(self._settings.postgres_url)
         try:
             await conn.add_listener(NOTIFY_CHANNEL, lambda *_: self._wake.set())
-            log.info("tailing the event log into %s", self._projector.keys.prefix)
+            log.info("tailing the event log into %s as %s", self._projector.keys.prefix, self.worker_id)
             while not stop.is_set():
                 self._wake.clear()  # before reading, so a notification during the read is kept
+                if not await self._lease.hold(self._status()):
+                    self._set_state("standby")
+                    await self._idle(stop, self._lease.renew_every)
+                    continue
+                self._set_state("active")
                 batch = await self._step(conn)
                 if not batch.events:
-                    await self._idle(stop, held_back=batch.held_back)
+                    # Held-back rows wait for a transaction that may not notify: look again soon.
+                    await self._idle(stop, 0.02 if batch.held_back else self._idle_timeout)
         finally:
             with contextlib.suppress(*RETRYABLE):  # the connection may be the thing that broke
                 await conn.close(timeout=5)
 
+    @property
+    def _idle_timeout(self) -> float:
+        return min(self._settings.poll_interval, self._lease.renew_every)
+
     async def _step(self, conn: Connection) -> Batch:
         checkpoint = await self._projector.checkpoint()
+        if checkpoint is None:
+            await self._start_from_scratch(conn)
         batch = await read_batch(conn, checkpoint or START, self._settings.batch_size)
+        await self._track_held_back(conn, batch)
         if batch.events:
-            await self._projector.apply(checkpoint, batch.events)
+            await self._projector.apply(checkpoint, batch.events, holder=self.worker_id)
             self.applied_events += len(batch.events)
-            self.last_progress = time.monotonic()
         elif checkpoint is None and not batch.held_back:
             await self._projector.mark_empty_log()
         return batch
 
-    async def _idle(self, stop: asyncio.Event, *, held_back: bool) -> None:
-        # Held-back rows wait for a transaction that may not notify: look again soon.
-        timeout = 0.02 if held_back else self._settings.poll_interval
+    async def _start_from_scratch(self, conn: Connection) -> None:
+        target = await head(conn)
+        if target is not None:
+            log.warning(
+                "the views hold no checkpoint: rebuilding them from the start of the log up to %s", target.token()
+            )
+            await self._projector.start_rebuild(target)
+
+    async def _track_held_back(self, conn: Connection, batch: Batch) -> None:
+        """Makes a long wait behind an older transaction visible: in the log and in the heartbeat."""
+        if not batch.held_back:
+            if self._held_back is not None and self._held_back.reported_at > -float("inf"):
+                log.info("no longer held back (after %.1fs)", time.monotonic() - self._held_back.since)
+            self._held_back = None
+            return
+        now = time.monotonic()
+        held = self._held_back = self._held_back or HeldBack(since=now)
+        if now - held.since >= HELD_BACK_REPORT_AFTER and now - held.reported_at >= HELD_BACK_REPORT_EVERY:
+            held.reported_at = now
+            held.blocker = await oldest_transaction(conn)
+            log.warning(
+                "projection held back for %.1fs by an older open transaction: %s", now - held.since, held.blocker
+            )
+
+    def _status(self) -> dict[str, Any]:
+        held = self._held_back
+        return {
+            "state": "active",
+            "applied_events": self.applied_events,
+            "held_back_seconds": round(time.monotonic() - held.since, 3) if held else 0,
+            "held_back_by": held.blocker if held else None,
+        }
+
+    def _set_state(self, state: str) -> None:
+        if state != self.state:
+            log.info("worker %s is now %s", self.worker_id, state)
+            self.state = state
+
+    async def _idle(self, stop: asyncio.Event, timeout: float) -> None:
         waits = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
         try:
             await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)

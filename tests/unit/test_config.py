@@ -61,8 +61,8 @@ def error_lines(stderr: str) -> list[str]:
     ("service", "expected"),
     [
         ("write", WriteSettings(PG, "127.0.0.1:50051", 10.0, 1000, 20, "INFO")),
-        ("read", ReadSettings(REDIS, "orders:", "127.0.0.1:50052", 10.0, 1000, 5.0, "INFO")),
-        ("sync", SyncSettings(PG, REDIS, "orders:", 500, 1.0, "INFO")),
+        ("read", ReadSettings(REDIS, "orders:", "127.0.0.1:50052", 10.0, 1000, 5.0, 5.0, "INFO")),
+        ("sync", SyncSettings(PG, REDIS, "orders:", 500, 1.0, 5.0, "", "INFO")),
     ],
 )
 def test_defaults(service: str, expected: object) -> None:
@@ -101,11 +101,14 @@ PRECEDENCE = [
     Precedence("read", "read-address", "localhost:7000", "localhost:7001", "localhost:7000", "localhost:7001"),
     Precedence("read", "max-consistency-wait", "0.25", "2", 0.25, 2.0),
     Precedence("read", "max-concurrent-rpcs", "3", "4", 3, 4),
+    Precedence("read", "heartbeat-timeout", "1.5", "9", 1.5, 9.0),
     Precedence("sync", "postgres-url", "postgres://a/x", "postgresql://b/y", "postgres://a/x", "postgresql://b/y"),
     Precedence("sync", "redis-url", "redis://a/1", "redis://b/2", "redis://a/1", "redis://b/2"),
     Precedence("sync", "redis-prefix", "", "x:", "", "x:"),
     Precedence("sync", "batch-size", "50", "60", 50, 60),
     Precedence("sync", "poll-interval", "0.1", "3", 0.1, 3.0),
+    Precedence("sync", "lease-ttl", "2", "0.5", 2.0, 0.5),
+    Precedence("sync", "worker-id", "w-env", "w-flag", "w-env", "w-flag"),
     Precedence("sync", "log-level", "error", "info", "ERROR", "INFO"),
 ]
 

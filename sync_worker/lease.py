@@ -1,0 +1,93 @@
+"""Which sync worker applies the projection: the holder of a lease in Redis.
+
+Several workers may run for availability; only the lease holder applies
+batches, the others stand by. The holder renews the lease (and writes its
+heartbeat) at least every `ttl / 5` seconds from its main loop, so a worker
+that dies or freezes loses the lease after `ttl` and a standby takes over.
+The lease also fences writes: the projector WATCHes the lease key and applies
+a batch only while this worker still holds it, so a frozen worker that wakes
+up after losing its lease cannot apply anything.
+
+Times come from the Redis server's clock (TIME), so readers of the heartbeat
+on other hosts need no synchronised clocks.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from redis.asyncio import Redis
+
+from orders.views import ViewKeys
+
+# KEYS: lease, heartbeat. ARGV: worker id, ttl ms, heartbeat JSON without its time.
+_HOLD = """
+redis.replicate_commands()
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local now = redis.call('TIME')
+local beat = cjson.decode(ARGV[3])
+beat['at_ms'] = now[1] * 1000 + math.floor(now[2] / 1000)
+redis.call('SET', KEYS[2], cjson.encode(beat))
+return 1
+"""
+
+# KEYS: lease. ARGV: worker id.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# KEYS: heartbeat. Returns the heartbeat and the server's time in ms.
+_READ_HEARTBEAT = """
+local now = redis.call('TIME')
+return {redis.call('GET', KEYS[1]), tostring(now[1] * 1000 + math.floor(now[2] / 1000))}
+"""
+
+
+class Lease:
+    def __init__(self, redis: Redis, keys: ViewKeys, worker_id: str, ttl: float) -> None:
+        self._keys = keys
+        self.worker_id = worker_id
+        self.ttl = ttl
+        self._hold = redis.register_script(_HOLD)
+        self._release = redis.register_script(_RELEASE)
+        self._renewed_at = -float("inf")
+
+    @property
+    def renew_every(self) -> float:
+        return self.ttl / 5
+
+    async def hold(self, status: dict[str, Any]) -> bool:
+        """Takes or renews the lease and writes the heartbeat; False while another worker holds it."""
+        if time.monotonic() - self._renewed_at < self.renew_every:
+            return True
+        beat = json.dumps({"worker": self.worker_id, **status})
+        held = bool(
+            await self._hold(
+                keys=[self._keys.lease, self._keys.heartbeat], args=[self.worker_id, int(self.ttl * 1000), beat]
+            )
+        )
+        self._renewed_at = time.monotonic() if held else -float("inf")
+        return held
+
+    async def release(self) -> None:
+        """Lets a standby take over at once (on a clean stop) instead of after the ttl."""
+        self._renewed_at = -float("inf")
+        await self._release(keys=[self._keys.lease], args=[self.worker_id])
+
+    def forget(self) -> None:
+        """Called when a write found the lease gone: take it again before the next batch."""
+        self._renewed_at = -float("inf")
+
+
+async def read_heartbeat(redis: Redis, keys: ViewKeys) -> tuple[dict[str, Any] | None, float]:
+    """The active worker's last heartbeat and its age in seconds by the Redis clock (inf if none)."""
+    raw, now_ms = await redis.register_script(_READ_HEARTBEAT)(keys=[keys.heartbeat])
+    if raw is None:
+        return None, float("inf")
+    beat: dict[str, Any] = json.loads(raw)
+    return beat, (int(now_ms) - int(beat["at_ms"])) / 1000
