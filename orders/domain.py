@@ -122,17 +122,13 @@ def _check_text(field_name: str, value: str, low: int, high: int) -> list[FieldV
 def _check_id(field_name: str, value: str) -> list[FieldViolation]:
     if ID_PATTERN.fullmatch(value):
         return []
-    return [
-        FieldViolation(field_name, f"must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-', got {_shown(value)}")
-    ]
+    return [FieldViolation(field_name, f"must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-', got {_shown(value)}")]
 
 
 def _check_currency(field_name: str, value: str) -> list[FieldViolation]:
     if CURRENCY_PATTERN.fullmatch(value):
         return []
-    return [
-        FieldViolation(field_name, f"must be an ISO 4217 code of three upper-case letters, got {_shown(value)}")
-    ]
+    return [FieldViolation(field_name, f"must be an ISO 4217 code of three upper-case letters, got {_shown(value)}")]
 
 
 def check_address(prefix: str, address: Address) -> list[FieldViolation]:

@@ -48,7 +48,11 @@ _UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
     asyncpg.OperatorInterventionError,
     asyncpg.TooManyConnectionsError,
+    asyncpg.InternalClientError,  # a connection left mid-protocol by an interrupted operation
 )
+
+
+_INTERRUPTED: tuple[type[BaseException], ...] = (*_UNAVAILABLE_ERRORS, asyncio.CancelledError)
 
 
 @dataclass(frozen=True)
@@ -136,7 +140,7 @@ class EventStore:
 
     async def _attempt(self, request: AppendRequest) -> AppendResult:
         stream_id, command_id = request.stream_id, request.command_id
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._connection() as conn, conn.transaction():
             if command_id is not None:
                 earlier = await self._earlier_result(conn, command_id, request.fingerprint)
                 if earlier is not None:
@@ -163,6 +167,17 @@ class EventStore:
                 )
             await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
             return result
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Connection]:
+        """A pooled connection that is thrown away, not reused, when an operation on it was interrupted
+        (a deadline, a cancelled RPC, a dropped server): asyncpg can leave such a connection mid-protocol."""
+        async with self._pool.acquire() as conn:
+            try:
+                yield conn
+            except _INTERRUPTED:
+                conn.terminate()
+                raise
 
     @staticmethod
     async def _earlier_result(conn: Connection, command_id: str, fingerprint: str) -> AppendResult | None:

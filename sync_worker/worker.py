@@ -37,6 +37,7 @@ RETRYABLE = (
     OSError,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # a connection left mid-protocol when the server went away
     redis.exceptions.RedisError,
     CheckpointMoved,
     LeaseLost,

@@ -100,6 +100,7 @@ async def test_worker_killed_mid_batch_leaves_views_equal_to_the_fold(system: Sy
         "ORDERS_REDIS_PREFIX": system.keys.prefix,
         "ORDERS_BATCH_SIZE": "2",
         "ORDERS_POLL_INTERVAL": "0.05",
+        "ORDERS_LEASE_TTL": "0.3",  # a restarted worker takes over from the killed one quickly
         "ORDERS_LOG_LEVEL": "INFO",
     }
     rng = random.Random(7)

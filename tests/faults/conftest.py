@@ -1,0 +1,326 @@
+"""The fault suite's world: its own PostgreSQL and Redis (never the machine's shared ones),
+the three services as real processes, a retrying client load, and the final consistency check.
+
+Every fault test ends with `assert_consistent`: every command acknowledged to a client is in
+the event table with the acknowledged result, each command id has exactly one set of events,
+and the Redis views equal a fold of every event in PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import shutil
+import signal
+import sys
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from redis.asyncio import Redis
+
+from orders.embedded import EmbeddedServer, free_port, start_postgres, start_redis
+from orders.event_store import head, open_connection
+from orders.migrations import migrate_url
+from orders.v1 import commands_pb2 as cmd
+from orders.v1 import commands_pb2_grpc, queries_pb2_grpc
+from orders.views import ViewKeys, redis_client
+from tests.helpers import add_item_request, an_address, assert_views_match_events, create_request, eventually
+
+pytestmark = [pytest.mark.embedded, pytest.mark.slow]
+
+RETRYABLE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED}
+
+
+@dataclass
+class OwnServers:
+    """PostgreSQL and Redis of this test alone, which it may stop, restart and wipe."""
+
+    root: Path
+    pg_port: int = field(default_factory=free_port)
+    redis_port: int = field(default_factory=free_port)
+    _pg: EmbeddedServer | None = None
+    _redis: EmbeddedServer | None = None
+
+    @property
+    def postgres_url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.pg_port}/orders"
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    async def start_postgres(self) -> None:
+        self._pg = await asyncio.to_thread(start_postgres, self.root / "postgres", self.pg_port, fsync=False)
+
+    async def stop_postgres(self) -> None:
+        assert self._pg is not None
+        await asyncio.to_thread(self._pg.stop)
+        self._pg = None
+
+    async def start_redis(self, *, empty: bool = True) -> None:
+        if empty:
+            shutil.rmtree(self.root / "redis", ignore_errors=True)
+        self._redis = await asyncio.to_thread(start_redis, self.root / "redis", self.redis_port, False)
+
+    async def stop_redis(self) -> None:
+        assert self._redis is not None
+        await asyncio.to_thread(self._redis.stop)
+        self._redis = None
+
+    async def stop_all(self) -> None:
+        for server in (self._pg, self._redis):
+            if server is not None:
+                await asyncio.to_thread(server.stop)
+
+
+@dataclass
+class Service:
+    """One service process and its log file."""
+
+    name: str
+    process: asyncio.subprocess.Process
+    log_file: Path
+
+    @property
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace")
+
+    async def wait_for_log(self, text: str, timeout: float = 30) -> None:
+        async def logged() -> None:
+            assert text in self.log, f"{self.name} has not logged {text!r}"
+
+        await eventually(logged, timeout=timeout, interval=0.05)
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.process.returncode is None:
+            self.process.send_signal(sig)
+
+    async def stop(self, timeout: float = 10) -> int | None:
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGTERM)
+        try:
+            return await asyncio.wait_for(self.process.wait(), timeout)
+        except TimeoutError:
+            self.signal(signal.SIGKILL)
+            await self.process.wait()
+            return None
+
+
+@dataclass
+class Cluster:
+    servers: OwnServers
+    tmp: Path
+    write_port: int = field(default_factory=free_port)
+    read_port: int = field(default_factory=free_port)
+    keys: ViewKeys = field(default_factory=ViewKeys)
+    services: list[Service] = field(default_factory=list)
+    channels: list[grpc.aio.Channel] = field(default_factory=list)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        base = {k: v for k, v in os.environ.items() if not k.startswith("ORDERS_")}
+        return (
+            base
+            | {
+                "ORDERS_POSTGRES_URL": self.servers.postgres_url,
+                "ORDERS_REDIS_URL": self.servers.redis_url,
+                "ORDERS_REDIS_PREFIX": self.keys.prefix,
+                "ORDERS_WRITE_ADDRESS": f"127.0.0.1:{self.write_port}",
+                "ORDERS_READ_ADDRESS": f"127.0.0.1:{self.read_port}",
+                "ORDERS_SHUTDOWN_GRACE": "2",
+                "ORDERS_POLL_INTERVAL": "0.2",
+                "ORDERS_LEASE_TTL": "2",
+                "ORDERS_HEARTBEAT_TIMEOUT": "3",
+                "ORDERS_LOG_LEVEL": "INFO",
+            }
+            | extra
+        )
+
+    async def spawn(self, module: str, **env: str) -> Service:
+        log_file = self.tmp / f"{module}-{len(self.services)}.log"
+        with log_file.open("wb") as log:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", module, env=self.env(**env), stdout=log, stderr=log
+            )
+        service = Service(module, process, log_file)
+        self.services.append(service)
+        return service
+
+    async def start_write_service(self) -> Service:
+        service = await self.spawn("write_service")
+        await service.wait_for_log("listening on")
+        return service
+
+    async def start_read_service(self) -> Service:
+        service = await self.spawn("read_service")
+        await service.wait_for_log("listening on")
+        return service
+
+    async def start_worker(self, **env: str) -> Service:
+        service = await self.spawn("sync_worker", **env)
+        await service.wait_for_log("tailing the event log")
+        return service
+
+    def channel(self, port: int) -> grpc.aio.Channel:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        self.channels.append(channel)
+        return channel
+
+    @property
+    def commands(self) -> commands_pb2_grpc.OrderCommandsStub:
+        return commands_pb2_grpc.OrderCommandsStub(self.channel(self.write_port))
+
+    @property
+    def queries(self) -> queries_pb2_grpc.OrderQueriesStub:
+        return queries_pb2_grpc.OrderQueriesStub(self.channel(self.read_port))
+
+    async def health(self, service: str) -> int:
+        stub = health_pb2_grpc.HealthStub(self.channel(self.read_port))
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+        return int(reply.status)
+
+    def redis(self) -> Redis:
+        return redis_client(self.servers.redis_url)
+
+    async def close(self) -> None:
+        for service in self.services:
+            await service.stop()
+        for channel in self.channels:
+            await channel.close()
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    """Own servers (started), a migrated database, and no services yet."""
+    servers = OwnServers(tmp_path / "servers")
+    await servers.start_postgres()
+    await servers.start_redis()
+    admin = await asyncpg.connect(servers.postgres_url.replace("/orders", "/postgres"))
+    await admin.execute("CREATE DATABASE orders")
+    await admin.close()
+    await migrate_url(servers.postgres_url)
+    world = Cluster(servers, tmp_path, keys=ViewKeys(f"fault:{uuid.uuid4().hex[:8]}:"))
+    try:
+        yield world
+    finally:
+        await world.close()
+        await servers.stop_all()
+
+
+@dataclass
+class Load:
+    """Clients that each walk their own orders through their lifecycle, retrying a command with the
+    same command id after an unknown outcome, as a careful real client does."""
+
+    stub: commands_pb2_grpc.OrderCommandsStub
+    seed: int = 1
+    clients: int = 4
+    pause: float = 0.0
+    acked: dict[str, cmd.CommandResult] = field(default_factory=dict)
+    errors: Counter[str] = field(default_factory=Counter)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await asyncio.gather(*(self._client(i, stop) for i in range(self.clients)))
+
+    async def _client(self, index: int, stop: asyncio.Event) -> None:
+        rng = random.Random(self.seed * 1000 + index)
+        while not stop.is_set():
+            order_id = f"o{index}-{uuid.uuid4().hex[:8]}"
+            for request in self._lifecycle(order_id, rng):
+                if not await self._send(request, stop):
+                    return
+
+    @staticmethod
+    def _lifecycle(order_id: str, rng: random.Random) -> list[Any]:
+        steps: list[Any] = [create_request(f"c{rng.randrange(5)}", order_id=order_id, shipping_address=an_address())]
+        steps += [add_item_request(order_id, f"S{i}", quantity=rng.randint(1, 3)) for i in range(rng.randint(1, 3))]
+        steps.append(cmd.ConfirmOrderRequest(order_id=order_id))
+        steps.append(
+            cmd.ShipOrderRequest(order_id=order_id) if rng.random() < 0.7 else cmd.CancelOrderRequest(order_id=order_id)
+        )
+        for step in steps:
+            step.command_id = uuid.uuid4().hex
+        return steps
+
+    async def _send(self, request: Any, stop: asyncio.Event) -> bool:
+        """Sends until acknowledged; False if stopped before that."""
+        method: Callable[..., Awaitable[Any]] = getattr(self.stub, type(request).__name__.removesuffix("Request"))
+        while True:
+            try:
+                reply = await method(request, timeout=2)
+            except grpc.aio.AioRpcError as error:
+                self.errors[error.code().name] += 1
+                if error.code() not in RETRYABLE_CODES:
+                    raise AssertionError(f"{type(request).__name__}: {error.code()} {error.details()}") from error
+                if stop.is_set():
+                    return False
+                await asyncio.sleep(0.05)
+                continue
+            self.acked[request.command_id] = reply.result
+            if self.pause:
+                await asyncio.sleep(self.pause)
+            return True
+
+
+async def run_load_while(load: Load, fault: Callable[[], Awaitable[None]]) -> None:
+    """Runs `load` during `fault`, then a little longer so the system works after it."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(load.run(stop))
+    try:
+        await fault()
+        await asyncio.sleep(0.5)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+
+
+async def assert_consistent(cluster: Cluster, load: Load | None = None, timeout: float = 60) -> None:
+    """No acknowledged command lost, none applied twice, and the views equal the fold of the log."""
+    conn = await open_connection(cluster.servers.postgres_url)
+    try:
+        last = await head(conn)
+        processed = {r["command_id"]: r for r in await conn.fetch("SELECT * FROM processed_commands")}
+        per_command = await conn.fetch(
+            "SELECT metadata->>'command_id' AS command_id, count(*) AS n FROM events GROUP BY 1"
+        )
+    finally:
+        await conn.close()
+    for command_id, result in (load.acked if load else {}).items():
+        row = processed[command_id]
+        assert (row["stream_id"], row["version"], row["position"]) == (result.order_id, result.version, result.position)
+    assert {r["n"] for r in per_command if r["command_id"] is not None} <= {1}, "a command appended twice"
+    redis = cluster.redis()
+    try:
+
+        async def caught_up() -> None:
+            assert last is not None
+            assert await redis.get(cluster.keys.checkpoint) == last.token()
+
+        await eventually(caught_up, timeout=timeout)
+        await assert_views_match_events(cluster.servers.postgres_url, redis, cluster.keys)
+    finally:
+        await redis.aclose()
+
+
+@contextlib.asynccontextmanager
+async def held_transaction(url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A transaction that took a transaction id and then sits idle, holding the xmin horizon back."""
+    conn = await asyncpg.connect(url)
+    transaction = conn.transaction()
+    await transaction.start()
+    await conn.fetchval("SELECT pg_current_xact_id()")
+    try:
+        yield conn
+    finally:
+        with contextlib.suppress(Exception):
+            await transaction.rollback()
+        await conn.close()
