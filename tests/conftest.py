@@ -8,7 +8,10 @@ template) and its own Redis key prefix, both removed afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -33,24 +36,42 @@ def _database_url(server_url: str, name: str) -> str:
     return f"{base}/{name}"
 
 
+@contextlib.contextmanager
+def server_directory() -> Iterator[Path]:
+    """A scratch directory for embedded servers, outside pytest's tmp root: pytest resets that root
+    to mode 0700 at every session start, which would lock PostgreSQL's unprivileged user out of
+    a data directory below it while another pytest session runs."""
+    path = Path(tempfile.mkdtemp(prefix="orders-servers-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def server_dir() -> Iterator[Path]:
+    with server_directory() as path:
+        yield path
+
+
 @pytest.fixture(scope="session")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+def servers() -> Iterator[Servers]:
     postgres_url = os.environ.get("ORDERS_TEST_POSTGRES_URL")
     redis_url = os.environ.get("ORDERS_TEST_REDIS_URL")
     stops: list[Callable[[], None]] = []
-    if not postgres_url or not redis_url:
-        from orders.embedded import start_postgres, start_redis  # noqa: PLC0415 - only when needed
+    with server_directory() as root:
+        if not postgres_url or not redis_url:
+            from orders.embedded import start_postgres, start_redis  # noqa: PLC0415 - only when needed
 
-        root: Path = tmp_path_factory.mktemp("servers")
-        if not postgres_url:
-            postgres = start_postgres(root / "postgres", fsync=False)
-            postgres_url, stops = postgres.url, [*stops, postgres.stop]
-        if not redis_url:
-            redis = start_redis(root / "redis", persist=False)
-            redis_url, stops = redis.url, [*stops, redis.stop]
-    yield Servers(postgres_url, redis_url)
-    for stop in stops:
-        stop()
+            if not postgres_url:
+                postgres = start_postgres(root / "postgres", fsync=False)
+                postgres_url, stops = postgres.url, [*stops, postgres.stop]
+            if not redis_url:
+                redis = start_redis(root / "redis", persist=False)
+                redis_url, stops = redis.url, [*stops, redis.stop]
+        yield Servers(postgres_url, redis_url)
+        for stop in stops:
+            stop()
 
 
 @pytest.fixture(scope="session")

@@ -44,10 +44,10 @@ def stop_runner(runner: subprocess.Popen[str]) -> int:
 
 
 @pytest.mark.embedded
-def test_one_command_runs_the_system_and_a_restart_keeps_the_orders(tmp_path: Path) -> None:
+def test_one_command_runs_the_system_and_a_restart_keeps_the_orders(server_dir: Path) -> None:
     """Create and read an order through the runner, stop it with Ctrl-C, restart, read it again."""
     write, read = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    runner = start_runner(tmp_path / "data", write, read)
+    runner = start_runner(server_dir / "data", write, read)
     try:
         with grpc.insecure_channel(write) as wc, grpc.insecure_channel(read) as rc:
             result = (
@@ -64,7 +64,7 @@ def test_one_command_runs_the_system_and_a_restart_keeps_the_orders(tmp_path: Pa
     finally:
         first_exit = stop_runner(runner)
 
-    runner = start_runner(tmp_path / "data", write, read)
+    runner = start_runner(server_dir / "data", write, read)
     try:
         with grpc.insecure_channel(read) as rc:
             again = queries_pb2_grpc.OrderQueriesStub(rc).GetOrder(

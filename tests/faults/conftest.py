@@ -199,9 +199,9 @@ class Cluster:
 
 
 @pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+async def cluster(tmp_path: Path, server_dir: Path) -> AsyncIterator[Cluster]:
     """Own servers (started), a migrated database, and no services yet."""
-    servers = OwnServers(tmp_path / "servers")
+    servers = OwnServers(server_dir)
     await servers.start_postgres()
     await servers.start_redis()
     admin = await asyncpg.connect(servers.postgres_url.replace("/orders", "/postgres"))
