@@ -130,7 +130,13 @@ def add_server_arguments(parser: SettingsParser, flag: str, default_address: str
         default="10",
         parse=positive_float,
     )
-    add_setting(parser, "max-concurrent-rpcs", "RPCs served at once; more wait", default="1000", parse=positive_int)
+    add_setting(
+        parser,
+        "max-concurrent-rpcs",
+        "RPCs served at once; more are refused with RESOURCE_EXHAUSTED",
+        default="1000",
+        parse=positive_int,
+    )
 
 
 def add_log_argument(parser: SettingsParser) -> None:

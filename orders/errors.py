@@ -12,6 +12,7 @@ maps them to gRPC status codes with one table.
     ├── CommandIdReused         command id already used for a different request
     ├── InvalidQuery            malformed query input (page token, consistency token)
     ├── ViewsNotReady           views have not caught up enough to answer
+    ├── DeadlineExceeded        the caller's deadline passed before the work finished
     └── Unavailable             PostgreSQL or Redis unreachable: retry
 """
 
@@ -74,6 +75,11 @@ class CommandIdReused(OrdersError):
 
 class ViewsNotReady(OrdersError):
     """The views lag behind what the caller asked for; retrying later will succeed."""
+
+
+class DeadlineExceeded(OrdersError):
+    """The caller's deadline passed first; a command may or may not have been applied (retry it
+    with the same command id to find out safely)."""
 
 
 class Unavailable(OrdersError):

@@ -17,6 +17,7 @@ transaction anywhere in the cluster holds readers back (delay, never loss).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -28,7 +29,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from orders.consistency import LogPosition
-from orders.errors import CommandIdReused, ConcurrencyConflict, Unavailable
+from orders.errors import CommandIdReused, ConcurrencyConflict, DeadlineExceeded, Unavailable
 from orders.events import Event, RecordedEvent, event_type, from_payload, to_payload
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,13 @@ async def _init_connection(conn: Connection) -> None:
 async def connect(url: str, *, min_size: int = 0, max_size: int = 20) -> asyncpg.Pool:
     """A pool that opens connections lazily, so a process can start while PostgreSQL is down."""
     return await asyncpg.create_pool(
-        url, min_size=min_size, max_size=max_size, init=_init_connection, command_timeout=30
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        init=_init_connection,
+        command_timeout=30,
+        # A backend notices within 1 s that its client went away, even while it waits on a lock.
+        server_settings={"client_connection_check_interval": "1000"},
     )
 
 
@@ -124,19 +131,25 @@ def _record(row: asyncpg.Record) -> RecordedEvent:
 class EventStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
+        self._reaping: set[asyncio.Task[None]] = set()
 
     async def execute(self, request: AppendRequest, timeout: float) -> AppendResult:
         """Runs `request.decide` on the stream's events and appends what it returns, atomically.
 
         Raises CommandIdReused, ConcurrencyConflict, Unavailable, or whatever `decide` raises.
         """
-        async with unavailable_on_connection_errors("append"), asyncio.timeout(timeout):
-            for _ in range(CONFLICT_RETRIES):
-                try:
-                    return await self._attempt(request)
-                except asyncpg.UniqueViolationError:
-                    log.debug("conflict appending to %s; retrying", request.stream_id)
-            raise ConcurrencyConflict(f"order {request.stream_id!r} kept changing under concurrent writers; retry")
+        if timeout <= 0:
+            raise DeadlineExceeded("the deadline had passed before the command started")
+        try:
+            async with asyncio.timeout(timeout), unavailable_on_connection_errors("append"):
+                for _ in range(CONFLICT_RETRIES):
+                    try:
+                        return await self._attempt(request)
+                    except asyncpg.UniqueViolationError:
+                        log.debug("conflict appending to %s; retrying", request.stream_id)
+                raise ConcurrencyConflict(f"order {request.stream_id!r} kept changing under concurrent writers; retry")
+        except TimeoutError as error:  # from asyncio.timeout: driver time-outs became Unavailable inside
+            raise DeadlineExceeded(f"the command did not finish within its deadline of {timeout:.3g}s") from error
 
     async def _attempt(self, request: AppendRequest) -> AppendResult:
         stream_id, command_id = request.stream_id, request.command_id
@@ -176,8 +189,22 @@ class EventStore:
             try:
                 yield conn
             except _INTERRUPTED:
+                self._reap(conn.get_server_pid())
                 conn.terminate()
                 raise
+
+    def _reap(self, pid: int) -> None:
+        """Ends the server side of a dropped connection too: closing the socket does not stop a backend
+        that waits on a lock, and its transaction would hold locks and the read horizon until then."""
+
+        async def terminate_backend() -> None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5):
+                    await self._pool.execute("SELECT pg_terminate_backend($1)", pid)
+
+        task = asyncio.create_task(terminate_backend())
+        self._reaping.add(task)
+        task.add_done_callback(self._reaping.discard)
 
     @staticmethod
     async def _earlier_result(conn: Connection, command_id: str, fingerprint: str) -> AppendResult | None:

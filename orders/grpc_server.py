@@ -33,8 +33,10 @@ SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_concurrent_streams", 256),  # per connection; the default is unlimited
-    ("grpc.keepalive_time_ms", 60_000),  # find dead clients on idle connections
+    ("grpc.keepalive_time_ms", 60_000),  # ping every minute to find dead clients,
     ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),  # on idle connections too
+    ("grpc.http2.max_pings_without_data", 0),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.so_reuseport", 0),  # two servers on one port is a mistake, not a feature
 ]

@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from orders.consistency import LogPosition
 from orders.domain import ID_PATTERN
-from orders.errors import FieldViolation, InvalidQuery, OrderNotFound, Unavailable, ViewsNotReady
+from orders.errors import DeadlineExceeded, FieldViolation, InvalidQuery, OrderNotFound, Unavailable, ViewsNotReady
 from orders.rpc_errors import ErrorTable, translate_errors
 from orders.v1 import queries_pb2 as pb
 from orders.v1 import queries_pb2_grpc, types_pb2
@@ -28,11 +28,13 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 DEADLINE_MARGIN = 0.05  # seconds kept back from the deadline to read and answer after waiting
 DEFAULT_REDIS_TIMEOUT = 5.0  # seconds, when the client sets no deadline
+MAX_PAGE_BYTES = 3 * 1024 * 1024  # a page stays well under the 4 MiB message limit
 
 ERRORS: ErrorTable = {
     InvalidQuery: (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
     OrderNotFound: (grpc.StatusCode.NOT_FOUND, "ORDER_NOT_FOUND"),
     ViewsNotReady: (grpc.StatusCode.UNAVAILABLE, "VIEWS_NOT_READY"),
+    DeadlineExceeded: (grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED"),
     Unavailable: (grpc.StatusCode.UNAVAILABLE, "VIEWS_UNAVAILABLE"),
 }
 
@@ -56,7 +58,7 @@ async def bounded_redis_call(context: grpc.aio.ServicerContext) -> AsyncIterator
         async with asyncio.timeout(DEFAULT_REDIS_TIMEOUT if remaining is None else max(remaining, 0)):
             yield
     except TimeoutError as error:
-        raise Unavailable("Redis did not answer within the deadline") from error
+        raise DeadlineExceeded("Redis did not answer within the deadline") from error
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as error:
         raise Unavailable(f"Redis is unavailable: {error}") from error
 
@@ -122,7 +124,7 @@ class PageCursor:
         try:
             customer, stat, after = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
             cursor = cls(str(customer), str(stat), str(after))
-        except (ValueError, TypeError):  # not base64, not JSON, or not a 3-item list
+        except (ValueError, TypeError, RecursionError):  # not base64, not JSON, or not a 3-item list
             raise InvalidQuery([FieldViolation("page_token", "not a token returned by ListOrders")]) from None
         if (cursor.customer_id, cursor.status) != (customer_id, status):
             raise InvalidQuery([FieldViolation("page_token", "belongs to a request with other filters")])
@@ -198,11 +200,24 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
             )
         consistency = self._consistency(token, reply[0])
         self._not_rebuilding(reply[1], consistency)
-        pairs = list(zip(reply[2::2], reply[3::2], strict=True))
-        orders = [order_message(OrderView.from_json(view)) for _, view in pairs[:size] if view is not None]
-        more = len(pairs) > size
-        next_token = PageCursor(request.customer_id, status, pairs[size - 1][0]).encode() if more else ""
+        orders, last_member = self._fill_page(list(zip(reply[2::2], reply[3::2], strict=True)), size)
+        next_token = PageCursor(request.customer_id, status, last_member).encode() if last_member else ""
         return pb.ListOrdersResponse(orders=orders, next_page_token=next_token, consistency=consistency)
+
+    @staticmethod
+    def _fill_page(pairs: list[tuple[str, str | None]], size: int) -> tuple[list[types_pb2.Order], str]:
+        """Up to `size` orders that fit in one response, and the member to continue after ("" at the end).
+        The byte budget matters: 500 orders of 100 lines each would exceed the 4 MiB message limit."""
+        orders: list[types_pb2.Order] = []
+        used = 0
+        for index, (_, raw) in enumerate(pairs[:size]):
+            order = order_message(OrderView.from_json(raw)) if raw is not None else None
+            used += order.ByteSize() if order else 0
+            if orders and used > MAX_PAGE_BYTES:
+                return orders, pairs[index - 1][0]
+            if order is not None:
+                orders.append(order)
+        return orders, pairs[size - 1][0] if len(pairs) > size else ""
 
     @staticmethod
     def _validate_list(request: pb.ListOrdersRequest) -> tuple[int, str]:

@@ -20,6 +20,7 @@ from orders.commands import (
 from orders.errors import (
     CommandIdReused,
     ConcurrencyConflict,
+    DeadlineExceeded,
     InvalidCommand,
     OrderAlreadyExists,
     OrderNotFound,
@@ -46,6 +47,7 @@ ERRORS: ErrorTable = {
     CommandIdReused: (grpc.StatusCode.ALREADY_EXISTS, "COMMAND_ID_REUSED"),
     RuleViolation: (grpc.StatusCode.FAILED_PRECONDITION, "RULE_VIOLATION"),  # reason from the rule
     ConcurrencyConflict: (grpc.StatusCode.ABORTED, "VERSION_CONFLICT"),
+    DeadlineExceeded: (grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED"),
     Unavailable: (grpc.StatusCode.UNAVAILABLE, "EVENT_STORE_UNAVAILABLE"),
 }
 

@@ -12,6 +12,7 @@ from google.rpc import error_details_pb2, status_pb2
 from orders.errors import (
     CommandIdReused,
     ConcurrencyConflict,
+    DeadlineExceeded,
     FieldViolation,
     InvalidCommand,
     InvalidQuery,
@@ -103,6 +104,12 @@ CASES = [
         id="write-Unavailable",
     ),
     pytest.param(
+        DeadlineExceeded("the command did not finish within its deadline"),
+        WRITE_ERRORS,
+        Expected(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED"),
+        id="write-DeadlineExceeded",
+    ),
+    pytest.param(
         SomethingUnforeseen("surprise"),
         WRITE_ERRORS,
         Expected(grpc.StatusCode.INTERNAL, "INTERNAL"),
@@ -134,6 +141,12 @@ CASES = [
         READ_ERRORS,
         Expected(grpc.StatusCode.UNAVAILABLE, "VIEWS_UNAVAILABLE"),
         id="read-Unavailable",
+    ),
+    pytest.param(
+        DeadlineExceeded("Redis did not answer within the deadline"),
+        READ_ERRORS,
+        Expected(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED"),
+        id="read-DeadlineExceeded",
     ),
     pytest.param(
         SomethingUnforeseen("surprise"), READ_ERRORS, Expected(grpc.StatusCode.INTERNAL, "INTERNAL"), id="read-unknown"
