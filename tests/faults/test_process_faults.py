@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
+from collections import Counter
 
 import asyncpg
 import grpc
@@ -34,6 +35,7 @@ async def test_sync_worker_killed_at_random_moments(cluster: Cluster) -> None:
     await run_load_while(load, kill_repeatedly)
     await cluster.start_worker(ORDERS_LEASE_TTL="0.3")
 
+    print(f"worker kills: acked={len(load.acked)} errors={dict(load.errors)}")
     assert len(load.acked) > 50
     await assert_consistent(cluster, load)
 
@@ -57,6 +59,7 @@ async def test_postgres_stopped_and_started_during_load(cluster: Cluster) -> Non
 
     await run_load_while(load, outage)
 
+    print(f"postgres outage: acked={len(load.acked)} errors={dict(load.errors)}")
     assert load.errors["UNAVAILABLE"] > 0
     assert write.process.returncode is None
     assert worker.process.returncode is None
@@ -103,6 +106,7 @@ async def test_redis_lost_during_load_is_rebuilt_and_never_claims_not_found(clus
 
     await run_load_while(load, lose_redis)
 
+    print(f"redis {how}: answers={dict(Counter(answers))} acked={len(load.acked)} errors={dict(load.errors)}")
     assert "NOT_FOUND" not in answers
     assert "UNAVAILABLE" in answers
     assert answers[-1] == "OK"
@@ -157,6 +161,7 @@ async def test_write_service_killed_repeatedly_under_load(cluster: Cluster) -> N
 
     await run_load_while(load, kill_repeatedly)
 
+    print(f"write service kills: acked={len(load.acked)} errors={dict(load.errors)}")
     assert load.errors["UNAVAILABLE"] > 0
     await assert_consistent(cluster, load)
 

@@ -55,6 +55,7 @@ async def test_open_transaction_delays_the_projection_visibly_but_never_stalls_i
 
     assert early.value.code() == grpc.StatusCode.UNAVAILABLE  # not visible yet, and not NOT_FOUND
     assert reply.consistency.stale is False
+    print(f"held-open transaction: caught up {waited:.1f}s after the command")
     assert 5 < waited < 15, f"caught up {waited:.1f}s after the command"
     assert f"'pid': {blocker_pid}" in worker.log
     assert "projection held back" in worker.log
@@ -113,6 +114,7 @@ async def test_frozen_worker_is_reported_by_health_and_an_idle_one_is_not(cluste
     worker.signal(signal.SIGCONT)
     await eventually(serving, timeout=10)
 
+    print(f"frozen worker: NOT_SERVING after {detected_after:.1f}s; idle samples {idle_samples}")
     assert set(idle_samples) == {SERVING}
     assert detected_after < 6
     await assert_consistent(cluster, load)
@@ -151,6 +153,7 @@ async def test_standby_takes_over_when_the_active_worker_is_killed(cluster: Clus
     events = await _event_count(cluster)
     await redis.aclose()
 
+    print(f"handover: {handover} applied={applied} events={events}")
     assert float(str(handover["seconds"])) < 5  # lease ttl is 2 s in the fault suite
     assert applied == events, "an event was applied twice (or not at all)"
     assert "is now standby" in workers[str(handover["standby"])].log
