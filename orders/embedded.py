@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import os
 import pwd
+import shutil
 import signal
 import socket
 import stat
@@ -292,7 +293,7 @@ def _launch(
         if os.geteuid() == 0:  # let a later non-root run by the dir's owner append to it
             owner = log.parent.stat()
             os.chown(log, owner.st_uid, owner.st_gid)
-        proc = _spawn(cmd, log.parent, account, out, _die_with_parent(death_signal))
+        proc = _spawn(cmd, log.parent, account, out, death_signal)
     deadline = time.monotonic() + _START_TIMEOUT
     while proc.poll() is None and time.monotonic() < deadline:
         if ready(proc.pid):
@@ -312,8 +313,26 @@ def _spawn(
     cwd: Path,
     account: _Account | None,
     stdout: IO[bytes] | int,
-    preexec: Callable[[], None] | None = None,
+    death_signal: int | None = None,
 ) -> subprocess.Popen[bytes]:
+    """Starts cmd as `account`, signalled with `death_signal` when we die (Linux, main thread only).
+
+    setpriv does both the user switch and the death signal when it is installed, which keeps Popen on
+    its vfork path: a plain fork() of a process whose other threads run gRPC can crash the child
+    before it execs. Without setpriv, Popen switches the user and a pre-exec hook sets the signal.
+    """
+    death_signal = death_signal if _can_tie_to_parent() else None
+    setpriv = shutil.which("setpriv") if (account or death_signal) and sys.platform.startswith("linux") else None
+    preexec = None
+    if setpriv is not None:
+        wrapper = [setpriv]
+        if account is not None:
+            wrapper += [f"--reuid={account.uid}", f"--regid={account.gid}", "--clear-groups"]
+        if death_signal is not None:
+            wrapper.append(f"--pdeathsig={signal.Signals(death_signal).name}")
+        cmd, account = [*wrapper, "--", *cmd], None
+    elif death_signal is not None:
+        preexec = _die_with_parent(death_signal)
     # New session: a Ctrl-C meant for the runner must not kill the servers before it stops them.
     return subprocess.Popen(
         cmd,
@@ -330,11 +349,13 @@ def _spawn(
     )
 
 
-def _die_with_parent(sig: int) -> Callable[[], None] | None:
+def _can_tie_to_parent() -> bool:
+    # The death signal fires when the spawning *thread* exits, so only arm it from the main thread.
+    return sys.platform.startswith("linux") and threading.current_thread() is threading.main_thread()
+
+
+def _die_with_parent(sig: int) -> Callable[[], None]:
     """Have the kernel send sig to the child when we die, even by SIGKILL (Linux only)."""
-    # The signal fires when the spawning *thread* exits, so only arm it from the main thread.
-    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
-        return None
     # Resolved here: the forked child should only call, not dlopen/dlsym.
     prctl = ctypes.CDLL(None, use_errno=True).prctl
     parent = os.getpid()
