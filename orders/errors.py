@@ -6,6 +6,7 @@ maps them to gRPC status codes with one table.
     OrdersError
     ├── InvalidCommand          malformed input; carries field violations
     ├── OrderNotFound           no order with that id
+    ├── CustomerNotFound        no orders of that customer
     ├── OrderAlreadyExists      CreateOrder with an id that is taken
     ├── RuleViolation           a business rule forbids the command; carries a reason
     ├── ConcurrencyConflict     expected version differs, or a racing writer won
@@ -47,6 +48,12 @@ class OrderNotFound(OrdersError):
     def __init__(self, order_id: str) -> None:
         self.order_id = order_id
         super().__init__(f"order {order_id!r} not found")
+
+
+class CustomerNotFound(OrdersError):
+    def __init__(self, customer_id: str) -> None:
+        self.customer_id = customer_id
+        super().__init__(f"customer {customer_id!r} has no orders")
 
 
 class OrderAlreadyExists(OrdersError):

@@ -15,6 +15,10 @@ Keys, under a configurable prefix (default "orders:"):
     {p}lease:orders                         id of the one worker allowed to apply (expires)
     {p}heartbeat:orders                     that worker's last sign of life and status, JSON
     {p}applied:orders                       events applied in total (exactly-once audit)
+The customer summary projection keeps its own keys, checkpoint, lease and heartbeat:
+    {p}summary:customer:{customer_id}       a customer's summary, JSON
+    {p}summary:order:{order_id}             the projection's own copy of each order's view
+    {p}checkpoint:customer_summary, {p}lease:customer_summary, ...
 Channel:
     {p}checkpoint:orders                    the new checkpoint, published with every batch
 
@@ -34,6 +38,8 @@ from redis.asyncio import Redis
 from orders.events import Address
 
 PROJECTION = "orders"
+SUMMARY_PROJECTION = "customer_summary"
+PROJECTIONS = (PROJECTION, SUMMARY_PROJECTION)
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,23 @@ class OrderView:
 
 
 @dataclass(frozen=True)
+class CustomerSummaryView:
+    customer_id: str
+    order_count: int = 0
+    by_status: dict[str, int] = field(default_factory=dict)  # current status -> orders
+    spend_minor: dict[str, int] = field(default_factory=dict)  # currency -> total of spending orders
+    first_order_us: int = 0
+    last_order_us: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> CustomerSummaryView:
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
 class ViewKeys:
     """Names of every key and channel, under one prefix (tests use a prefix each)."""
 
@@ -102,6 +125,16 @@ class ViewKeys:
         """Every index that lists `view` in its current status."""
         customer, status = view.customer_id, view.status
         return [self.index(), self.index(customer), self.index("", status), self.index(customer, status)]
+
+    def summary_customer(self, customer_id: str) -> str:
+        return f"{self.prefix}summary:customer:{customer_id}"
+
+    def summary_order(self, order_id: str) -> str:
+        return f"{self.prefix}summary:order:{order_id}"
+
+    def of(self, projection: str) -> ViewKeys:
+        """The keys of another projection under the same prefix."""
+        return ViewKeys(self.prefix, projection)
 
     @property
     def checkpoint(self) -> str:

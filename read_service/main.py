@@ -10,7 +10,7 @@ from redis.asyncio import Redis
 
 from orders import config
 from orders.grpc_server import RunningServer, run, start_server, stop_on_signals
-from orders.views import ViewKeys, redis_client
+from orders.views import PROJECTIONS, ViewKeys, redis_client
 from read_service.freshness import CheckpointWatcher
 from read_service.projection_health import ProjectionHealth
 from read_service.servicer import SERVICE, OrderQueriesServicer
@@ -58,13 +58,14 @@ def parse_settings(argv: Sequence[str] | None = None) -> ReadSettings:
 @dataclass
 class ReadService:
     server: RunningServer
-    watcher: CheckpointWatcher
+    watchers: list[CheckpointWatcher]
     health: ProjectionHealth
 
     async def stop(self, grace: float) -> None:
         await self.health.stop()
         await self.server.stop(grace)
-        await self.watcher.stop()
+        for watcher in self.watchers:
+            await watcher.stop()
 
 
 async def start_read_service(
@@ -76,14 +77,15 @@ async def start_read_service(
     max_concurrent_rpcs: int = 1000,
     heartbeat_timeout: float = 5.0,
 ) -> ReadService:
-    watcher = CheckpointWatcher(redis, keys)
-    watcher.start()
-    servicer = OrderQueriesServicer(redis, keys, watcher, max_wait)
+    watchers = {name: CheckpointWatcher(redis, keys.of(name)) for name in PROJECTIONS}
+    for watcher in watchers.values():
+        watcher.start()
+    servicer = OrderQueriesServicer(redis, keys, watchers, max_wait)
     server = await start_server(address, {SERVICE: servicer}, max_concurrent_rpcs)
     health = ProjectionHealth(redis, keys, server.health, SERVICE.full_name, heartbeat_timeout)
     await health.check()
     health.start()
-    return ReadService(server, watcher, health)
+    return ReadService(server, list(watchers.values()), health)
 
 
 async def serve(settings: ReadSettings) -> None:

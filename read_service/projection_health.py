@@ -4,8 +4,10 @@ A worker's liveness is judged from its heartbeat (sync_worker.lease), not from
 lag: lag reads 0 when the worker is dead and nothing is written. The health
 service reports:
     ""  and  orders.v1.OrderQueries   NOT_SERVING while Redis is unreachable
-    orders.projection                 NOT_SERVING while no worker has renewed its heartbeat
-                                      within the heartbeat timeout
+    orders.projection.NAME            NOT_SERVING while no worker of projection NAME has renewed
+                                      its heartbeat within the heartbeat timeout, or while that
+                                      projection is stopped on an error
+    orders.projection                 SERVING only while every projection is
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import redis.exceptions
 from grpc_health.v1 import health, health_pb2
 from redis.asyncio import Redis
 
-from orders.views import ViewKeys
+from orders.views import PROJECTIONS, ViewKeys
 from sync_worker.lease import read_heartbeat
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,10 @@ PROJECTION_SERVICE = "orders.projection"
 CHECK_EVERY = 1.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def projection_services() -> list[str]:
+    return [f"{PROJECTION_SERVICE}.{name}" for name in PROJECTIONS]
 
 
 class ProjectionHealth:
@@ -53,19 +59,27 @@ class ProjectionHealth:
     async def check(self) -> None:
         """Reads the heartbeat once and updates the health statuses."""
         try:
-            beat, age = await read_heartbeat(self._redis, self._keys)
+            beats = {name: await read_heartbeat(self._redis, self._keys.of(name)) for name in PROJECTIONS}
         except (redis.exceptions.RedisError, OSError) as error:
-            await self._set("", NOT_SERVING, f"Redis unreachable: {error}")
-            await self._set(self._query_service, NOT_SERVING, "Redis unreachable")
-            await self._set(PROJECTION_SERVICE, NOT_SERVING, "Redis unreachable")
+            for service in ["", self._query_service, PROJECTION_SERVICE, *projection_services()]:
+                await self._set(service, NOT_SERVING, f"Redis unreachable: {error}")
             return
         await self._set("", SERVING, "Redis reachable")
         await self._set(self._query_service, SERVING, "Redis reachable")
-        if age <= self._timeout:
-            await self._set(PROJECTION_SERVICE, SERVING, f"worker {beat and beat.get('worker')} is alive")
-        else:
+        problems = {name: self._problem(beat, age) for name, (beat, age) in beats.items()}
+        for name, problem in problems.items():
+            await self._set(f"{PROJECTION_SERVICE}.{name}", NOT_SERVING if problem else SERVING, problem or "alive")
+        failing = {name: problem for name, problem in problems.items() if problem}
+        await self._set(PROJECTION_SERVICE, NOT_SERVING if failing else SERVING, str(failing or "all alive"))
+
+    def _problem(self, beat: dict[str, object] | None, age: float) -> str:
+        """Why a projection is not healthy, or "" when it is."""
+        if age > self._timeout:
             last = "never" if beat is None else f"{age:.1f}s ago from {beat.get('worker')}"
-            await self._set(PROJECTION_SERVICE, NOT_SERVING, f"no sync worker heartbeat: last {last}")
+            return f"no sync worker heartbeat: last {last}"
+        if beat is not None and beat.get("state") == "failed":
+            return f"stopped on an error: {beat.get('error')}"
+        return ""
 
     async def _set(self, service: str, status: int, why: str) -> None:
         if self._status.get(service) == status:

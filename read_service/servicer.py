@@ -16,11 +16,19 @@ from redis.asyncio import Redis
 
 from orders.consistency import LogPosition
 from orders.domain import ID_PATTERN
-from orders.errors import DeadlineExceeded, FieldViolation, InvalidQuery, OrderNotFound, Unavailable, ViewsNotReady
+from orders.errors import (
+    CustomerNotFound,
+    DeadlineExceeded,
+    FieldViolation,
+    InvalidQuery,
+    OrderNotFound,
+    Unavailable,
+    ViewsNotReady,
+)
 from orders.rpc_errors import ErrorTable, translate_errors
 from orders.v1 import queries_pb2 as pb
 from orders.v1 import queries_pb2_grpc, types_pb2
-from orders.views import OrderView, ViewKeys
+from orders.views import PROJECTION, SUMMARY_PROJECTION, CustomerSummaryView, OrderView, ViewKeys
 from read_service.freshness import CheckpointWatcher
 
 SERVICE = pb.DESCRIPTOR.services_by_name["OrderQueries"]
@@ -29,10 +37,12 @@ MAX_PAGE_SIZE = 500
 DEADLINE_MARGIN = 0.05  # seconds kept back from the deadline to read and answer after waiting
 DEFAULT_REDIS_TIMEOUT = 5.0  # seconds, when the client sets no deadline
 MAX_PAGE_BYTES = 3 * 1024 * 1024  # a page stays well under the 4 MiB message limit
+STATUS_ORDER = ["PENDING", "CONFIRMED", "SHIPPED", "CANCELLED"]
 
 ERRORS: ErrorTable = {
     InvalidQuery: (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
     OrderNotFound: (grpc.StatusCode.NOT_FOUND, "ORDER_NOT_FOUND"),
+    CustomerNotFound: (grpc.StatusCode.NOT_FOUND, "CUSTOMER_NOT_FOUND"),
     ViewsNotReady: (grpc.StatusCode.UNAVAILABLE, "VIEWS_NOT_READY"),
     DeadlineExceeded: (grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED"),
     Unavailable: (grpc.StatusCode.UNAVAILABLE, "VIEWS_UNAVAILABLE"),
@@ -131,20 +141,40 @@ class PageCursor:
         return cursor
 
 
+def summary_message(view: CustomerSummaryView) -> pb.CustomerSummary:
+    return pb.CustomerSummary(
+        customer_id=view.customer_id,
+        order_count=view.order_count,
+        orders_by_status=[
+            pb.StatusCount(status=types_pb2.OrderStatus.Value(f"ORDER_STATUS_{status}"), count=count)
+            for status, count in sorted(view.by_status.items(), key=lambda item: STATUS_ORDER.index(item[0]))
+        ],
+        lifetime_spend=[
+            types_pb2.Money(currency_code=currency, minor_units=amount)
+            for currency, amount in sorted(view.spend_minor.items())
+        ],
+        first_order_at=_timestamp(view.first_order_us),
+        last_order_at=_timestamp(view.last_order_us),
+    )
+
+
 class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
-    def __init__(self, redis: Redis, keys: ViewKeys, watcher: CheckpointWatcher, max_wait: float) -> None:
+    def __init__(self, redis: Redis, keys: ViewKeys, watchers: dict[str, CheckpointWatcher], max_wait: float) -> None:
         self._redis = redis
         self._keys = keys
-        self._watcher = watcher
+        self._summary_keys = keys.of(SUMMARY_PROJECTION)
+        self._watchers = watchers  # projection name -> its checkpoint
         self._max_wait = max_wait
         self._page_script = redis.register_script(_PAGE_SCRIPT)
 
-    async def _await_token(self, token: LogPosition | None, context: grpc.aio.ServicerContext) -> None:
+    async def _await_token(
+        self, token: LogPosition | None, context: grpc.aio.ServicerContext, projection: str = PROJECTION
+    ) -> None:
         if token is None:
             return
         remaining = context.time_remaining()
         budget = self._max_wait if remaining is None else min(self._max_wait, remaining - DEADLINE_MARGIN)
-        await self._watcher.wait_for(token, budget)
+        await self._watchers[projection].wait_for(token, budget)
 
     @staticmethod
     def _consistency(token: LogPosition | None, raw_checkpoint: str | bytes | None) -> pb.ReadConsistency:
@@ -218,6 +248,28 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
             if order is not None:
                 orders.append(order)
         return orders, pairs[size - 1][0] if len(pairs) > size else ""
+
+    @translate_errors(ERRORS)
+    async def GetCustomerSummary(
+        self, request: pb.GetCustomerSummaryRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetCustomerSummaryResponse:
+        if not ID_PATTERN.fullmatch(request.customer_id):
+            raise InvalidQuery([FieldViolation("customer_id", "must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'")])
+        token = parse_token(request.consistency_token)
+        await self._await_token(token, context, SUMMARY_PROJECTION)
+        keys = self._summary_keys
+        async with bounded_redis_call(context):
+            raw, raw_checkpoint, raw_target = await self._redis.mget(
+                keys.summary_customer(request.customer_id), keys.checkpoint, keys.rebuild_target
+            )
+        consistency = self._consistency(token, raw_checkpoint)
+        if raw is None:
+            self._not_rebuilding(raw_target, consistency)
+            if consistency.stale:
+                raise ViewsNotReady("the summary had not reached the consistency token when the wait ended; retry")
+            raise CustomerNotFound(request.customer_id)
+        summary = summary_message(CustomerSummaryView.from_json(raw))
+        return pb.GetCustomerSummaryResponse(summary=summary, consistency=consistency)
 
     @staticmethod
     def _validate_list(request: pb.ListOrdersRequest) -> tuple[int, str]:

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from redis.asyncio import Redis
+
 from orders import config
 from orders.grpc_server import run, stop_on_signals
-from orders.views import ViewKeys, redis_client
-from sync_worker.projector import OrdersProjector
-from sync_worker.worker import SyncWorker, WorkerSettings
+from orders.views import PROJECTION, SUMMARY_PROJECTION, ViewKeys, redis_client
+from sync_worker.customer_summary import CustomerSummaryProjector
+from sync_worker.projector import OrdersProjector, Projector
+from sync_worker.worker import SyncWorker, WorkerSettings, default_worker_id
 
 log = logging.getLogger("sync_worker")
+
+PROJECTORS: dict[str, type[Projector]] = {PROJECTION: OrdersProjector, SUMMARY_PROJECTION: CustomerSummaryProjector}
 
 
 @dataclass(frozen=True)
@@ -24,6 +30,7 @@ class SyncSettings:
     poll_interval: float
     lease_ttl: float
     worker_id: str
+    projections: list[str]
     log_level: str
 
 
@@ -54,23 +61,42 @@ def parse_settings(argv: Sequence[str] | None = None) -> SyncSettings:
     config.add_setting(
         parser, "worker-id", "this worker's name in the lease and heartbeat (default: host:pid:random)", default=""
     )
+    config.add_setting(
+        parser,
+        "projections",
+        f"comma-separated projections to run, of: {', '.join(PROJECTORS)}",
+        default=",".join(PROJECTORS),
+        parse=projection_list,
+    )
     config.add_log_argument(parser)
     return SyncSettings(**vars(parser.parse_args(argv)))
+
+
+def projection_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names or set(names) - set(PROJECTORS):
+        raise ValueError(f"expected a comma-separated list of {', '.join(PROJECTORS)}, got {text!r}")
+    return names
+
+
+def build_workers(
+    settings: WorkerSettings, redis: Redis, prefix: str, names: list[str], worker_id: str | None = None
+) -> list[SyncWorker]:
+    """One tailing loop per projection: each has its own checkpoint, lease and heartbeat."""
+    worker_id = worker_id or default_worker_id()
+    return [SyncWorker(settings, PROJECTORS[n](redis, ViewKeys(prefix, n)), worker_id=worker_id) for n in names]
 
 
 async def serve(settings: SyncSettings) -> None:
     stop = stop_on_signals()
     redis = redis_client(settings.redis_url)
-    worker = SyncWorker(
-        WorkerSettings(
-            settings.postgres_url, settings.batch_size, settings.poll_interval, lease_ttl=settings.lease_ttl
-        ),
-        OrdersProjector(redis, ViewKeys(settings.redis_prefix)),
-        worker_id=settings.worker_id or None,
+    worker_settings = WorkerSettings(
+        settings.postgres_url, settings.batch_size, settings.poll_interval, lease_ttl=settings.lease_ttl
     )
-    await worker.run(stop)
+    workers = build_workers(worker_settings, redis, settings.redis_prefix, settings.projections, settings.worker_id)
+    await asyncio.gather(*(worker.run(stop) for worker in workers))
     await redis.aclose()
-    log.info("stopped after applying %d events", worker.applied_events)
+    log.info("stopped after applying %s", ", ".join(f"{w.applied_events} events to {w.projection}" for w in workers))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,14 +1,20 @@
-"""Applies batches of events to the Redis views, exactly once in effect.
+"""Applies batches of events to Redis views, exactly once in effect.
 
-Each batch is one MULTI/EXEC transaction holding the view writes, the index
-changes, the new checkpoint and the notification for waiting readers, so a
-crash leaves either all of it or none. WATCH on the checkpoint makes the
-transaction fail if anyone else moved it (another worker, a flush) since it
-was read. Each apply also skips events the view already has (by version), so
-a replayed batch changes nothing.
+Each batch is one MULTI/EXEC transaction holding the view writes, the new
+checkpoint and the notification for waiting readers, so a crash leaves either
+all of it or none. WATCH on the checkpoint and the lease makes the transaction
+fail if anyone else moved the checkpoint (another worker, a flush) or took the
+lease since they were read. Each projection also skips events its views
+already have (by version), so a replayed batch changes nothing.
+
+`Projector` holds that protocol; a projection subclasses it and says, in
+`stage`, what to read before the transaction and what to write inside it.
 """
 
 from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
@@ -19,6 +25,8 @@ from orders.events import RecordedEvent
 from orders.views import OrderView, ViewKeys
 from sync_worker.projection import project
 
+Writes = Callable[[Pipeline], None]  # queues a batch's writes inside MULTI
+
 
 class CheckpointMoved(Exception):
     """The checkpoint in Redis is not the one this batch was read after; re-read and retry."""
@@ -28,10 +36,14 @@ class LeaseLost(Exception):
     """Another worker holds the projection's lease; this one must not write."""
 
 
-class OrdersProjector:
+class Projector(ABC):
     def __init__(self, redis: Redis, keys: ViewKeys) -> None:
         self.redis = redis
         self.keys = keys
+
+    @property
+    def name(self) -> str:
+        return self.keys.projection
 
     async def checkpoint(self) -> LogPosition | None:
         """The position of the last applied event; None when the views are empty (new or flushed)."""
@@ -44,7 +56,7 @@ class OrdersProjector:
 
     async def start_rebuild(self, target: LogPosition) -> None:
         """Marks the views as being rebuilt up to `target`, so that readers do not take a view
-        that is not there yet for an order that does not exist."""
+        that is not there yet for one that does not exist."""
         await self.redis.set(self.keys.rebuild_target, target.token(), nx=True)
 
     async def apply(
@@ -65,10 +77,9 @@ class OrdersProjector:
                     raise LeaseLost(f"the lease is held by {lease!r}")
                 if (None if current is None else LogPosition.parse(current)) != after:
                     raise CheckpointMoved(f"checkpoint is {current!r}, batch follows {after}")
-                before = await self._load(pipe, {e.stream_id for e in events})
-                after_views = self._fold(before, events)
+                writes = await self.stage(pipe, events)
                 pipe.multi()  # type: ignore[no-untyped-call]
-                self._queue_writes(pipe, before, after_views)
+                writes(pipe)
                 token = new_checkpoint.token()
                 pipe.set(self.keys.checkpoint, token)
                 pipe.incrby(self.keys.applied, len(events))
@@ -80,20 +91,19 @@ class OrdersProjector:
             raise CheckpointMoved("checkpoint, lease or rebuild mark changed during the batch") from error
         return new_checkpoint
 
-    async def _load(self, pipe: Pipeline, order_ids: set[str]) -> dict[str, OrderView | None]:
-        ids = sorted(order_ids)
-        raws = await pipe.mget([self.keys.order(i) for i in ids])
-        return {i: None if raw is None else OrderView.from_json(raw) for i, raw in zip(ids, raws, strict=True)}
+    @abstractmethod
+    async def stage(self, pipe: Pipeline, events: list[RecordedEvent]) -> Writes:
+        """Reads what the batch needs (the pipeline is in WATCH mode, so reads run at once) and
+        returns the function that queues the batch's writes."""
 
-    @staticmethod
-    def _fold(before: dict[str, OrderView | None], events: list[RecordedEvent]) -> dict[str, OrderView | None]:
-        views = dict(before)
-        for recorded in events:
-            view = views[recorded.stream_id]
-            if view is not None and recorded.version <= view.version:
-                continue  # already applied: a replay after a crash must change nothing
-            views[recorded.stream_id] = project(view, recorded)
-        return views
+
+class OrdersProjector(Projector):
+    """The order views and the listing indexes (orders.views)."""
+
+    async def stage(self, pipe: Pipeline, events: list[RecordedEvent]) -> Writes:
+        before = await load_order_views(pipe, self.keys.order, {e.stream_id for e in events})
+        after = fold_new(before, events)
+        return lambda queue: self._queue_writes(queue, before, after)
 
     def _queue_writes(
         self, pipe: Pipeline, before: dict[str, OrderView | None], after: dict[str, OrderView | None]
@@ -109,3 +119,22 @@ class OrdersProjector:
                 pipe.zrem(key, view.index_member())
             for key in new_indexes:
                 pipe.zadd(key, {view.index_member(): 0})
+
+
+async def load_order_views(
+    pipe: Pipeline, key_of: Callable[[str], str], order_ids: set[str]
+) -> dict[str, OrderView | None]:
+    ids = sorted(order_ids)
+    raws = await pipe.mget([key_of(i) for i in ids])
+    return {i: None if raw is None else OrderView.from_json(raw) for i, raw in zip(ids, raws, strict=True)}
+
+
+def fold_new(before: dict[str, OrderView | None], events: list[RecordedEvent]) -> dict[str, OrderView | None]:
+    """The views after `events`, skipping every event a view already has."""
+    views = dict(before)
+    for recorded in events:
+        view = views[recorded.stream_id]
+        if view is not None and recorded.version <= view.version:
+            continue  # already applied: a replay after a crash must change nothing
+        views[recorded.stream_id] = project(view, recorded)
+    return views

@@ -29,7 +29,7 @@ import redis.exceptions
 from orders.consistency import START
 from orders.event_store import NOTIFY_CHANNEL, Batch, Connection, head, oldest_transaction, open_connection, read_batch
 from sync_worker.lease import Lease
-from sync_worker.projector import CheckpointMoved, LeaseLost, OrdersProjector
+from sync_worker.projector import CheckpointMoved, LeaseLost, Projector
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class HeldBack:
 
 
 class SyncWorker:
-    def __init__(self, settings: WorkerSettings, projector: OrdersProjector, worker_id: str | None = None) -> None:
+    def __init__(self, settings: WorkerSettings, projector: Projector, worker_id: str | None = None) -> None:
         self._settings = settings
         self._projector = projector
         self._lease = Lease(projector.redis, projector.keys, worker_id or default_worker_id(), settings.lease_ttl)
@@ -81,6 +81,10 @@ class SyncWorker:
     @property
     def worker_id(self) -> str:
         return self._lease.worker_id
+
+    @property
+    def projection(self) -> str:
+        return self._projector.name
 
     async def run(self, stop: asyncio.Event) -> None:
         """Tails until `stop` is set, reconnecting after failures."""
@@ -104,7 +108,12 @@ class SyncWorker:
         conn = await open_connection(self._settings.postgres_url)
         try:
             await conn.add_listener(NOTIFY_CHANNEL, lambda *_: self._wake.set())
-            log.info("tailing the event log into %s as %s", self._projector.keys.prefix, self.worker_id)
+            log.info(
+                "projection %s: tailing the event log into %s as %s",
+                self._projector.name,
+                self._projector.keys.prefix,
+                self.worker_id,
+            )
             while not stop.is_set():
                 self._wake.clear()  # before reading, so a notification during the read is kept
                 if not await self._lease.hold(self._status()):
@@ -172,7 +181,7 @@ class SyncWorker:
 
     def _set_state(self, state: str) -> None:
         if state != self.state:
-            log.info("worker %s is now %s", self.worker_id, state)
+            log.info("projection %s: worker %s is now %s", self._projector.name, self.worker_id, state)
             self.state = state
 
     async def _idle(self, stop: asyncio.Event, timeout: float) -> None:

@@ -6,6 +6,7 @@ The read API of the orders backend."""
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from orders.v1 import types_pb2 as _types_pb2
 import builtins as _builtins
@@ -180,3 +181,140 @@ class ListOrdersResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListOrdersResponse: _TypeAlias = ListOrdersResponse  # noqa: Y015
+
+@_typing.final
+class GetCustomerSummaryRequest(_message.Message):
+    """Request for one customer's summary."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
+    customer_id: _builtins.str
+    """Customer to summarise."""
+    consistency_token: _builtins.str
+    """Optional consistency token from a command result: wait until the summary
+    includes that command's events (see GetOrderRequest).
+    """
+    def __init__(
+        self,
+        *,
+        customer_id: _builtins.str = ...,
+        consistency_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency_token", b"consistency_token", "customer_id", b"customer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCustomerSummaryRequest: _TypeAlias = GetCustomerSummaryRequest  # noqa: Y015
+
+@_typing.final
+class GetCustomerSummaryResponse(_message.Message):
+    """One customer's summary."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def summary(self) -> Global___CustomerSummary:
+        """The summary."""
+
+    @_builtins.property
+    def consistency(self) -> Global___ReadConsistency:
+        """Freshness of the answer, measured against the summary projection."""
+
+    def __init__(
+        self,
+        *,
+        summary: Global___CustomerSummary | None = ...,
+        consistency: Global___ReadConsistency | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["consistency", b"consistency", "summary", b"summary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency", b"consistency", "summary", b"summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCustomerSummaryResponse: _TypeAlias = GetCustomerSummaryResponse  # noqa: Y015
+
+@_typing.final
+class StatusCount(_message.Message):
+    """How many orders of one status a customer has."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    status: _types_pb2.OrderStatus.ValueType
+    """The status."""
+    count: _builtins.int
+    """Number of the customer's orders now in that status."""
+    def __init__(
+        self,
+        *,
+        status: _types_pb2.OrderStatus.ValueType = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatusCount: _TypeAlias = StatusCount  # noqa: Y015
+
+@_typing.final
+class CustomerSummary(_message.Message):
+    """Order statistics of one customer, kept by the customer summary projection."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    ORDER_COUNT_FIELD_NUMBER: _builtins.int
+    ORDERS_BY_STATUS_FIELD_NUMBER: _builtins.int
+    LIFETIME_SPEND_FIELD_NUMBER: _builtins.int
+    FIRST_ORDER_AT_FIELD_NUMBER: _builtins.int
+    LAST_ORDER_AT_FIELD_NUMBER: _builtins.int
+    customer_id: _builtins.str
+    """The customer."""
+    order_count: _builtins.int
+    """Number of orders the customer ever created."""
+    @_builtins.property
+    def orders_by_status(self) -> _containers.RepeatedCompositeFieldContainer[Global___StatusCount]:
+        """Orders per current status; statuses with no orders are left out."""
+
+    @_builtins.property
+    def lifetime_spend(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Money]:
+        """Lifetime spend per currency: the totals of the customer's orders that are
+        CONFIRMED or SHIPPED (cancelled and pending orders do not count). One entry
+        per currency, sorted by currency code.
+        """
+
+    @_builtins.property
+    def first_order_at(self) -> _timestamp_pb2.Timestamp:
+        """When the customer's first order was created."""
+
+    @_builtins.property
+    def last_order_at(self) -> _timestamp_pb2.Timestamp:
+        """When the customer's latest order was created."""
+
+    def __init__(
+        self,
+        *,
+        customer_id: _builtins.str = ...,
+        order_count: _builtins.int = ...,
+        orders_by_status: _abc.Iterable[Global___StatusCount] | None = ...,
+        lifetime_spend: _abc.Iterable[_types_pb2.Money] | None = ...,
+        first_order_at: _timestamp_pb2.Timestamp | None = ...,
+        last_order_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["first_order_at", b"first_order_at", "last_order_at", b"last_order_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_id", b"customer_id", "first_order_at", b"first_order_at", "last_order_at", b"last_order_at", "lifetime_spend", b"lifetime_spend", "order_count", b"order_count", "orders_by_status", b"orders_by_status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CustomerSummary: _TypeAlias = CustomerSummary  # noqa: Y015

@@ -54,6 +54,11 @@ class OrderQueriesStub:
                 request_serializer=orders_dot_v1_dot_queries__pb2.ListOrdersRequest.SerializeToString,
                 response_deserializer=orders_dot_v1_dot_queries__pb2.ListOrdersResponse.FromString,
                 _registered_method=True)
+        self.GetCustomerSummary = channel.unary_unary(
+                '/orders.v1.OrderQueries/GetCustomerSummary',
+                request_serializer=orders_dot_v1_dot_queries__pb2.GetCustomerSummaryRequest.SerializeToString,
+                response_deserializer=orders_dot_v1_dot_queries__pb2.GetCustomerSummaryResponse.FromString,
+                _registered_method=True)
 
 
 class OrderQueriesServicer:
@@ -83,6 +88,14 @@ class OrderQueriesServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetCustomerSummary(self, request, context):
+        """Returns a customer's order statistics, from the customer summary projection.
+        NOT_FOUND when the customer has no orders.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrderQueriesServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +108,11 @@ def add_OrderQueriesServicer_to_server(servicer, server):
                     servicer.ListOrders,
                     request_deserializer=orders_dot_v1_dot_queries__pb2.ListOrdersRequest.FromString,
                     response_serializer=orders_dot_v1_dot_queries__pb2.ListOrdersResponse.SerializeToString,
+            ),
+            'GetCustomerSummary': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCustomerSummary,
+                    request_deserializer=orders_dot_v1_dot_queries__pb2.GetCustomerSummaryRequest.FromString,
+                    response_serializer=orders_dot_v1_dot_queries__pb2.GetCustomerSummaryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -161,6 +179,33 @@ class OrderQueries:
             '/orders.v1.OrderQueries/ListOrders',
             orders_dot_v1_dot_queries__pb2.ListOrdersRequest.SerializeToString,
             orders_dot_v1_dot_queries__pb2.ListOrdersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCustomerSummary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orders.v1.OrderQueries/GetCustomerSummary',
+            orders_dot_v1_dot_queries__pb2.GetCustomerSummaryRequest.SerializeToString,
+            orders_dot_v1_dot_queries__pb2.GetCustomerSummaryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,10 @@ class OrderQueriesStub:
     """Returns one order."""
     ListOrders: _grpc.UnaryUnaryMultiCallable[_queries_pb2.ListOrdersRequest, _queries_pb2.ListOrdersResponse]
     """Lists orders, newest first, optionally filtered by customer and status."""
+    GetCustomerSummary: _grpc.UnaryUnaryMultiCallable[_queries_pb2.GetCustomerSummaryRequest, _queries_pb2.GetCustomerSummaryResponse]
+    """Returns a customer's order statistics, from the customer summary projection.
+    NOT_FOUND when the customer has no orders.
+    """
 
 @_typing.type_check_only
 class OrderQueriesAsyncStub(OrderQueriesStub):
@@ -67,6 +71,10 @@ class OrderQueriesAsyncStub(OrderQueriesStub):
     """Returns one order."""
     ListOrders: _aio.UnaryUnaryMultiCallable[_queries_pb2.ListOrdersRequest, _queries_pb2.ListOrdersResponse]  # type: ignore[assignment]
     """Lists orders, newest first, optionally filtered by customer and status."""
+    GetCustomerSummary: _aio.UnaryUnaryMultiCallable[_queries_pb2.GetCustomerSummaryRequest, _queries_pb2.GetCustomerSummaryResponse]  # type: ignore[assignment]
+    """Returns a customer's order statistics, from the customer summary projection.
+    NOT_FOUND when the customer has no orders.
+    """
 
 class OrderQueriesServicer(metaclass=_abc_1.ABCMeta):
     """OrderQueries reads orders from the denormalized views that the sync worker
@@ -96,5 +104,15 @@ class OrderQueriesServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_queries_pb2.ListOrdersResponse, _abc.Awaitable[_queries_pb2.ListOrdersResponse]]:
         """Lists orders, newest first, optionally filtered by customer and status."""
+
+    @_abc_1.abstractmethod
+    def GetCustomerSummary(
+        self,
+        request: _queries_pb2.GetCustomerSummaryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_queries_pb2.GetCustomerSummaryResponse, _abc.Awaitable[_queries_pb2.GetCustomerSummaryResponse]]:
+        """Returns a customer's order statistics, from the customer summary projection.
+        NOT_FOUND when the customer has no orders.
+        """
 
 def add_OrderQueriesServicer_to_server(servicer: OrderQueriesServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

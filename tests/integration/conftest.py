@@ -15,9 +15,9 @@ from redis.asyncio import Redis
 
 from orders.event_store import connect
 from orders.v1 import commands_pb2_grpc, queries_pb2_grpc
-from orders.views import ViewKeys
+from orders.views import PROJECTIONS, ViewKeys
 from read_service.main import ReadService, start_read_service
-from sync_worker.projector import OrdersProjector
+from sync_worker.main import build_workers
 from sync_worker.worker import SyncWorker, WorkerSettings
 from tests.conftest import Servers
 from tests.helpers import eventually
@@ -35,18 +35,24 @@ class System:
     keys: ViewKeys
     write_port: int
     read_port: int
-    worker: SyncWorker | None = None
+    workers: list[SyncWorker] = field(default_factory=list)
     _worker_task: asyncio.Task[None] | None = None
     _worker_stop: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def start_worker(self, batch_size: int = 500, poll_interval: float = 0.5) -> SyncWorker:
+    def start_worker(
+        self, batch_size: int = 500, poll_interval: float = 0.5, projections: tuple[str, ...] = PROJECTIONS
+    ) -> list[SyncWorker]:
+        """Runs the sync worker's loops (one per projection) in this event loop."""
         assert self._worker_task is None, "worker already running"
-        self._worker_stop = asyncio.Event()
-        self.worker = SyncWorker(
-            WorkerSettings(self.database_url, batch_size, poll_interval), OrdersProjector(self.redis, self.keys)
-        )
-        self._worker_task = asyncio.create_task(self.worker.run(self._worker_stop))
-        return self.worker
+        stop = self._worker_stop = asyncio.Event()
+        settings = WorkerSettings(self.database_url, batch_size, poll_interval)
+        self.workers = build_workers(settings, self.redis, self.keys.prefix, list(projections))
+
+        async def run_all() -> None:
+            await asyncio.gather(*(worker.run(stop) for worker in self.workers))
+
+        self._worker_task = asyncio.create_task(run_all())
+        return self.workers
 
     async def stop_worker(self) -> None:
         if self._worker_task is not None:

@@ -12,6 +12,7 @@ from google.rpc import error_details_pb2, status_pb2
 from orders.errors import (
     CommandIdReused,
     ConcurrencyConflict,
+    CustomerNotFound,
     DeadlineExceeded,
     FieldViolation,
     InvalidCommand,
@@ -141,6 +142,12 @@ CASES = [
         READ_ERRORS,
         Expected(grpc.StatusCode.UNAVAILABLE, "VIEWS_UNAVAILABLE"),
         id="read-Unavailable",
+    ),
+    pytest.param(
+        CustomerNotFound("c-1"),
+        READ_ERRORS,
+        Expected(grpc.StatusCode.NOT_FOUND, "CUSTOMER_NOT_FOUND"),
+        id="read-CustomerNotFound",
     ),
     pytest.param(
         DeadlineExceeded("Redis did not answer within the deadline"),
