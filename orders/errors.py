@@ -14,6 +14,7 @@ maps them to gRPC status codes with one table.
     ├── InvalidQuery            malformed query input (page token, consistency token)
     ├── ViewsNotReady           views have not caught up enough to answer
     ├── DeadlineExceeded        the caller's deadline passed before the work finished
+    ├── PoisonEvent             a projection cannot apply a stored event
     └── Unavailable             PostgreSQL or Redis unreachable: retry
 """
 
@@ -87,6 +88,16 @@ class ViewsNotReady(OrdersError):
 class DeadlineExceeded(OrdersError):
     """The caller's deadline passed first; a command may or may not have been applied (retry it
     with the same command id to find out safely)."""
+
+
+class PoisonEvent(OrdersError):
+    """A projection cannot apply (or decode) the event at `position`; it stops there until fixed."""
+
+    def __init__(self, position: int, stream_id: str, cause: BaseException) -> None:
+        self.position = position
+        self.stream_id = stream_id
+        self.cause = cause
+        super().__init__(f"event at position {position} of order {stream_id!r}: {type(cause).__name__}: {cause}")
 
 
 class Unavailable(OrdersError):

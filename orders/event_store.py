@@ -29,7 +29,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from orders.consistency import LogPosition
-from orders.errors import CommandIdReused, ConcurrencyConflict, DeadlineExceeded, Unavailable
+from orders.errors import CommandIdReused, ConcurrencyConflict, DeadlineExceeded, PoisonEvent, Unavailable
 from orders.events import Event, RecordedEvent, event_type, from_payload, to_payload
 
 log = logging.getLogger(__name__)
@@ -259,7 +259,14 @@ async def read_batch(conn: Connection, after: LogPosition, limit: int) -> Batch:
         limit,
     )
     safe = [r for r in rows if r["tx_id"] < r["horizon"]]
-    return Batch([_record(r) for r in safe], held_back=len(safe) < len(rows))
+    return Batch([_decoded(r) for r in safe], held_back=len(safe) < len(rows))
+
+
+def _decoded(row: asyncpg.Record) -> RecordedEvent:
+    try:
+        return _record(row)
+    except (ValueError, TypeError, KeyError) as error:  # a row this code cannot read: stop, never skip it
+        raise PoisonEvent(row["position"], row["stream_id"], error) from error
 
 
 async def oldest_transaction(conn: Connection) -> dict[str, Any] | None:

@@ -12,6 +12,7 @@ from dataclasses import replace
 
 from redis.asyncio.client import Pipeline
 
+from orders.errors import PoisonEvent
 from orders.events import RecordedEvent
 from orders.views import CustomerSummaryView, OrderView
 from sync_worker.projector import Projector, Writes, fold_new, load_order_views
@@ -56,8 +57,12 @@ class CustomerSummaryProjector(Projector):
             c: CustomerSummaryView(c) if raw is None else CustomerSummaryView.from_json(raw)
             for c, raw in zip(customers, raws, strict=True)
         }
+        last_event = {e.stream_id: e for e in events}
         for order_id, view in changed.items():
-            summaries[view.customer_id] = summarize(summaries[view.customer_id], before[order_id], view)
+            try:
+                summaries[view.customer_id] = summarize(summaries[view.customer_id], before[order_id], view)
+            except Exception as error:
+                raise PoisonEvent(last_event[order_id].position, order_id, error) from error
 
         def writes(queue: Pipeline) -> None:
             for order_id, view in changed.items():

@@ -21,6 +21,7 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import WatchError
 
 from orders.consistency import LogPosition
+from orders.errors import PoisonEvent
 from orders.events import RecordedEvent
 from orders.views import OrderView, ViewKeys
 from sync_worker.projection import project
@@ -136,5 +137,8 @@ def fold_new(before: dict[str, OrderView | None], events: list[RecordedEvent]) -
         view = views[recorded.stream_id]
         if view is not None and recorded.version <= view.version:
             continue  # already applied: a replay after a crash must change nothing
-        views[recorded.stream_id] = project(view, recorded)
+        try:
+            views[recorded.stream_id] = project(view, recorded)
+        except Exception as error:
+            raise PoisonEvent(recorded.position, recorded.stream_id, error) from error
     return views

@@ -27,6 +27,7 @@ import asyncpg
 import redis.exceptions
 
 from orders.consistency import START
+from orders.errors import PoisonEvent
 from orders.event_store import NOTIFY_CHANNEL, Batch, Connection, head, oldest_transaction, open_connection, read_batch
 from sync_worker.lease import Lease
 from sync_worker.projector import CheckpointMoved, LeaseLost, Projector
@@ -57,6 +58,7 @@ class WorkerSettings:
     poll_interval: float = 1.0  # fallback when no notification arrives
     max_backoff: float = 5.0
     lease_ttl: float = 5.0  # a standby takes over this long after the active worker stops renewing
+    retry_failed_after: float = 10.0  # a projection stopped on a poison event tries that event again this often
 
 
 @dataclass
@@ -77,6 +79,8 @@ class SyncWorker:
         self._held_back: HeldBack | None = None
         self.state = "starting"
         self.applied_events = 0
+        self.failure: PoisonEvent | None = None
+        self._retry_at = 0.0
 
     @property
     def worker_id(self) -> str:
@@ -120,8 +124,15 @@ class SyncWorker:
                     self._set_state("standby")
                     await self._idle(stop, self._lease.renew_every)
                     continue
-                self._set_state("active")
-                batch = await self._step(conn)
+                if self.failure is not None and time.monotonic() < self._retry_at:
+                    await self._idle(stop, self._lease.renew_every)  # stopped on an error: keep the heartbeat
+                    continue
+                try:
+                    batch = await self._step(conn)
+                except PoisonEvent as poison:
+                    self._stop_on(poison)
+                    continue
+                self._recovered()
                 if not batch.events:
                     # Held-back rows wait for a transaction that may not notify: look again soon.
                     await self._idle(stop, 0.02 if batch.held_back else self._idle_timeout)
@@ -170,10 +181,35 @@ class SyncWorker:
                 "projection held back for %.1fs by an older open transaction: %s", now - held.since, held.blocker
             )
 
+    def _stop_on(self, poison: PoisonEvent) -> None:
+        """Stops this projection at the poison event (other projections go on); retried later, so a
+        fix (an upcaster, a code change, a data repair) lets it resume from that same event."""
+        if self.failure is None or str(poison) != str(self.failure):
+            log.error(
+                "projection %s stopped on the %s; it resumes from this event once that is fixed (retrying every %.1fs)",
+                self.projection,
+                poison,
+                self._settings.retry_failed_after,
+            )
+        self.failure = poison
+        self._retry_at = time.monotonic() + self._settings.retry_failed_after
+        self._set_state("failed")
+        self._lease.forget()  # publish the failed state in the heartbeat now
+
+    def _recovered(self) -> None:
+        if self.failure is not None:
+            log.warning("projection %s resumed past the event at position %d", self.projection, self.failure.position)
+            self.failure = None
+            self._lease.forget()
+        self._set_state("active")
+
     def _status(self) -> dict[str, Any]:
         held = self._held_back
+        failure = self.failure
         return {
-            "state": "active",
+            "state": "failed" if failure else "active",
+            "error": str(failure) if failure else None,
+            "failed_position": failure.position if failure else None,
             "applied_events": self.applied_events,
             "held_back_seconds": round(time.monotonic() - held.since, 3) if held else 0,
             "held_back_by": held.blocker if held else None,
