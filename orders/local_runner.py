@@ -42,6 +42,7 @@ class LocalSettings:
     redis_prefix: str
     write_address: str
     read_address: str
+    admin_address: str
     shutdown_grace: float
     log_level: str
     stops: list[Callable[[], None]] = field(default_factory=list)
@@ -79,6 +80,13 @@ def parse_settings(argv: Sequence[str] | None = None) -> LocalSettings:
     )
     config.add_setting(
         parser, "read-address", "HOST:PORT of OrderQueries", default=config.DEFAULT_READ_ADDRESS, parse=config.address
+    )
+    config.add_setting(
+        parser,
+        "admin-address",
+        "HOST:PORT of ProjectionAdmin (served by the sync worker)",
+        default="127.0.0.1:50053",
+        parse=config.address,
     )
     config.add_setting(
         parser,
@@ -127,6 +135,7 @@ async def _spawn(settings: LocalSettings) -> dict[str, asyncio.subprocess.Proces
         "ORDERS_REDIS_PREFIX": settings.redis_prefix,
         "ORDERS_WRITE_ADDRESS": settings.write_address,
         "ORDERS_READ_ADDRESS": settings.read_address,
+        "ORDERS_ADMIN_ADDRESS": settings.admin_address,
         "ORDERS_SHUTDOWN_GRACE": str(settings.shutdown_grace),
         "ORDERS_LOG_LEVEL": settings.log_level,
     }
@@ -159,6 +168,7 @@ def _banner(settings: LocalSettings) -> str:
 orders system is ready
   OrderCommands (write): {w}
   OrderQueries  (read):  {r}
+  ProjectionAdmin:       {settings.admin_address}   (orders-admin list)
   PostgreSQL:            {settings.postgres_url}
   Redis:                 {settings.redis_url}
 

@@ -15,6 +15,8 @@ Keys, under a configurable prefix (default "orders:"):
     {p}lease:orders                         id of the one worker allowed to apply (expires)
     {p}heartbeat:orders                     that worker's last sign of life and status, JSON
     {p}applied:orders                       events applied in total (exactly-once audit)
+    {p}paused:orders                        present while an operator has paused the projection
+    {p}rebuild-started:orders               when the current rebuild started (Redis clock, ms)
 The customer summary projection keeps its own keys, checkpoint, lease and heartbeat:
     {p}summary:customer:{customer_id}       a customer's summary, JSON
     {p}summary:order:{order_id}             the projection's own copy of each order's view
@@ -159,6 +161,20 @@ class ViewKeys:
     @property
     def applied(self) -> str:
         return f"{self.prefix}applied:{self.projection}"
+
+    @property
+    def paused(self) -> str:
+        return f"{self.prefix}paused:{self.projection}"
+
+    @property
+    def rebuild_started(self) -> str:
+        return f"{self.prefix}rebuild-started:{self.projection}"
+
+    def view_patterns(self) -> list[str]:
+        """SCAN patterns of every view key of this projection (to delete them for a rebuild)."""
+        if self.projection == SUMMARY_PROJECTION:
+            return [f"{self.prefix}summary:*"]
+        return [f"{self.prefix}order:*", f"{self.prefix}idx:*"]
 
 
 def redis_client(url: str) -> Redis:

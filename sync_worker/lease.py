@@ -22,7 +22,8 @@ from redis.asyncio import Redis
 
 from orders.views import ViewKeys
 
-# KEYS: lease, heartbeat. ARGV: worker id, ttl ms, heartbeat JSON without its time.
+# KEYS: lease, heartbeat, paused flag. ARGV: worker id, ttl ms, heartbeat JSON without its time.
+# Returns 0 when another worker holds the lease, 1 when held, 2 when held but paused by an operator.
 _HOLD = """
 redis.replicate_commands()
 local holder = redis.call('GET', KEYS[1])
@@ -31,7 +32,10 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 local now = redis.call('TIME')
 local beat = cjson.decode(ARGV[3])
 beat['at_ms'] = now[1] * 1000 + math.floor(now[2] / 1000)
+local paused = redis.call('EXISTS', KEYS[3]) == 1
+if paused then beat['state'] = 'paused' end
 redis.call('SET', KEYS[2], cjson.encode(beat))
+if paused then return 2 end
 return 1
 """
 
@@ -56,23 +60,27 @@ class Lease:
         self._hold = redis.register_script(_HOLD)
         self._release = redis.register_script(_RELEASE)
         self._renewed_at = -float("inf")
+        self.paused = False
 
     @property
     def renew_every(self) -> float:
         return self.ttl / 5
 
     async def hold(self, status: dict[str, Any]) -> bool:
-        """Takes or renews the lease and writes the heartbeat; False while another worker holds it."""
+        """Takes or renews the lease and writes the heartbeat; False while another worker holds it.
+        Also refreshes `paused`: whether an operator has paused the projection."""
         if time.monotonic() - self._renewed_at < self.renew_every:
             return True
         beat = json.dumps({"worker": self.worker_id, **status})
-        held = bool(
+        outcome = int(
             await self._hold(
-                keys=[self._keys.lease, self._keys.heartbeat], args=[self.worker_id, int(self.ttl * 1000), beat]
+                keys=[self._keys.lease, self._keys.heartbeat, self._keys.paused],
+                args=[self.worker_id, int(self.ttl * 1000), beat],
             )
         )
-        self._renewed_at = time.monotonic() if held else -float("inf")
-        return held
+        self.paused = outcome == 2
+        self._renewed_at = time.monotonic() if outcome else -float("inf")
+        return outcome > 0
 
     async def release(self) -> None:
         """Lets a standby take over at once (on a clean stop) instead of after the ttl."""

@@ -7,11 +7,15 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import asyncpg
 from redis.asyncio import Redis
 
 from orders import config
-from orders.grpc_server import run, stop_on_signals
+from orders.event_store import connect
+from orders.grpc_server import RunningServer, run, start_server, stop_on_signals
 from orders.views import PROJECTION, SUMMARY_PROJECTION, ViewKeys, redis_client
+from sync_worker.admin import SERVICE as ADMIN_SERVICE
+from sync_worker.admin import ProjectionAdminServicer
 from sync_worker.customer_summary import CustomerSummaryProjector
 from sync_worker.projector import OrdersProjector, Projector
 from sync_worker.worker import SyncWorker, WorkerSettings, default_worker_id
@@ -31,6 +35,7 @@ class SyncSettings:
     lease_ttl: float
     worker_id: str
     projections: list[str]
+    admin_address: str
     log_level: str
 
 
@@ -68,6 +73,13 @@ def parse_settings(argv: Sequence[str] | None = None) -> SyncSettings:
         default=",".join(PROJECTORS),
         parse=projection_list,
     )
+    config.add_setting(
+        parser,
+        "admin-address",
+        "HOST:PORT to serve the ProjectionAdmin gRPC API on; empty: do not serve it",
+        default="",
+        parse=lambda text: config.address(text) if text else "",
+    )
     config.add_log_argument(parser)
     return SyncSettings(**vars(parser.parse_args(argv)))
 
@@ -87,6 +99,13 @@ def build_workers(
     return [SyncWorker(settings, PROJECTORS[n](redis, ViewKeys(prefix, n)), worker_id=worker_id) for n in names]
 
 
+async def start_admin(address: str, pool: asyncpg.Pool, redis: Redis, prefix: str) -> RunningServer:
+    servicer = ProjectionAdminServicer(pool, redis, prefix)
+    server = await start_server(address, {ADMIN_SERVICE: servicer}, max_concurrent_rpcs=20)
+    log.info("ProjectionAdmin listening on %s (port %d)", address, server.port)
+    return server
+
+
 async def serve(settings: SyncSettings) -> None:
     stop = stop_on_signals()
     redis = redis_client(settings.redis_url)
@@ -94,7 +113,16 @@ async def serve(settings: SyncSettings) -> None:
         settings.postgres_url, settings.batch_size, settings.poll_interval, lease_ttl=settings.lease_ttl
     )
     workers = build_workers(worker_settings, redis, settings.redis_prefix, settings.projections, settings.worker_id)
+    pool = await connect(settings.postgres_url, max_size=2)
+    admin = (
+        await start_admin(settings.admin_address, pool, redis, settings.redis_prefix)
+        if settings.admin_address
+        else None
+    )
     await asyncio.gather(*(worker.run(stop) for worker in workers))
+    if admin is not None:
+        await admin.stop(2)
+    await pool.close()
     await redis.aclose()
     log.info("stopped after applying %s", ", ".join(f"{w.applied_events} events to {w.projection}" for w in workers))
 

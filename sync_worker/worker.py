@@ -124,6 +124,10 @@ class SyncWorker:
                     self._set_state("standby")
                     await self._idle(stop, self._lease.renew_every)
                     continue
+                if self._lease.paused:
+                    self._set_state("paused")
+                    await self._idle(stop, self._lease.renew_every)
+                    continue
                 if self.failure is not None and time.monotonic() < self._retry_at:
                     await self._idle(stop, self._lease.renew_every)  # stopped on an error: keep the heartbeat
                     continue

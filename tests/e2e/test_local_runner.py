@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow
 def start_runner(data_dir: Path, write: str, read: str, **settings: str) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERS_")}
     env.update(ORDERS_DATA_DIR=str(data_dir), ORDERS_WRITE_ADDRESS=write, ORDERS_READ_ADDRESS=read, **settings)
+    env.setdefault("ORDERS_ADMIN_ADDRESS", f"127.0.0.1:{free_port()}")
     runner = subprocess.Popen([sys.executable, "-m", "orders.local_runner"], env=env, stdout=subprocess.PIPE, text=True)
     assert runner.stdout is not None
     deadline = time.monotonic() + 90
@@ -47,8 +48,16 @@ def stop_runner(runner: subprocess.Popen[str]) -> int:
 def test_one_command_runs_the_system_and_a_restart_keeps_the_orders(server_dir: Path) -> None:
     """Create and read an order through the runner, stop it with Ctrl-C, restart, read it again."""
     write, read = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    runner = start_runner(server_dir / "data", write, read)
+    admin = f"127.0.0.1:{free_port()}"
+    runner = start_runner(server_dir / "data", write, read, ORDERS_ADMIN_ADDRESS=admin)
     try:
+        listing = subprocess.run(
+            [sys.executable, "-m", "orders.admin_cli", "--admin-address", admin, "list"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
         with grpc.insecure_channel(write) as wc, grpc.insecure_channel(read) as rc:
             result = (
                 commands_pb2_grpc.OrderCommandsStub(wc)
@@ -73,6 +82,7 @@ def test_one_command_runs_the_system_and_a_restart_keeps_the_orders(server_dir: 
     finally:
         second_exit = stop_runner(runner)
 
+    assert "customer_summary" in listing
     assert first.order.customer_id == "alice"
     assert again.order == first.order
     assert (first_exit, second_exit) == (0, 0)

@@ -1,0 +1,135 @@
+"""`orders-admin`: the ProjectionAdmin API for people.
+
+    orders-admin list                      every projection: state, checkpoint, lag, errors
+    orders-admin pause NAME | resume NAME  stop or restart applying events
+    orders-admin rebuild NAME [--wait]     replay a projection from scratch, showing progress
+
+Tables by default, `--json` for scripts. The address comes from ORDERS_ADMIN_ADDRESS
+(or --admin-address), as for the sync worker that serves the API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+import grpc
+from google.protobuf.json_format import MessageToJson
+
+from orders import config
+from orders.v1 import admin_pb2 as pb
+from orders.v1 import admin_pb2_grpc
+
+DEFAULT_ADMIN_ADDRESS = "127.0.0.1:50053"
+COLUMNS = ("PROJECTION", "STATE", "CHECKPOINT", "LAG", "LAG AGE", "APPLIED", "WORKER", "NOTE")
+
+
+def state_name(state: pb.ProjectionState.ValueType) -> str:
+    return pb.ProjectionState.Name(state).removeprefix("PROJECTION_STATE_").lower().replace("_", " ")
+
+
+def progress(status: pb.ProjectionStatus) -> str:
+    rebuild = status.rebuild
+    if not status.HasField("rebuild"):
+        return status.last_error
+    share = rebuild.events_done / rebuild.events_total if rebuild.events_total else 1.0
+    return (
+        f"rebuild {rebuild.events_done}/{rebuild.events_total} ({share:.0%}), "
+        f"{rebuild.events_per_second:,.0f} events/s, {rebuild.seconds_left:.0f}s left"
+    )
+
+
+def table(statuses: Sequence[pb.ProjectionStatus]) -> str:
+    rows = [COLUMNS] + [
+        (
+            s.name,
+            state_name(s.state),
+            s.checkpoint or "-",
+            str(s.lag_events),
+            f"{s.lag_seconds:.1f}s",
+            str(s.applied_events),
+            s.worker_id or "-",
+            progress(s),
+        )
+        for s in statuses
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+def show(statuses: Sequence[pb.ProjectionStatus], as_json: bool) -> None:
+    if as_json:
+        print(MessageToJson(pb.ListProjectionsResponse(projections=statuses), preserving_proto_field_name=True))
+    else:
+        print(table(statuses))
+
+
+def wait_for_rebuild(stub: admin_pb2_grpc.ProjectionAdminStub, name: str, as_json: bool) -> None:
+    """Prints progress until the projection runs again (or stops on an error)."""
+    while True:
+        statuses = [
+            s for s in stub.ListProjections(pb.ListProjectionsRequest(), timeout=10).projections if s.name == name
+        ]
+        status = statuses[0]
+        if not as_json:
+            print(f"{name}: {state_name(status.state)}; {progress(status) or 'caught up'}", flush=True)
+        if status.state in (pb.PROJECTION_STATE_RUNNING, pb.PROJECTION_STATE_STOPPED_ON_ERROR):
+            show(statuses, as_json)
+            return
+        time.sleep(1)
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[str, str, str, bool, bool]:
+    parser = config.SettingsParser(
+        prog="orders-admin", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    config.add_setting(
+        parser,
+        "admin-address",
+        "HOST:PORT of ProjectionAdmin (a sync worker)",
+        default=DEFAULT_ADMIN_ADDRESS,
+        parse=config.address,
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", help="show every projection")
+    for name, text in (
+        ("pause", "stop applying events"),
+        ("resume", "apply events again"),
+        ("rebuild", "replay from scratch, in place"),
+    ):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("projection", help="projection name, e.g. orders or customer_summary")
+        if name == "rebuild":
+            command.add_argument("--wait", action="store_true", help="show progress until the rebuild is done")
+    args = parser.parse_args(argv)
+    return args.admin_address, args.command, getattr(args, "projection", ""), args.json, getattr(args, "wait", False)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    address, command, name, as_json, wait = parse_args(argv)
+    with grpc.insecure_channel(address) as channel:
+        stub = admin_pb2_grpc.ProjectionAdminStub(channel)
+        try:
+            if command == "list":
+                show(stub.ListProjections(pb.ListProjectionsRequest(), timeout=10).projections, as_json)
+                return
+            call = {"pause": stub.PauseProjection, "resume": stub.ResumeProjection, "rebuild": stub.RebuildProjection}
+            request = {
+                "pause": pb.PauseProjectionRequest,
+                "resume": pb.ResumeProjectionRequest,
+                "rebuild": pb.RebuildProjectionRequest,
+            }[command](name=name)
+            reply = call[command](request, timeout=30)
+            if command == "rebuild" and wait:
+                wait_for_rebuild(stub, name, as_json)
+            else:
+                show([reply.projection], as_json)
+        except grpc.RpcError as error:
+            sys.exit(f"orders-admin: {error.code().name}: {error.details()}")
+
+
+if __name__ == "__main__":
+    main()

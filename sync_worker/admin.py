@@ -1,0 +1,171 @@
+"""ProjectionAdmin: each projection's checkpoint, lag and state; pause, resume, rebuild in place.
+
+Everything it does goes through PostgreSQL (the log, to measure lag) and Redis
+(the checkpoints, heartbeats and control flags the workers read), so any sync
+worker process can serve it, and the workers themselves act on its requests
+within a lease renewal (about a second).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import asyncpg
+import grpc
+import redis.exceptions
+from redis.asyncio import Redis
+
+from orders.consistency import START, LogPosition
+from orders.errors import FieldViolation, InvalidQuery, Unavailable
+from orders.rpc_errors import ErrorTable, translate_errors
+from orders.v1 import admin_pb2 as pb
+from orders.v1 import admin_pb2_grpc
+from orders.views import PROJECTIONS, ViewKeys
+from sync_worker.lease import read_heartbeat
+
+SERVICE = pb.DESCRIPTOR.services_by_name["ProjectionAdmin"]
+ERRORS: ErrorTable = {
+    InvalidQuery: (grpc.StatusCode.INVALID_ARGUMENT, "UNKNOWN_PROJECTION"),
+    Unavailable: (grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE"),
+}
+LAG_QUERY = (
+    "SELECT count(*) AS events, coalesce(extract(epoch FROM now() - min(recorded_at)), 0)::float8 AS seconds"
+    " FROM events WHERE (tx_id, position) > ($1::xid8, $2::bigint)"
+)
+PAUSE_WAIT = 10.0  # seconds a rebuild waits for the worker to acknowledge the pause
+
+
+class ProjectionAdminServicer(admin_pb2_grpc.ProjectionAdminServicer):
+    def __init__(self, pool: asyncpg.Pool, redis: Redis, prefix: str, heartbeat_timeout: float = 5.0) -> None:
+        self._pool = pool
+        self._redis = redis
+        self._prefix = prefix
+        self._heartbeat_timeout = heartbeat_timeout
+
+    def _keys(self, name: str) -> ViewKeys:
+        if name not in PROJECTIONS:
+            raise InvalidQuery(
+                [FieldViolation("name", f"unknown projection {name!r}; known: {', '.join(PROJECTIONS)}")]
+            )
+        return ViewKeys(self._prefix, name)
+
+    @translate_errors(ERRORS)
+    async def ListProjections(
+        self, request: pb.ListProjectionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListProjectionsResponse:
+        return pb.ListProjectionsResponse(projections=[await self.status(name) for name in PROJECTIONS])
+
+    @translate_errors(ERRORS)
+    async def PauseProjection(
+        self, request: pb.PauseProjectionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PauseProjectionResponse:
+        keys = self._keys(request.name)
+        async with _stores():
+            await self._redis.set(keys.paused, "1")
+        return pb.PauseProjectionResponse(projection=await self.status(request.name))
+
+    @translate_errors(ERRORS)
+    async def ResumeProjection(
+        self, request: pb.ResumeProjectionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ResumeProjectionResponse:
+        keys = self._keys(request.name)
+        async with _stores():
+            await self._redis.delete(keys.paused)
+        return pb.ResumeProjectionResponse(projection=await self.status(request.name))
+
+    @translate_errors(ERRORS)
+    async def RebuildProjection(
+        self, request: pb.RebuildProjectionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RebuildProjectionResponse:
+        keys = self._keys(request.name)
+        async with _stores():
+            await self._redis.set(keys.paused, "1")
+            await self._wait_until_paused(keys)
+            await self._delete_views(keys)
+            started_ms = int((await self._redis.time())[0]) * 1000
+            await self._redis.set(keys.rebuild_started, started_ms)
+            await self._redis.delete(keys.paused)  # the worker finds no checkpoint and replays the log
+        return pb.RebuildProjectionResponse(projection=await self.status(request.name))
+
+    async def _wait_until_paused(self, keys: ViewKeys) -> None:
+        """Waits until no worker applies batches: it acknowledged the pause, or none is alive."""
+        deadline = time.monotonic() + PAUSE_WAIT
+        while time.monotonic() < deadline:
+            beat, age = await read_heartbeat(self._redis, keys)
+            if beat is None or age > self._heartbeat_timeout or beat.get("state") == "paused":
+                return
+            await asyncio.sleep(0.1)
+        raise Unavailable(f"the worker of projection {keys.projection!r} did not pause within {PAUSE_WAIT:.0f}s")
+
+    async def _delete_views(self, keys: ViewKeys) -> None:
+        await self._redis.delete(keys.checkpoint, keys.rebuild_target, keys.applied)
+        for pattern in keys.view_patterns():
+            batch: list[str] = []
+            async for key in self._redis.scan_iter(match=pattern, count=1000):
+                batch.append(key)
+                if len(batch) >= 1000:
+                    await self._redis.delete(*batch)
+                    batch = []
+            if batch:
+                await self._redis.delete(*batch)
+
+    async def status(self, name: str) -> pb.ProjectionStatus:
+        keys = self._keys(name)
+        async with _stores():
+            checkpoint_raw, paused, target_raw, applied, started_ms = await self._redis.mget(
+                keys.checkpoint, keys.paused, keys.rebuild_target, keys.applied, keys.rebuild_started
+            )
+            beat, age = await read_heartbeat(self._redis, keys)
+            now_ms = int((await self._redis.time())[0]) * 1000
+            checkpoint = LogPosition.parse(checkpoint_raw) if checkpoint_raw else None
+            lag = await self._pool.fetchrow(LAG_QUERY, *(checkpoint or START))
+            assert lag is not None  # an aggregate always returns a row
+        status = pb.ProjectionStatus(
+            name=name,
+            checkpoint=checkpoint.token() if checkpoint else "",
+            lag_events=lag["events"],
+            lag_seconds=lag["seconds"],
+            applied_events=int(applied or 0),
+            worker_id=str(beat.get("worker", "")) if beat else "",
+            heartbeat_age_seconds=age if beat else 0,
+            last_error=str(beat.get("error") or "") if beat else "",
+        )
+        status.state = self._state(beat, age, bool(paused), target_raw is not None)
+        if target_raw is not None:
+            status.rebuild.CopyFrom(await self._progress(LogPosition.parse(target_raw), status, started_ms, now_ms))
+        return status
+
+    def _state(
+        self, beat: dict[str, object] | None, age: float, paused: bool, rebuilding: bool
+    ) -> pb.ProjectionState.ValueType:
+        if paused:
+            return pb.PROJECTION_STATE_PAUSED
+        if beat is None or age > self._heartbeat_timeout:
+            return pb.PROJECTION_STATE_NO_WORKER
+        if beat.get("state") == "failed":
+            return pb.PROJECTION_STATE_STOPPED_ON_ERROR
+        return pb.PROJECTION_STATE_REBUILDING if rebuilding else pb.PROJECTION_STATE_RUNNING
+
+    async def _progress(
+        self, target: LogPosition, status: pb.ProjectionStatus, started_ms: str | bytes | None, now_ms: int
+    ) -> pb.RebuildProgress:
+        total = await self._pool.fetchval(
+            "SELECT count(*) FROM events WHERE (tx_id, position) <= ($1::xid8, $2::bigint)", *target
+        )
+        done = min(status.applied_events, total)
+        elapsed = (now_ms - int(started_ms)) / 1000 if started_ms else 0
+        rate = done / elapsed if elapsed > 0 else 0.0
+        left = (total - done) / rate if rate > 0 else 0.0
+        return pb.RebuildProgress(events_done=done, events_total=total, events_per_second=rate, seconds_left=left)
+
+
+@asynccontextmanager
+async def _stores() -> AsyncIterator[None]:
+    """Turns PostgreSQL and Redis failures into Unavailable."""
+    try:
+        yield
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, redis.exceptions.RedisError) as error:
+        raise Unavailable(f"store unavailable: {error}") from error

@@ -1,0 +1,186 @@
+"""ProjectionAdmin through gRPC, grpcurl and the `orders-admin` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import sys
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from orders.event_store import connect
+from orders.grpc_server import RunningServer
+from orders.v1 import admin_pb2 as pb
+from orders.v1 import admin_pb2_grpc
+from orders.v1 import queries_pb2 as qry
+from sync_worker.main import start_admin
+from tests.helpers import add_item_request, create_request, eventually
+from tests.integration.conftest import System
+
+
+@pytest.fixture
+async def admin(system: System) -> AsyncIterator[tuple[admin_pb2_grpc.ProjectionAdminStub, int]]:
+    pool = await connect(system.database_url, max_size=2)
+    server: RunningServer = await start_admin("127.0.0.1:0", pool, system.redis, system.keys.prefix)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    yield admin_pb2_grpc.ProjectionAdminStub(channel), server.port
+    await channel.close()
+    await server.stop(0)
+    await pool.close()
+
+
+async def statuses(stub: admin_pb2_grpc.ProjectionAdminStub) -> dict[str, pb.ProjectionStatus]:
+    reply = await stub.ListProjections(pb.ListProjectionsRequest())
+    return {status.name: status for status in reply.projections}
+
+
+async def make_orders(system: System, count: int) -> qry.GetOrderRequest:
+    result = None
+    for _ in range(count):
+        result = (await system.commands.CreateOrder(create_request("adm"))).result
+        result = (await system.commands.AddItem(add_item_request(result.order_id))).result
+    assert result is not None
+    return qry.GetOrderRequest(order_id=result.order_id, consistency_token=result.consistency_token)
+
+
+async def test_list_shows_checkpoint_lag_and_state(
+    system: System, admin: tuple[admin_pb2_grpc.ProjectionAdminStub, int]
+) -> None:
+    """Every projection is listed as running, at the last event, with no lag."""
+    stub, _ = admin
+    last = await make_orders(system, 3)
+    await system.queries.GetOrder(last)
+
+    async def caught_up() -> dict[str, pb.ProjectionStatus]:
+        found = await statuses(stub)
+        assert {s.state for s in found.values()} == {pb.PROJECTION_STATE_RUNNING}
+        assert {s.lag_events for s in found.values()} == {0}
+        return found
+
+    found = await eventually(caught_up)
+    assert set(found) == {"orders", "customer_summary"}
+    assert found["orders"].checkpoint == last.consistency_token
+    assert found["orders"].applied_events == 6
+    assert found["orders"].worker_id
+
+
+async def test_pause_holds_events_back_and_resume_catches_up(
+    system: System, admin: tuple[admin_pb2_grpc.ProjectionAdminStub, int]
+) -> None:
+    """A paused projection applies nothing (its lag grows, queries say stale); resumed, it catches up."""
+    stub, _ = admin
+    await stub.PauseProjection(pb.PauseProjectionRequest(name="orders"))
+
+    async def acknowledged() -> None:
+        assert (await statuses(stub))["orders"].state == pb.PROJECTION_STATE_PAUSED
+
+    await eventually(acknowledged)
+    await asyncio.sleep(1.5)  # a worker mid-renewal applies at most what it had already read
+    last = await make_orders(system, 2)
+    paused = (await statuses(stub))["orders"]
+    stale = await system.queries.ListOrders(
+        qry.ListOrdersRequest(customer_id="adm", consistency_token=last.consistency_token), timeout=0.5
+    )
+    await stub.ResumeProjection(pb.ResumeProjectionRequest(name="orders"))
+    fresh = await system.queries.GetOrder(last, timeout=10)
+
+    assert paused.lag_events == 4
+    assert paused.lag_seconds > 0
+    assert stale.consistency.stale is True
+    assert fresh.consistency.stale is False
+
+
+async def test_rebuild_in_place_never_answers_not_found(
+    system: System, admin: tuple[admin_pb2_grpc.ProjectionAdminStub, int]
+) -> None:
+    """During an in-place rebuild under query load, known orders are found or UNAVAILABLE, never NOT_FOUND."""
+    stub, _ = admin
+    last = await make_orders(system, 200)
+    await system.queries.GetOrder(last)
+    known = [o.order_id for o in (await system.queries.ListOrders(qry.ListOrdersRequest(page_size=50))).orders]
+    answers: list[str] = []
+    done = asyncio.Event()
+
+    async def read_known() -> None:
+        while not done.is_set():
+            for order_id in known:
+                try:
+                    await system.queries.GetOrder(qry.GetOrderRequest(order_id=order_id), timeout=2)
+                    answers.append("OK")
+                except grpc.aio.AioRpcError as error:
+                    answers.append(error.code().name)
+
+    reader = asyncio.create_task(read_known())
+    await stub.RebuildProjection(pb.RebuildProjectionRequest(name="orders"))
+
+    async def rebuilt() -> None:
+        status = (await statuses(stub))["orders"]
+        assert (status.state, status.checkpoint) == (pb.PROJECTION_STATE_RUNNING, last.consistency_token)
+
+    await eventually(rebuilt, timeout=20)
+    await asyncio.sleep(0.2)
+    done.set()
+    await reader
+
+    assert "NOT_FOUND" not in answers
+    assert answers[-1] == "OK"
+    assert (await statuses(stub))["orders"].applied_events == 400
+
+
+async def test_unknown_projection_is_invalid(admin: tuple[admin_pb2_grpc.ProjectionAdminStub, int]) -> None:
+    """Naming a projection that does not exist gets INVALID_ARGUMENT listing the known ones."""
+    stub, _ = admin
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.PauseProjection(pb.PauseProjectionRequest(name="nope"))
+
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "customer_summary" in (caught.value.details() or "")
+
+
+async def run(*command: str) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    output, _ = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, output.decode()
+
+
+async def test_command_line_lists_pauses_resumes_and_rebuilds(
+    system: System, admin: tuple[admin_pb2_grpc.ProjectionAdminStub, int]
+) -> None:
+    """`orders-admin` does every operation, as a table and as JSON."""
+    _, port = admin
+    last = await make_orders(system, 5)
+    await system.queries.GetOrder(last)
+    cli = [sys.executable, "-m", "orders.admin_cli", "--admin-address", f"127.0.0.1:{port}"]
+
+    listed = await run(*cli, "list")
+    as_json = await run(*cli, "--json", "list")
+    paused = await run(*cli, "pause", "customer_summary")
+    resumed = await run(*cli, "resume", "customer_summary")
+    rebuilt = await run(*cli, "rebuild", "customer_summary", "--wait")
+    unknown = await run(*cli, "pause", "nope")
+
+    assert listed[0] == 0
+    assert listed[1].splitlines()[0].split()[:3] == ["PROJECTION", "STATE", "CHECKPOINT"]
+    assert {p["name"] for p in json.loads(as_json[1])["projections"]} == {"orders", "customer_summary"}
+    assert (paused[0], "paused" in paused[1]) == (0, True)
+    assert resumed[0] == 0
+    assert rebuilt[0] == 0
+    assert "running" in rebuilt[1].splitlines()[-1]
+    assert (unknown[0], "INVALID_ARGUMENT" in unknown[1]) == (1, True)
+
+
+@pytest.mark.skipif(shutil.which("grpcurl") is None, reason="grpcurl not installed")
+async def test_grpcurl_lists_and_calls_projection_admin(admin: tuple[admin_pb2_grpc.ProjectionAdminStub, int]) -> None:
+    """grpcurl finds ProjectionAdmin by reflection and calls it."""
+    _, port = admin
+    services = await run("grpcurl", "-plaintext", f"127.0.0.1:{port}", "list")
+    listing = await run("grpcurl", "-plaintext", f"127.0.0.1:{port}", "orders.v1.ProjectionAdmin/ListProjections")
+
+    assert "orders.v1.ProjectionAdmin" in services[1]
+    assert '"name": "customer_summary"' in listing[1]
