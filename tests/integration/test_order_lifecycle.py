@@ -90,6 +90,6 @@ async def test_events_carry_command_metadata(system: System) -> None:
     row = await system.pool.fetchrow("SELECT event_type, schema_version, metadata, recorded_at FROM events")
 
     assert row is not None
-    assert (row["event_type"], row["schema_version"]) == ("OrderCreated", 1)
+    assert (row["event_type"], row["schema_version"]) == ("OrderCreated", 2)
     assert row["metadata"] == {"command": "CreateOrder", "command_id": "cmd-meta-1", "correlation_id": "corr-42"}
     assert result.order_id
