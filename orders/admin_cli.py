@@ -3,6 +3,8 @@
     orders-admin list                      every projection: state, checkpoint, lag, errors
     orders-admin pause NAME | resume NAME  stop or restart applying events
     orders-admin rebuild NAME [--wait]     replay a projection from scratch, showing progress
+    orders-admin parked NAME               orders parked on a poison event (--poison-policy park)
+    orders-admin retry NAME ORDER_ID       apply an order's parked events again, in order
 
 Tables by default, `--json` for scripts. The address comes from ORDERS_ADMIN_ADDRESS
 (or --admin-address), as for the sync worker that serves the API.
@@ -81,7 +83,7 @@ def wait_for_rebuild(stub: admin_pb2_grpc.ProjectionAdminStub, name: str, as_jso
         time.sleep(1)
 
 
-def parse_args(argv: Sequence[str] | None) -> tuple[str, str, str, bool, bool]:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = config.SettingsParser(
         prog="orders-admin", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -104,17 +106,38 @@ def parse_args(argv: Sequence[str] | None) -> tuple[str, str, str, bool, bool]:
         command.add_argument("projection", help="projection name, e.g. orders or customer_summary")
         if name == "rebuild":
             command.add_argument("--wait", action="store_true", help="show progress until the rebuild is done")
-    args = parser.parse_args(argv)
-    return args.admin_address, args.command, getattr(args, "projection", ""), args.json, getattr(args, "wait", False)
+    commands.add_parser("parked", help="list parked orders").add_argument("projection")
+    retry = commands.add_parser("retry", help="retry an order's parked events")
+    retry.add_argument("projection")
+    retry.add_argument("order_id")
+    return parser.parse_args(argv)
+
+
+def show_parked(reply: pb.ListParkedOrdersResponse, as_json: bool) -> None:
+    if as_json:
+        print(MessageToJson(reply, preserving_proto_field_name=True))
+        return
+    for order in reply.orders:
+        print(f"{order.order_id}  positions {', '.join(map(str, order.positions))}  {order.error}")
+    if not reply.orders:
+        print("no parked orders")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    address, command, name, as_json, wait = parse_args(argv)
-    with grpc.insecure_channel(address) as channel:
+    args = parse_args(argv)
+    command, name, as_json = args.command, getattr(args, "projection", ""), args.json
+    with grpc.insecure_channel(args.admin_address) as channel:
         stub = admin_pb2_grpc.ProjectionAdminStub(channel)
         try:
             if command == "list":
                 show(stub.ListProjections(pb.ListProjectionsRequest(), timeout=10).projections, as_json)
+                return
+            if command == "parked":
+                show_parked(stub.ListParkedOrders(pb.ListParkedOrdersRequest(name=name), timeout=10), as_json)
+                return
+            if command == "retry":
+                stub.RetryParkedOrder(pb.RetryParkedOrderRequest(name=name, order_id=args.order_id), timeout=10)
+                print(f"retry of {args.order_id!r} queued; `orders-admin parked {name}` shows the outcome")
                 return
             call = {"pause": stub.PauseProjection, "resume": stub.ResumeProjection, "rebuild": stub.RebuildProjection}
             request = {
@@ -123,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "rebuild": pb.RebuildProjectionRequest,
             }[command](name=name)
             reply = call[command](request, timeout=30)
-            if command == "rebuild" and wait:
+            if command == "rebuild" and args.wait:
                 wait_for_rebuild(stub, name, as_json)
             else:
                 show([reply.projection], as_json)

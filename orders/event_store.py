@@ -269,6 +269,14 @@ def _decoded(row: asyncpg.Record) -> RecordedEvent:
         raise PoisonEvent(row["position"], row["stream_id"], error) from error
 
 
+async def read_positions(conn: Connection, positions: list[int]) -> list[RecordedEvent]:
+    """The events at `positions`, in read order (for retrying parked events)."""
+    rows = await conn.fetch(
+        f"SELECT {_COLUMNS} FROM events WHERE position = any($1::bigint[]) ORDER BY tx_id, position", positions
+    )
+    return [_decoded(r) for r in rows]
+
+
 async def oldest_transaction(conn: Connection) -> dict[str, Any] | None:
     """The oldest transaction holding an id: the one that holds tailing readers back."""
     row = await conn.fetchrow(

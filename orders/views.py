@@ -17,12 +17,16 @@ Keys, under a configurable prefix (default "orders:"):
     {p}applied:orders                       events applied in total (exactly-once audit)
     {p}paused:orders                        present while an operator has paused the projection
     {p}rebuild-started:orders               when the current rebuild started (Redis clock, ms)
+    {p}parked:orders, {p}parked:orders:{id}  dead-letter: orders parked on a poison event, and
+    {p}parked-errors:orders                  their events' positions and errors
 The customer summary projection keeps its own keys, checkpoint, lease and heartbeat:
     {p}summary:customer:{customer_id}       a customer's summary, JSON
     {p}summary:order:{order_id}             the projection's own copy of each order's view
     {p}checkpoint:customer_summary, {p}lease:customer_summary, ...
-Channel:
+Channels:
     {p}checkpoint:orders                    the new checkpoint, published with every batch
+    {p}changes:orders                       the orders a batch changed, published with it:
+                                            JSON [{"order_id", "customer_id", "version"}, ...]
 
 Index members all have score 0 and sort lexicographically as
 `{created_at in µs, 16 digits}:{order_id}`: newest first is a reverse range,
@@ -147,6 +151,11 @@ class ViewKeys:
         return f"{self.prefix}checkpoint:{self.projection}"
 
     @property
+    def changes_channel(self) -> str:
+        """Where the orders projection announces which orders each batch changed (live watch)."""
+        return f"{self.prefix}changes:{self.projection}"
+
+    @property
     def rebuild_target(self) -> str:
         return f"{self.prefix}rebuild:{self.projection}"
 
@@ -170,11 +179,31 @@ class ViewKeys:
     def rebuild_started(self) -> str:
         return f"{self.prefix}rebuild-started:{self.projection}"
 
+    @property
+    def parked(self) -> str:
+        """Sorted set of the orders whose events are parked, scored by their first parked position."""
+        return f"{self.prefix}parked:{self.projection}"
+
+    def parked_events(self, order_id: str) -> str:
+        """List of the positions of one order's parked events, in log order."""
+        return f"{self.prefix}parked:{self.projection}:{order_id}"
+
+    @property
+    def parked_errors(self) -> str:
+        """Hash from parked order id to the error that parked it."""
+        return f"{self.prefix}parked-errors:{self.projection}"
+
+    @property
+    def parked_requests(self) -> str:
+        """List of operator requests (JSON) for the active worker: retry an order's parked events."""
+        return f"{self.prefix}parked-requests:{self.projection}"
+
     def view_patterns(self) -> list[str]:
         """SCAN patterns of every view key of this projection (to delete them for a rebuild)."""
+        parked = [f"{self.prefix}parked:{self.projection}*", self.parked_errors]
         if self.projection == SUMMARY_PROJECTION:
-            return [f"{self.prefix}summary:*"]
-        return [f"{self.prefix}order:*", f"{self.prefix}idx:*"]
+            return [f"{self.prefix}summary:*", *parked]
+        return [f"{self.prefix}order:*", f"{self.prefix}idx:*", *parked]
 
 
 def redis_client(url: str) -> Redis:

@@ -9,6 +9,7 @@ within a lease renewal (about a second).
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -89,6 +90,34 @@ class ProjectionAdminServicer(admin_pb2_grpc.ProjectionAdminServicer):
             await self._redis.set(keys.rebuild_started, started_ms)
             await self._redis.delete(keys.paused)  # the worker finds no checkpoint and replays the log
         return pb.RebuildProjectionResponse(projection=await self.status(request.name))
+
+    @translate_errors(ERRORS)
+    async def ListParkedOrders(
+        self, request: pb.ListParkedOrdersRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListParkedOrdersResponse:
+        keys = self._keys(request.name)
+        async with _stores():
+            order_ids = [str(i) for i in await self._redis.zrange(keys.parked, 0, -1)]
+            orders = [
+                pb.ParkedOrder(
+                    order_id=order_id,
+                    positions=[int(p) for p in await self._redis.lrange(keys.parked_events(order_id), 0, -1)],
+                    error=str(await self._redis.hget(keys.parked_errors, order_id) or ""),
+                )
+                for order_id in order_ids
+            ]
+        return pb.ListParkedOrdersResponse(orders=orders)
+
+    @translate_errors(ERRORS)
+    async def RetryParkedOrder(
+        self, request: pb.RetryParkedOrderRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RetryParkedOrderResponse:
+        keys = self._keys(request.name)
+        async with _stores():
+            if await self._redis.zscore(keys.parked, request.order_id) is None:
+                raise InvalidQuery([FieldViolation("order_id", f"order {request.order_id!r} has no parked events")])
+            await self._redis.rpush(keys.parked_requests, json.dumps({"order_id": request.order_id}))
+        return pb.RetryParkedOrderResponse()
 
     async def _wait_until_paused(self, keys: ViewKeys) -> None:
         """Waits until no worker applies batches: it acknowledged the pause, or none is alive."""

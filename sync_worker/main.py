@@ -35,6 +35,7 @@ class SyncSettings:
     lease_ttl: float
     worker_id: str
     projections: list[str]
+    poison_policy: str
     admin_address: str
     log_level: str
 
@@ -75,6 +76,14 @@ def parse_settings(argv: Sequence[str] | None = None) -> SyncSettings:
     )
     config.add_setting(
         parser,
+        "poison-policy",
+        "what a projection does with an event it cannot apply: stop (there, until fixed) or park "
+        "(that order's events go to a dead-letter list; the other orders go on)",
+        default="stop",
+        parse=poison_policy,
+    )
+    config.add_setting(
+        parser,
         "admin-address",
         "HOST:PORT to serve the ProjectionAdmin gRPC API on; empty: do not serve it",
         default="",
@@ -82,6 +91,12 @@ def parse_settings(argv: Sequence[str] | None = None) -> SyncSettings:
     )
     config.add_log_argument(parser)
     return SyncSettings(**vars(parser.parse_args(argv)))
+
+
+def poison_policy(text: str) -> str:
+    if text not in {"stop", "park"}:
+        raise ValueError(f"expected stop or park, got {text!r}")
+    return text
 
 
 def projection_list(text: str) -> list[str]:
@@ -110,7 +125,11 @@ async def serve(settings: SyncSettings) -> None:
     stop = stop_on_signals()
     redis = redis_client(settings.redis_url)
     worker_settings = WorkerSettings(
-        settings.postgres_url, settings.batch_size, settings.poll_interval, lease_ttl=settings.lease_ttl
+        settings.postgres_url,
+        settings.batch_size,
+        settings.poll_interval,
+        lease_ttl=settings.lease_ttl,
+        poison_policy=settings.poison_policy,
     )
     workers = build_workers(worker_settings, redis, settings.redis_prefix, settings.projections, settings.worker_id)
     pool = await connect(settings.postgres_url, max_size=2)

@@ -13,6 +13,7 @@ already have (by version), so a replayed batch changes nothing.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
@@ -61,11 +62,17 @@ class Projector(ABC):
         await self.redis.set(self.keys.rebuild_target, target.token(), nx=True)
 
     async def apply(
-        self, after: LogPosition | None, events: list[RecordedEvent], holder: str | None = None
+        self,
+        after: LogPosition | None,
+        events: list[RecordedEvent],
+        holder: str | None = None,
+        park: dict[str, str] | None = None,
     ) -> LogPosition:
         """Applies `events`, which follow checkpoint `after`, atomically; returns the new checkpoint.
 
         With `holder`, applies only while that worker holds the projection's lease (LeaseLost otherwise).
+        Events of orders in `park` (order id -> why), and of orders parked before, go to the dead-letter
+        list instead, in order, so that each of those orders stays consistent while the rest go on.
         """
         new_checkpoint = max(LogPosition(e.tx_id, e.position) for e in events)
         try:
@@ -78,12 +85,16 @@ class Projector(ABC):
                     raise LeaseLost(f"the lease is held by {lease!r}")
                 if (None if current is None else LogPosition.parse(current)) != after:
                     raise CheckpointMoved(f"checkpoint is {current!r}, batch follows {after}")
-                writes = await self.stage(pipe, events)
+                parked = await self._parked_orders(pipe, events, park or {})
+                live = [e for e in events if e.stream_id not in parked]
+                writes = await self.stage(pipe, live) if live else None
                 pipe.multi()  # type: ignore[no-untyped-call]
-                writes(pipe)
+                if writes is not None:
+                    writes(pipe)
+                self._queue_parking(pipe, [e for e in events if e.stream_id in parked], park or {})
                 token = new_checkpoint.token()
                 pipe.set(self.keys.checkpoint, token)
-                pipe.incrby(self.keys.applied, len(events))
+                pipe.incrby(self.keys.applied, len(live))  # parked events count when they are released
                 if rebuild is not None and new_checkpoint >= LogPosition.parse(rebuild):
                     pipe.delete(self.keys.rebuild_target)
                 pipe.publish(self.keys.checkpoint_channel, token)
@@ -92,6 +103,37 @@ class Projector(ABC):
             raise CheckpointMoved("checkpoint, lease or rebuild mark changed during the batch") from error
         return new_checkpoint
 
+    async def _parked_orders(self, pipe: Pipeline, events: list[RecordedEvent], park: dict[str, str]) -> set[str]:
+        ids = sorted({e.stream_id for e in events})
+        scores = await pipe.zmscore(self.keys.parked, ids)
+        return {i for i, score in zip(ids, scores, strict=True) if score is not None} | set(park)
+
+    def _queue_parking(self, pipe: Pipeline, events: list[RecordedEvent], park: dict[str, str]) -> None:
+        for recorded in events:
+            pipe.zadd(self.keys.parked, {recorded.stream_id: recorded.position}, nx=True)
+            pipe.rpush(self.keys.parked_events(recorded.stream_id), recorded.position)
+        for order_id, why in park.items():
+            pipe.hset(self.keys.parked_errors, order_id, why)
+
+    async def apply_parked(self, order_id: str, events: list[RecordedEvent], holder: str) -> None:
+        """Applies an order's parked events, in order, and releases them from the dead-letter list.
+        Raises PoisonEvent (and changes nothing) if one of them still fails."""
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                await pipe.watch(self.keys.lease, self.keys.parked_events(order_id))
+                if await pipe.get(self.keys.lease) != holder:
+                    raise LeaseLost("the lease moved")
+                writes = await self.stage(pipe, events)
+                pipe.multi()  # type: ignore[no-untyped-call]
+                writes(pipe)
+                pipe.zrem(self.keys.parked, order_id)
+                pipe.delete(self.keys.parked_events(order_id))
+                pipe.hdel(self.keys.parked_errors, order_id)
+                pipe.incrby(self.keys.applied, len(events))
+                await pipe.execute()
+        except WatchError as error:
+            raise CheckpointMoved("the lease or the parked events changed meanwhile") from error
+
     @abstractmethod
     async def stage(self, pipe: Pipeline, events: list[RecordedEvent]) -> Writes:
         """Reads what the batch needs (the pipeline is in WATCH mode, so reads run at once) and
@@ -99,7 +141,7 @@ class Projector(ABC):
 
 
 class OrdersProjector(Projector):
-    """The order views and the listing indexes (orders.views)."""
+    """The order views, the listing indexes and the change notifications for live watches (orders.views)."""
 
     async def stage(self, pipe: Pipeline, events: list[RecordedEvent]) -> Writes:
         before = await load_order_views(pipe, self.keys.order, {e.stream_id for e in events})
@@ -109,6 +151,7 @@ class OrdersProjector(Projector):
     def _queue_writes(
         self, pipe: Pipeline, before: dict[str, OrderView | None], after: dict[str, OrderView | None]
     ) -> None:
+        changed: list[dict[str, str | int]] = []
         for order_id, view in after.items():
             old = before[order_id]
             if view is None or view == old:
@@ -120,6 +163,11 @@ class OrdersProjector(Projector):
                 pipe.zrem(key, view.index_member())
             for key in new_indexes:
                 pipe.zadd(key, {view.index_member(): 0})
+            changed.append({"order_id": order_id, "customer_id": view.customer_id, "version": view.version})
+        if changed:
+            # Inside the MULTI with the views: no reader hears of a change before it can read it, and
+            # a batch that fails announces nothing. Live watches re-read the views they are told of.
+            pipe.publish(self.keys.changes_channel, json.dumps(changed, separators=(",", ":")))
 
 
 async def load_order_views(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -26,9 +27,18 @@ from typing import Any
 import asyncpg
 import redis.exceptions
 
-from orders.consistency import START
+from orders.consistency import START, LogPosition
 from orders.errors import PoisonEvent
-from orders.event_store import NOTIFY_CHANNEL, Batch, Connection, head, oldest_transaction, open_connection, read_batch
+from orders.event_store import (
+    NOTIFY_CHANNEL,
+    Batch,
+    Connection,
+    head,
+    oldest_transaction,
+    open_connection,
+    read_batch,
+    read_positions,
+)
 from sync_worker.lease import Lease
 from sync_worker.projector import CheckpointMoved, LeaseLost, Projector
 
@@ -59,6 +69,8 @@ class WorkerSettings:
     max_backoff: float = 5.0
     lease_ttl: float = 5.0  # a standby takes over this long after the active worker stops renewing
     retry_failed_after: float = 10.0  # a projection stopped on a poison event tries that event again this often
+    poison_policy: str = "stop"  # "stop": the projection stops at a poison event; "park": that order's events
+    # are set aside in a dead-letter list while the other orders go on
 
 
 @dataclass
@@ -132,6 +144,7 @@ class SyncWorker:
                     await self._idle(stop, self._lease.renew_every)  # stopped on an error: keep the heartbeat
                     continue
                 try:
+                    await self._serve_parked_requests(conn)
                     batch = await self._step(conn)
                 except PoisonEvent as poison:
                     self._stop_on(poison)
@@ -155,11 +168,53 @@ class SyncWorker:
         batch = await read_batch(conn, checkpoint or START, self._settings.batch_size)
         await self._track_held_back(conn, batch)
         if batch.events:
-            await self._projector.apply(checkpoint, batch.events, holder=self.worker_id)
+            await self._apply(checkpoint, batch)
             self.applied_events += len(batch.events)
         elif checkpoint is None and not batch.held_back:
             await self._projector.mark_empty_log()
         return batch
+
+    async def _apply(self, checkpoint: LogPosition | None, batch: Batch) -> None:
+        """Applies a batch; under the park policy, parks each order whose event fails and tries again."""
+        park: dict[str, str] = {}
+        while True:
+            try:
+                await self._projector.apply(checkpoint, batch.events, holder=self.worker_id, park=park)
+                return
+            except PoisonEvent as poison:
+                if self._settings.poison_policy != "park" or poison.stream_id in park:
+                    raise
+                log.warning(
+                    "projection %s parked order %r from the %s; its later events wait with it",
+                    self.projection,
+                    poison.stream_id,
+                    poison,
+                )
+                park[poison.stream_id] = str(poison)
+
+    async def _serve_parked_requests(self, conn: Connection) -> None:
+        """Runs operators' requests (from ProjectionAdmin) to retry an order's parked events."""
+        redis, keys = self._projector.redis, self._projector.keys
+        while isinstance(raw := await redis.lpop(keys.parked_requests), str | bytes):
+            order_id = json.loads(raw)["order_id"]
+            positions = [int(p) for p in await redis.lrange(keys.parked_events(order_id), 0, -1)]
+            if not positions:
+                continue
+            events = await read_positions(conn, positions)
+            try:
+                await self._projector.apply_parked(order_id, events, self.worker_id)
+            except PoisonEvent as poison:
+                await redis.hset(keys.parked_errors, order_id, str(poison))
+                log.warning(
+                    "projection %s: retrying parked order %r failed again: %s", self.projection, order_id, poison
+                )
+            else:
+                log.info(
+                    "projection %s: applied and released %d parked events of order %r",
+                    self.projection,
+                    len(events),
+                    order_id,
+                )
 
     async def _start_from_scratch(self, conn: Connection) -> None:
         target = await head(conn)

@@ -327,3 +327,124 @@ class RebuildProjectionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RebuildProjectionResponse: _TypeAlias = RebuildProjectionResponse  # noqa: Y015
+
+@_typing.final
+class ListParkedOrdersRequest(_message.Message):
+    """Request for a projection's parked orders."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Projection name."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListParkedOrdersRequest: _TypeAlias = ListParkedOrdersRequest  # noqa: Y015
+
+@_typing.final
+class ParkedOrder(_message.Message):
+    """One order whose events are parked."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    POSITIONS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    order_id: _builtins.str
+    """The order."""
+    error: _builtins.str
+    """The error that parked it (or that the last retry met)."""
+    @_builtins.property
+    def positions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Global positions of its parked events, in log order."""
+
+    def __init__(
+        self,
+        *,
+        order_id: _builtins.str = ...,
+        positions: _abc.Iterable[_builtins.int] | None = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "order_id", b"order_id", "positions", b"positions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ParkedOrder: _TypeAlias = ParkedOrder  # noqa: Y015
+
+@_typing.final
+class ListParkedOrdersResponse(_message.Message):
+    """A projection's parked orders."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def orders(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParkedOrder]:
+        """Parked orders, by first parked position."""
+
+    def __init__(
+        self,
+        *,
+        orders: _abc.Iterable[Global___ParkedOrder] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["orders", b"orders"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListParkedOrdersResponse: _TypeAlias = ListParkedOrdersResponse  # noqa: Y015
+
+@_typing.final
+class RetryParkedOrderRequest(_message.Message):
+    """Request to retry one order's parked events."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Projection name."""
+    order_id: _builtins.str
+    """The parked order."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        order_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "order_id", b"order_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryParkedOrderRequest: _TypeAlias = RetryParkedOrderRequest  # noqa: Y015
+
+@_typing.final
+class RetryParkedOrderResponse(_message.Message):
+    """The retry was queued for the projection's worker."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryParkedOrderResponse: _TypeAlias = RetryParkedOrderResponse  # noqa: Y015

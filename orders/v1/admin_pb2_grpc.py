@@ -61,6 +61,16 @@ class ProjectionAdminStub:
                 request_serializer=orders_dot_v1_dot_admin__pb2.RebuildProjectionRequest.SerializeToString,
                 response_deserializer=orders_dot_v1_dot_admin__pb2.RebuildProjectionResponse.FromString,
                 _registered_method=True)
+        self.ListParkedOrders = channel.unary_unary(
+                '/orders.v1.ProjectionAdmin/ListParkedOrders',
+                request_serializer=orders_dot_v1_dot_admin__pb2.ListParkedOrdersRequest.SerializeToString,
+                response_deserializer=orders_dot_v1_dot_admin__pb2.ListParkedOrdersResponse.FromString,
+                _registered_method=True)
+        self.RetryParkedOrder = channel.unary_unary(
+                '/orders.v1.ProjectionAdmin/RetryParkedOrder',
+                request_serializer=orders_dot_v1_dot_admin__pb2.RetryParkedOrderRequest.SerializeToString,
+                response_deserializer=orders_dot_v1_dot_admin__pb2.RetryParkedOrderResponse.FromString,
+                _registered_method=True)
 
 
 class ProjectionAdminServicer:
@@ -104,6 +114,23 @@ class ProjectionAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListParkedOrders(self, request, context):
+        """Lists the orders whose events are parked in a projection's dead-letter list
+        (sync workers run with --poison-policy park).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetryParkedOrder(self, request, context):
+        """Asks the projection's worker to apply one order's parked events again, in
+        order; on success they leave the dead-letter list. Asynchronous: list the
+        parked orders again to see the outcome.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ProjectionAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +153,16 @@ def add_ProjectionAdminServicer_to_server(servicer, server):
                     servicer.RebuildProjection,
                     request_deserializer=orders_dot_v1_dot_admin__pb2.RebuildProjectionRequest.FromString,
                     response_serializer=orders_dot_v1_dot_admin__pb2.RebuildProjectionResponse.SerializeToString,
+            ),
+            'ListParkedOrders': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListParkedOrders,
+                    request_deserializer=orders_dot_v1_dot_admin__pb2.ListParkedOrdersRequest.FromString,
+                    response_serializer=orders_dot_v1_dot_admin__pb2.ListParkedOrdersResponse.SerializeToString,
+            ),
+            'RetryParkedOrder': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryParkedOrder,
+                    request_deserializer=orders_dot_v1_dot_admin__pb2.RetryParkedOrderRequest.FromString,
+                    response_serializer=orders_dot_v1_dot_admin__pb2.RetryParkedOrderResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -243,6 +280,60 @@ class ProjectionAdmin:
             '/orders.v1.ProjectionAdmin/RebuildProjection',
             orders_dot_v1_dot_admin__pb2.RebuildProjectionRequest.SerializeToString,
             orders_dot_v1_dot_admin__pb2.RebuildProjectionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListParkedOrders(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orders.v1.ProjectionAdmin/ListParkedOrders',
+            orders_dot_v1_dot_admin__pb2.ListParkedOrdersRequest.SerializeToString,
+            orders_dot_v1_dot_admin__pb2.ListParkedOrdersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryParkedOrder(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orders.v1.ProjectionAdmin/RetryParkedOrder',
+            orders_dot_v1_dot_admin__pb2.RetryParkedOrderRequest.SerializeToString,
+            orders_dot_v1_dot_admin__pb2.RetryParkedOrderResponse.FromString,
             options,
             channel_credentials,
             insecure,

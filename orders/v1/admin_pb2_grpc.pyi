@@ -53,6 +53,15 @@ class ProjectionAdminStub:
     replayed from the start of the event log. While it rebuilds, queries that
     need a view not rebuilt yet answer UNAVAILABLE (never a wrong NOT_FOUND).
     """
+    ListParkedOrders: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListParkedOrdersRequest, _admin_pb2.ListParkedOrdersResponse]
+    """Lists the orders whose events are parked in a projection's dead-letter list
+    (sync workers run with --poison-policy park).
+    """
+    RetryParkedOrder: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RetryParkedOrderRequest, _admin_pb2.RetryParkedOrderResponse]
+    """Asks the projection's worker to apply one order's parked events again, in
+    order; on success they leave the dead-letter list. Asynchronous: list the
+    parked orders again to see the outcome.
+    """
 
 @_typing.type_check_only
 class ProjectionAdminAsyncStub(ProjectionAdminStub):
@@ -78,6 +87,15 @@ class ProjectionAdminAsyncStub(ProjectionAdminStub):
     """Rebuilds a projection from scratch, in place: its views are deleted and
     replayed from the start of the event log. While it rebuilds, queries that
     need a view not rebuilt yet answer UNAVAILABLE (never a wrong NOT_FOUND).
+    """
+    ListParkedOrders: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListParkedOrdersRequest, _admin_pb2.ListParkedOrdersResponse]  # type: ignore[assignment]
+    """Lists the orders whose events are parked in a projection's dead-letter list
+    (sync workers run with --poison-policy park).
+    """
+    RetryParkedOrder: _aio.UnaryUnaryMultiCallable[_admin_pb2.RetryParkedOrderRequest, _admin_pb2.RetryParkedOrderResponse]  # type: ignore[assignment]
+    """Asks the projection's worker to apply one order's parked events again, in
+    order; on success they leave the dead-letter list. Asynchronous: list the
+    parked orders again to see the outcome.
     """
 
 class ProjectionAdminServicer(metaclass=_abc_1.ABCMeta):
@@ -125,6 +143,27 @@ class ProjectionAdminServicer(metaclass=_abc_1.ABCMeta):
         """Rebuilds a projection from scratch, in place: its views are deleted and
         replayed from the start of the event log. While it rebuilds, queries that
         need a view not rebuilt yet answer UNAVAILABLE (never a wrong NOT_FOUND).
+        """
+
+    @_abc_1.abstractmethod
+    def ListParkedOrders(
+        self,
+        request: _admin_pb2.ListParkedOrdersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListParkedOrdersResponse, _abc.Awaitable[_admin_pb2.ListParkedOrdersResponse]]:
+        """Lists the orders whose events are parked in a projection's dead-letter list
+        (sync workers run with --poison-policy park).
+        """
+
+    @_abc_1.abstractmethod
+    def RetryParkedOrder(
+        self,
+        request: _admin_pb2.RetryParkedOrderRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RetryParkedOrderResponse, _abc.Awaitable[_admin_pb2.RetryParkedOrderResponse]]:
+        """Asks the projection's worker to apply one order's parked events again, in
+        order; on success they leave the dead-letter list. Asynchronous: list the
+        parked orders again to see the outcome.
         """
 
 def add_ProjectionAdminServicer_to_server(servicer: ProjectionAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

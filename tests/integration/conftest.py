@@ -45,11 +45,18 @@ class System:
         poll_interval: float = 0.5,
         projections: tuple[str, ...] = PROJECTIONS,
         retry_failed_after: float = 10.0,
+        poison_policy: str = "stop",
     ) -> list[SyncWorker]:
         """Runs the sync worker's loops (one per projection) in this event loop."""
         assert self._worker_task is None, "worker already running"
         stop = self._worker_stop = asyncio.Event()
-        settings = WorkerSettings(self.database_url, batch_size, poll_interval, retry_failed_after=retry_failed_after)
+        settings = WorkerSettings(
+            self.database_url,
+            batch_size,
+            poll_interval,
+            retry_failed_after=retry_failed_after,
+            poison_policy=poison_policy,
+        )
         self.workers = build_workers(settings, self.redis, self.keys.prefix, list(projections))
 
         async def run_all() -> None:

@@ -10,12 +10,15 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from orders.event_store import connect
+from orders.v1 import admin_pb2, admin_pb2_grpc
 from orders.v1 import queries_pb2 as qry
 from orders.views import SUMMARY_PROJECTION, CustomerSummaryView, OrderView
 from read_service.projection_health import NOT_SERVING, PROJECTION_SERVICE, SERVING
 from sync_worker import customer_summary
 from sync_worker.lease import read_heartbeat
-from tests.helpers import create_request, eventually
+from sync_worker.main import start_admin
+from tests.helpers import add_item_request, create_request, eventually
 from tests.integration.conftest import System
 
 
@@ -100,3 +103,61 @@ async def test_an_unreadable_stored_event_stops_the_projection_at_its_position(s
 
     await eventually(stopped, timeout=10)
     assert await system.redis.get(system.keys.checkpoint) == before.consistency_token
+
+
+async def test_parking_sets_one_order_aside_and_a_retry_releases_it_in_order(
+    system: System, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under the park policy, the failing order's events (that one and later ones) wait in a dead-letter
+    list while other orders go on; after the fix, a retry applies them in order and releases them."""
+    await system.stop_worker()
+    system.start_worker(poison_policy="park")
+    real_summarize = customer_summary.summarize
+
+    def buggy(summary: CustomerSummaryView, before: OrderView | None, after: OrderView) -> CustomerSummaryView:
+        if after.order_id == "poison":
+            raise RuntimeError("bug in the summary projection")
+        return real_summarize(summary, before, after)
+
+    monkeypatch.setattr(customer_summary, "summarize", buggy)
+    await system.commands.CreateOrder(create_request("pat", order_id="poison"))
+    later_same = (await system.commands.AddItem(add_item_request("poison"))).result
+    other = (await system.commands.CreateOrder(create_request("quinn", order_id="other"))).result
+    pool = await connect(system.database_url, max_size=2)
+    server = await start_admin("127.0.0.1:0", pool, system.redis, system.keys.prefix)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    admin = admin_pb2_grpc.ProjectionAdminStub(channel)
+    try:
+        going_on = await system.queries.GetCustomerSummary(
+            qry.GetCustomerSummaryRequest(customer_id="quinn", consistency_token=other.consistency_token)
+        )
+
+        async def parked() -> admin_pb2.ParkedOrder:
+            reply = await admin.ListParkedOrders(admin_pb2.ListParkedOrdersRequest(name=SUMMARY_PROJECTION))
+            assert [o.order_id for o in reply.orders] == ["poison"]
+            assert len(reply.orders[0].positions) == 2
+            order: admin_pb2.ParkedOrder = reply.orders[0]
+            return order
+
+        parked_order = await eventually(parked)
+        monkeypatch.setattr(customer_summary, "summarize", real_summarize)  # the fix
+        await admin.RetryParkedOrder(admin_pb2.RetryParkedOrderRequest(name=SUMMARY_PROJECTION, order_id="poison"))
+
+        async def released() -> None:
+            reply = await admin.ListParkedOrders(admin_pb2.ListParkedOrdersRequest(name=SUMMARY_PROJECTION))
+            assert list(reply.orders) == []
+
+        await eventually(released)
+        healed = await system.queries.GetCustomerSummary(qry.GetCustomerSummaryRequest(customer_id="pat"))
+    finally:
+        await channel.close()
+        await server.stop(0)
+        await pool.close()
+
+    assert going_on.consistency.stale is False
+    assert going_on.summary.order_count == 1
+    assert parked_order.positions[-1] == later_same.position
+    assert "bug in the summary projection" in parked_order.error
+    assert healed.summary.order_count == 1
+    assert [(m.currency_code, m.minor_units) for m in healed.summary.lifetime_spend] == []  # pending: no spend
+    assert int(await system.redis.get(system.keys.of(SUMMARY_PROJECTION).applied) or 0) == 3

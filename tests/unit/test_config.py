@@ -62,7 +62,10 @@ def error_lines(stderr: str) -> list[str]:
     [
         ("write", WriteSettings(PG, "127.0.0.1:50051", 10.0, 1000, 20, "INFO")),
         ("read", ReadSettings(REDIS, "orders:", "127.0.0.1:50052", 10.0, 1000, 5.0, 5.0, "INFO")),
-        ("sync", SyncSettings(PG, REDIS, "orders:", 500, 1.0, 5.0, "", ["orders", "customer_summary"], "", "INFO")),
+        (
+            "sync",
+            SyncSettings(PG, REDIS, "orders:", 500, 1.0, 5.0, "", ["orders", "customer_summary"], "stop", "", "INFO"),
+        ),
     ],
 )
 def test_defaults(service: str, expected: object) -> None:
