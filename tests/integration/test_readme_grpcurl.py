@@ -75,6 +75,7 @@ async def test_every_readme_grpcurl_example_works_as_printed(system: System) -> 
         "CancelOrder",
         "GetOrder",
         "ListOrders",
+        "GetCustomerSummary",
     }
     assert "orders.v1.OrderCommands" in text
     assert "grpc.reflection.v1alpha.ServerReflection" in text
@@ -84,4 +85,5 @@ async def test_every_readme_grpcurl_example_works_as_printed(system: System) -> 
     assert '"status": "ORDER_STATUS_SHIPPED"' in text
     assert '"tracking_number": "00340434161094042557"' in text
     assert '"order_id": "order-1003"' in text
+    assert '"order_count": "2"' in text  # alice's customer summary
     assert '"stale"' not in text  # proto3 JSON omits false: every read saw its token
