@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from google.protobuf import message_factory
-from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -43,29 +44,57 @@ SERVER_OPTIONS = [
 
 
 def add_service(server: grpc.aio.Server, servicer: object, service: ServiceDescriptor) -> None:
-    """Registers `servicer`'s unary methods for `service`, decoding requests ourselves: gRPC's own
-    decoding answers an undecodable request with INTERNAL, but the caller sent bad input."""
-    handlers = {
-        method.name: grpc.unary_unary_rpc_method_handler(
-            _decoding(getattr(servicer, method.name), message_factory.GetMessageClass(method.input_type)),
-            request_deserializer=None,
-            response_serializer=message_factory.GetMessageClass(method.output_type).SerializeToString,
-        )
-        for method in service.methods
-    }
+    """Registers `servicer`'s unary and server-streaming methods for `service`, decoding requests
+    ourselves: gRPC's own decoding answers an undecodable request with INTERNAL, but the caller sent
+    bad input."""
+    handlers = {method.name: _method_handler(getattr(servicer, method.name), method) for method in service.methods}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)
 
 
+def _method_handler(implementation: Callable[..., Any], method: MethodDescriptor) -> grpc.RpcMethodHandler:
+    request_type = message_factory.GetMessageClass(method.input_type)
+    serialize = message_factory.GetMessageClass(method.output_type).SerializeToString
+    if method.client_streaming:
+        raise ValueError(f"{method.full_name}: client-streaming methods are not supported")
+    if method.server_streaming:
+        return grpc.unary_stream_rpc_method_handler(
+            _decoding_stream(implementation, request_type), request_deserializer=None, response_serializer=serialize
+        )
+    return grpc.unary_unary_rpc_method_handler(
+        _decoding(implementation, request_type), request_deserializer=None, response_serializer=serialize
+    )
+
+
+async def _decode(raw: bytes, request_type: type[Message], context: grpc.aio.ServicerContext) -> Message:
+    try:
+        return request_type.FromString(raw)
+    except DecodeError as error:
+        problem = FieldViolation("", f"not a valid {request_type.DESCRIPTOR.full_name} message: {error}")
+        await context.abort_with_status(to_status(InvalidCommand([problem]), MALFORMED))
+        raise  # unreachable: abort_with_status raises
+
+
 def _decoding(method: Callable[[Any, Any], Awaitable[Message]], request_type: type[Message]) -> Callable[..., Any]:
     async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> Message:
-        try:
-            request = request_type.FromString(raw)
-        except DecodeError as error:
-            problem = FieldViolation("", f"not a valid {request_type.DESCRIPTOR.full_name} message: {error}")
-            await context.abort_with_status(to_status(InvalidCommand([problem]), MALFORMED))
-            raise  # unreachable: abort_with_status raises
-        return await method(request, context)
+        return await method(await _decode(raw, request_type, context), context)
+
+    return handler
+
+
+def _decoding_stream(
+    method: Callable[[Any, Any], AsyncGenerator[Message, None]], request_type: type[Message]
+) -> Callable[..., Any]:
+    """A server-streaming handler around `method`, an async generator of the responses. Each write
+    waits for HTTP/2 flow control, so the generator runs no further ahead than the client reads.
+    The generator is closed as soon as the call ends (cancelled, deadline passed, server stopped), so
+    that its `finally` blocks run at once rather than whenever it is garbage collected."""
+
+    async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> None:
+        request = await _decode(raw, request_type, context)
+        async with aclosing(method(request, context)) as responses:
+            async for response in responses:
+                await context.write(response)
 
     return handler
 

@@ -14,6 +14,7 @@ from orders.views import PROJECTIONS, ViewKeys, redis_client
 from read_service.freshness import CheckpointWatcher
 from read_service.projection_health import ProjectionHealth
 from read_service.servicer import SERVICE, OrderQueriesServicer
+from read_service.watch import MAX_PENDING, ChangeFeed
 
 log = logging.getLogger("read_service")
 
@@ -60,12 +61,18 @@ class ReadService:
     server: RunningServer
     watchers: list[CheckpointWatcher]
     health: ProjectionHealth
+    feed: ChangeFeed
 
     async def stop(self, grace: float) -> None:
         await self.health.stop()
+        await self.server.health.enter_graceful_shutdown()
+        # Watch streams never finish by themselves: end them now (UNAVAILABLE, reconnect) rather
+        # than let them hold the stop for the whole grace period and then be cut off.
+        self.feed.close()
         await self.server.stop(grace)
         for watcher in self.watchers:
             await watcher.stop()
+        await self.feed.stop()
 
 
 async def start_read_service(
@@ -76,16 +83,20 @@ async def start_read_service(
     max_wait: float = 5.0,
     max_concurrent_rpcs: int = 1000,
     heartbeat_timeout: float = 5.0,
+    max_watch_pending: int = MAX_PENDING,
 ) -> ReadService:
     watchers = {name: CheckpointWatcher(redis, keys.of(name)) for name in PROJECTIONS}
     for watcher in watchers.values():
         watcher.start()
-    servicer = OrderQueriesServicer(redis, keys, watchers, max_wait)
+    # Watch streams count as RPCs in flight: at most half the slots, so that queries always find room.
+    feed = ChangeFeed(redis, keys, max_pending=max_watch_pending, max_streams=max(1, max_concurrent_rpcs // 2))
+    feed.start()
+    servicer = OrderQueriesServicer(redis, keys, watchers, max_wait, feed)
     server = await start_server(address, {SERVICE: servicer}, max_concurrent_rpcs)
     health = ProjectionHealth(redis, keys, server.health, SERVICE.full_name, heartbeat_timeout)
     await health.check()
     health.start()
-    return ReadService(server, list(watchers.values()), health)
+    return ReadService(server, list(watchers.values()), health, feed)
 
 
 async def serve(settings: ReadSettings) -> None:

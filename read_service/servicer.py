@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -22,14 +23,18 @@ from orders.errors import (
     FieldViolation,
     InvalidQuery,
     OrderNotFound,
+    OrdersError,
     Unavailable,
     ViewsNotReady,
 )
-from orders.rpc_errors import ErrorTable, translate_errors
+from orders.rpc_errors import ErrorTable, to_status, translate_errors
 from orders.v1 import queries_pb2 as pb
 from orders.v1 import queries_pb2_grpc, types_pb2
 from orders.views import PROJECTION, SUMMARY_PROJECTION, CustomerSummaryView, OrderView, ViewKeys
 from read_service.freshness import CheckpointWatcher
+from read_service.watch import MAX_WATCHED_ORDERS, ChangeFeed, ClientTooSlow, ShuttingDown, WatchLimit
+
+log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["OrderQueries"]
 DEFAULT_PAGE_SIZE = 50
@@ -38,6 +43,10 @@ DEADLINE_MARGIN = 0.05  # seconds kept back from the deadline to read and answer
 DEFAULT_REDIS_TIMEOUT = 5.0  # seconds, when the client sets no deadline
 MAX_PAGE_BYTES = 3 * 1024 * 1024  # a page stays well under the 4 MiB message limit
 STATUS_ORDER = ["PENDING", "CONFIRMED", "SHIPPED", "CANCELLED"]
+SNAPSHOT_ORDERS = 100  # orders in a WatchCustomerOrders stream's first message, at most
+READ_CHUNK = 100  # views per Redis call when a customer stream catches up
+STREAM_END_MARGIN = 0.1  # seconds before the client's deadline at which a watch stream ends with OK
+ID_RULE = "must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'"
 
 ERRORS: ErrorTable = {
     InvalidQuery: (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
@@ -46,6 +55,9 @@ ERRORS: ErrorTable = {
     ViewsNotReady: (grpc.StatusCode.UNAVAILABLE, "VIEWS_NOT_READY"),
     DeadlineExceeded: (grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED"),
     Unavailable: (grpc.StatusCode.UNAVAILABLE, "VIEWS_UNAVAILABLE"),
+    ShuttingDown: (grpc.StatusCode.UNAVAILABLE, "SERVER_SHUTTING_DOWN"),
+    ClientTooSlow: (grpc.StatusCode.RESOURCE_EXHAUSTED, "CLIENT_TOO_SLOW"),
+    WatchLimit: (grpc.StatusCode.RESOURCE_EXHAUSTED, "WATCH_LIMIT"),
 }
 
 # One round trip, one consistent snapshot: the checkpoint, the rebuild mark, then (member, view) pairs of a page.
@@ -159,12 +171,20 @@ def summary_message(view: CustomerSummaryView) -> pb.CustomerSummary:
 
 
 class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
-    def __init__(self, redis: Redis, keys: ViewKeys, watchers: dict[str, CheckpointWatcher], max_wait: float) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: ViewKeys,
+        watchers: dict[str, CheckpointWatcher],
+        max_wait: float,
+        feed: ChangeFeed,
+    ) -> None:
         self._redis = redis
         self._keys = keys
         self._summary_keys = keys.of(SUMMARY_PROJECTION)
         self._watchers = watchers  # projection name -> its checkpoint
         self._max_wait = max_wait
+        self._feed = feed  # changed orders, for the Watch streams
         self._page_script = redis.register_script(_PAGE_SCRIPT)
 
     async def _await_token(
@@ -195,23 +215,29 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
     @translate_errors(ERRORS)
     async def GetOrder(self, request: pb.GetOrderRequest, context: grpc.aio.ServicerContext) -> pb.GetOrderResponse:
         if not ID_PATTERN.fullmatch(request.order_id):
-            raise InvalidQuery([FieldViolation("order_id", "must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'")])
-        token = parse_token(request.consistency_token)
+            raise InvalidQuery([FieldViolation("order_id", ID_RULE)])
+        view, consistency = await self._read_order(request.order_id, parse_token(request.consistency_token), context)
+        return pb.GetOrderResponse(order=order_message(view), consistency=consistency)
+
+    async def _read_order(
+        self, order_id: str, token: LogPosition | None, context: grpc.aio.ServicerContext
+    ) -> tuple[OrderView, pb.ReadConsistency]:
+        """One order's view once the views reached `token` (or the wait ended), or the reason why not."""
         await self._await_token(token, context)
         async with bounded_redis_call(context):
             raw_view, raw_checkpoint, raw_target = await self._redis.mget(
-                self._keys.order(request.order_id), self._keys.checkpoint, self._keys.rebuild_target
+                self._keys.order(order_id), self._keys.checkpoint, self._keys.rebuild_target
             )
         consistency = self._consistency(token, raw_checkpoint)
         if raw_view is None:
             self._not_rebuilding(raw_target, consistency)
             if consistency.stale:
                 raise ViewsNotReady(
-                    f"order {request.order_id!r} is not in the views yet: they had not reached the "
+                    f"order {order_id!r} is not in the views yet: they had not reached the "
                     "consistency token when the wait ended; retry"
                 )
-            raise OrderNotFound(request.order_id)
-        return pb.GetOrderResponse(order=order_message(OrderView.from_json(raw_view)), consistency=consistency)
+            raise OrderNotFound(order_id)
+        return OrderView.from_json(raw_view), consistency
 
     @translate_errors(ERRORS)
     async def ListOrders(
@@ -254,7 +280,7 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
         self, request: pb.GetCustomerSummaryRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetCustomerSummaryResponse:
         if not ID_PATTERN.fullmatch(request.customer_id):
-            raise InvalidQuery([FieldViolation("customer_id", "must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'")])
+            raise InvalidQuery([FieldViolation("customer_id", ID_RULE)])
         token = parse_token(request.consistency_token)
         await self._await_token(token, context, SUMMARY_PROJECTION)
         keys = self._summary_keys
@@ -278,10 +304,128 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
         if not 1 <= size <= MAX_PAGE_SIZE:
             problems.append(FieldViolation("page_size", f"must be 0 (default {DEFAULT_PAGE_SIZE}) to {MAX_PAGE_SIZE}"))
         if request.customer_id and not ID_PATTERN.fullmatch(request.customer_id):
-            problems.append(FieldViolation("customer_id", "must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'"))
+            problems.append(FieldViolation("customer_id", ID_RULE))
         if request.status not in types_pb2.OrderStatus.values():
             problems.append(FieldViolation("status", f"unknown status {request.status}"))
         if problems:
             raise InvalidQuery(problems)
         status = "" if request.status == 0 else types_pb2.OrderStatus.Name(request.status).removeprefix("ORDER_STATUS_")
         return size, status
+
+    # ------------------------------------------------------------------ live watch (read_service.watch)
+
+    async def WatchOrder(
+        self, request: pb.WatchOrderRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchOrderResponse]:
+        try:
+            if not ID_PATTERN.fullmatch(request.order_id):
+                raise InvalidQuery([FieldViolation("order_id", ID_RULE)])
+            token = parse_token(request.consistency_token)
+            # Registered before the first read: a change after that read is never missed, and one
+            # before it is skipped below by its version.
+            with self._feed.order(request.order_id) as watch:
+                view, consistency = await self._read_order(request.order_id, token, context)
+                yield pb.WatchOrderResponse(order=order_message(view), consistency=consistency)
+                sent = view.version
+                end = self._stream_end(context)
+                while True:
+                    try:
+                        async with asyncio.timeout_at(end):
+                            change = await watch.next()
+                    except TimeoutError:
+                        return  # just before the client's deadline: end cleanly, with OK
+                    if change is not None and change[1] <= sent:
+                        continue  # already sent that version or a later one
+                    [current], consistency_now = await self._current([request.order_id], token, context)
+                    if current is not None and consistency_now is not None and current.version > sent:
+                        yield pb.WatchOrderResponse(order=order_message(current), consistency=consistency_now)
+                        sent = current.version
+        except OrdersError as error:
+            await self._end_stream("WatchOrder", error, context)
+
+    async def WatchCustomerOrders(
+        self, request: pb.WatchCustomerOrdersRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchCustomerOrdersResponse]:
+        try:
+            if not ID_PATTERN.fullmatch(request.customer_id):
+                raise InvalidQuery([FieldViolation("customer_id", ID_RULE)])
+            token = parse_token(request.consistency_token)
+            index = self._keys.index(request.customer_id)
+            with self._feed.customer(request.customer_id) as watch:  # before the first read, as in WatchOrder
+                await self._await_token(token, context)
+                async with bounded_redis_call(context):
+                    reply = await self._page_script(
+                        keys=[index, self._keys.checkpoint, self._keys.rebuild_target],
+                        args=["+", SNAPSHOT_ORDERS + 1, self._keys.order("")],
+                    )
+                consistency = self._consistency(token, reply[0])
+                self._not_rebuilding(reply[1], consistency)
+                orders, more = self._fill_page(list(zip(reply[2::2], reply[3::2], strict=True)), SNAPSHOT_ORDERS)
+                sent = {order.order_id: order.version for order in orders}  # the version each order was sent at
+                yield pb.WatchCustomerOrdersResponse(
+                    orders=orders, initial=True, truncated=bool(more), consistency=consistency
+                )
+                end = self._stream_end(context)
+                while True:
+                    try:
+                        async with asyncio.timeout_at(end):
+                            change = await watch.next()
+                    except TimeoutError:
+                        return  # just before the client's deadline: end cleanly, with OK
+                    if change is None:  # notifications may have been lost: re-read the newest and the sent
+                        candidates = sorted(set(await self._newest_order_ids(index, context)) | set(sent))
+                    elif change[1] <= sent.get(change[0], 0):
+                        continue  # already sent that version or a later one
+                    else:
+                        candidates = [change[0]]
+                    for start in range(0, len(candidates), READ_CHUNK):
+                        views, consistency_now = await self._current(
+                            candidates[start : start + READ_CHUNK], token, context
+                        )
+                        for view in views:
+                            if view is None or consistency_now is None or view.version <= sent.get(view.order_id, 0):
+                                continue
+                            if view.order_id not in sent and len(sent) >= MAX_WATCHED_ORDERS:
+                                raise WatchLimit(
+                                    f"this stream has sent {MAX_WATCHED_ORDERS} different orders, the most one "
+                                    "stream tracks; resubscribe"
+                                )
+                            sent[view.order_id] = view.version
+                            yield pb.WatchCustomerOrdersResponse(
+                                orders=[order_message(view)], consistency=consistency_now
+                            )
+        except OrdersError as error:
+            await self._end_stream("WatchCustomerOrders", error, context)
+
+    @staticmethod
+    def _stream_end(context: grpc.aio.ServicerContext) -> float | None:
+        """When (event loop time) a stream stops waiting for changes: STREAM_END_MARGIN before the
+        client's deadline, so that it ends with OK instead of DEADLINE_EXCEEDED; never without one."""
+        remaining = context.time_remaining()
+        return None if remaining is None else asyncio.get_running_loop().time() + remaining - STREAM_END_MARGIN
+
+    async def _current(
+        self, order_ids: list[str], token: LogPosition | None, context: grpc.aio.ServicerContext
+    ) -> tuple[list[OrderView | None], pb.ReadConsistency | None]:
+        """The orders' views as they are now, in one snapshot with the checkpoint; no views (and no
+        consistency) while the views are flushed: their rebuild announces every order again."""
+        async with bounded_redis_call(context):
+            raw_checkpoint, *raws = await self._redis.mget(
+                self._keys.checkpoint, *(self._keys.order(order_id) for order_id in order_ids)
+            )
+        if raw_checkpoint is None:
+            return [None] * len(order_ids), None
+        views = [None if raw is None else OrderView.from_json(raw) for raw in raws]
+        return views, self._consistency(token, raw_checkpoint)
+
+    async def _newest_order_ids(self, index: str, context: grpc.aio.ServicerContext) -> list[str]:
+        async with bounded_redis_call(context):
+            members = await self._redis.zrevrangebylex(index, "+", "-", start=0, num=SNAPSHOT_ORDERS)
+        # Members are "{created_at_us:016d}:{order_id}".
+        return [(member if isinstance(member, str) else member.decode())[17:] for member in members]
+
+    @staticmethod
+    async def _end_stream(method: str, error: OrdersError, context: grpc.aio.ServicerContext) -> None:
+        level = logging.WARNING if isinstance(error, Unavailable) else logging.INFO
+        log.log(level, "%s ended: %s: %s", method, type(error).__name__, error)
+        await context.abort_with_status(to_status(error, ERRORS))

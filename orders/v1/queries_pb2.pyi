@@ -318,3 +318,137 @@ class CustomerSummary(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CustomerSummary: _TypeAlias = CustomerSummary  # noqa: Y015
+
+@_typing.final
+class WatchOrderRequest(_message.Message):
+    """Request to watch one order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
+    order_id: _builtins.str
+    """Order to watch."""
+    consistency_token: _builtins.str
+    """Optional consistency token from a command result: wait until the views
+    include that command's events before sending the first message (see
+    GetOrderRequest).
+    """
+    def __init__(
+        self,
+        *,
+        order_id: _builtins.str = ...,
+        consistency_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency_token", b"consistency_token", "order_id", b"order_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchOrderRequest: _TypeAlias = WatchOrderRequest  # noqa: Y015
+
+@_typing.final
+class WatchOrderResponse(_message.Message):
+    """One message of a WatchOrder stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDER_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def order(self) -> _types_pb2.Order:
+        """The order's view, with a higher version than the previous message's."""
+
+    @_builtins.property
+    def consistency(self) -> Global___ReadConsistency:
+        """Freshness of the view. `stale` stays true only until the views reach the
+        request's consistency token.
+        """
+
+    def __init__(
+        self,
+        *,
+        order: _types_pb2.Order | None = ...,
+        consistency: Global___ReadConsistency | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["consistency", b"consistency", "order", b"order"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency", b"consistency", "order", b"order"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchOrderResponse: _TypeAlias = WatchOrderResponse  # noqa: Y015
+
+@_typing.final
+class WatchCustomerOrdersRequest(_message.Message):
+    """Request to watch one customer's orders."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
+    customer_id: _builtins.str
+    """Customer whose orders to watch."""
+    consistency_token: _builtins.str
+    """Optional consistency token from a command result: wait until the views
+    include that command's events before sending the first message (see
+    GetOrderRequest).
+    """
+    def __init__(
+        self,
+        *,
+        customer_id: _builtins.str = ...,
+        consistency_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency_token", b"consistency_token", "customer_id", b"customer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchCustomerOrdersRequest: _TypeAlias = WatchCustomerOrdersRequest  # noqa: Y015
+
+@_typing.final
+class WatchCustomerOrdersResponse(_message.Message):
+    """One message of a WatchCustomerOrders stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDERS_FIELD_NUMBER: _builtins.int
+    INITIAL_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_FIELD_NUMBER: _builtins.int
+    initial: _builtins.bool
+    """True in the first message only."""
+    truncated: _builtins.bool
+    """True when the first message does not hold all of the customer's orders.
+    Page through ListOrders with this customer_id for the older ones. Changes
+    of those orders are still streamed.
+    """
+    @_builtins.property
+    def orders(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Order]:
+        """In the first message: the customer's current orders, newest first, at
+        most 100 (fewer when they would pass 3 MiB; see `truncated`). In every
+        later message: exactly one order, as it is after a change.
+        """
+
+    @_builtins.property
+    def consistency(self) -> Global___ReadConsistency:
+        """Freshness of the answer, as in WatchOrderResponse."""
+
+    def __init__(
+        self,
+        *,
+        orders: _abc.Iterable[_types_pb2.Order] | None = ...,
+        initial: _builtins.bool = ...,
+        truncated: _builtins.bool = ...,
+        consistency: Global___ReadConsistency | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["consistency", b"consistency"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency", b"consistency", "initial", b"initial", "orders", b"orders", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchCustomerOrdersResponse: _TypeAlias = WatchCustomerOrdersResponse  # noqa: Y015

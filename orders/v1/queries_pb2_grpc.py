@@ -59,6 +59,16 @@ class OrderQueriesStub:
                 request_serializer=orders_dot_v1_dot_queries__pb2.GetCustomerSummaryRequest.SerializeToString,
                 response_deserializer=orders_dot_v1_dot_queries__pb2.GetCustomerSummaryResponse.FromString,
                 _registered_method=True)
+        self.WatchOrder = channel.unary_stream(
+                '/orders.v1.OrderQueries/WatchOrder',
+                request_serializer=orders_dot_v1_dot_queries__pb2.WatchOrderRequest.SerializeToString,
+                response_deserializer=orders_dot_v1_dot_queries__pb2.WatchOrderResponse.FromString,
+                _registered_method=True)
+        self.WatchCustomerOrders = channel.unary_stream(
+                '/orders.v1.OrderQueries/WatchCustomerOrders',
+                request_serializer=orders_dot_v1_dot_queries__pb2.WatchCustomerOrdersRequest.SerializeToString,
+                response_deserializer=orders_dot_v1_dot_queries__pb2.WatchCustomerOrdersResponse.FromString,
+                _registered_method=True)
 
 
 class OrderQueriesServicer:
@@ -96,6 +106,48 @@ class OrderQueriesServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchOrder(self, request, context):
+        """Streams one order: first its current view (as GetOrder answers it), then
+        the order again after each change, until the client cancels or its
+        deadline comes, or the server stops. Versions in a stream only increase:
+        no version is sent twice or out of order. A message holds the order as it
+        is when it is sent, so intermediate versions can be left out: several
+        changes that the sync worker applies at once, or that happen while the
+        client has not read the previous messages yet, arrive as one message with
+        the latest view.
+
+        A stream with a deadline ends with OK about 100 ms before it (with
+        DEADLINE_EXCEEDED only if the server could not end it in time). Otherwise
+        the stream ends with: INVALID_ARGUMENT, NOT_FOUND or UNAVAILABLE as in
+        GetOrder, instead of the first message; UNAVAILABLE with reason
+        SERVER_SHUTTING_DOWN (and RetryInfo) when the server stops: reconnect, to
+        another instance if there is one; UNAVAILABLE with reason
+        VIEWS_UNAVAILABLE when Redis becomes unreachable; RESOURCE_EXHAUSTED with
+        reason WATCH_LIMIT when the server already holds its maximum of watch
+        streams (half of its concurrent RPCs): retry later or elsewhere.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchCustomerOrders(self, request, context):
+        """Streams a customer's orders: first the customer's current orders (at most
+        the newest 100, see WatchCustomerOrdersResponse), then each order of that
+        customer again after each change, including orders created later. Per
+        order, versions only increase, as in WatchOrder; orders can be coalesced
+        the same way. A customer without orders gets an empty first message.
+
+        The stream ends as WatchOrder's does (without NOT_FOUND), and also with
+        RESOURCE_EXHAUSTED: reason CLIENT_TOO_SLOW when more than 1000 of the
+        customer's orders changed while the client had not read the previous
+        messages, and reason WATCH_LIMIT once one stream has sent 10000 different
+        orders. In both cases, resubscribe: the first message brings the client
+        up to date again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrderQueriesServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +165,16 @@ def add_OrderQueriesServicer_to_server(servicer, server):
                     servicer.GetCustomerSummary,
                     request_deserializer=orders_dot_v1_dot_queries__pb2.GetCustomerSummaryRequest.FromString,
                     response_serializer=orders_dot_v1_dot_queries__pb2.GetCustomerSummaryResponse.SerializeToString,
+            ),
+            'WatchOrder': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchOrder,
+                    request_deserializer=orders_dot_v1_dot_queries__pb2.WatchOrderRequest.FromString,
+                    response_serializer=orders_dot_v1_dot_queries__pb2.WatchOrderResponse.SerializeToString,
+            ),
+            'WatchCustomerOrders': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchCustomerOrders,
+                    request_deserializer=orders_dot_v1_dot_queries__pb2.WatchCustomerOrdersRequest.FromString,
+                    response_serializer=orders_dot_v1_dot_queries__pb2.WatchCustomerOrdersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -206,6 +268,60 @@ class OrderQueries:
             '/orders.v1.OrderQueries/GetCustomerSummary',
             orders_dot_v1_dot_queries__pb2.GetCustomerSummaryRequest.SerializeToString,
             orders_dot_v1_dot_queries__pb2.GetCustomerSummaryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchOrder(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/orders.v1.OrderQueries/WatchOrder',
+            orders_dot_v1_dot_queries__pb2.WatchOrderRequest.SerializeToString,
+            orders_dot_v1_dot_queries__pb2.WatchOrderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchCustomerOrders(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/orders.v1.OrderQueries/WatchCustomerOrders',
+            orders_dot_v1_dot_queries__pb2.WatchCustomerOrdersRequest.SerializeToString,
+            orders_dot_v1_dot_queries__pb2.WatchCustomerOrdersResponse.FromString,
             options,
             channel_credentials,
             insecure,

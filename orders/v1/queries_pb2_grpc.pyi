@@ -51,6 +51,40 @@ class OrderQueriesStub:
     """Returns a customer's order statistics, from the customer summary projection.
     NOT_FOUND when the customer has no orders.
     """
+    WatchOrder: _grpc.UnaryStreamMultiCallable[_queries_pb2.WatchOrderRequest, _queries_pb2.WatchOrderResponse]
+    """Streams one order: first its current view (as GetOrder answers it), then
+    the order again after each change, until the client cancels or its
+    deadline comes, or the server stops. Versions in a stream only increase:
+    no version is sent twice or out of order. A message holds the order as it
+    is when it is sent, so intermediate versions can be left out: several
+    changes that the sync worker applies at once, or that happen while the
+    client has not read the previous messages yet, arrive as one message with
+    the latest view.
+
+    A stream with a deadline ends with OK about 100 ms before it (with
+    DEADLINE_EXCEEDED only if the server could not end it in time). Otherwise
+    the stream ends with: INVALID_ARGUMENT, NOT_FOUND or UNAVAILABLE as in
+    GetOrder, instead of the first message; UNAVAILABLE with reason
+    SERVER_SHUTTING_DOWN (and RetryInfo) when the server stops: reconnect, to
+    another instance if there is one; UNAVAILABLE with reason
+    VIEWS_UNAVAILABLE when Redis becomes unreachable; RESOURCE_EXHAUSTED with
+    reason WATCH_LIMIT when the server already holds its maximum of watch
+    streams (half of its concurrent RPCs): retry later or elsewhere.
+    """
+    WatchCustomerOrders: _grpc.UnaryStreamMultiCallable[_queries_pb2.WatchCustomerOrdersRequest, _queries_pb2.WatchCustomerOrdersResponse]
+    """Streams a customer's orders: first the customer's current orders (at most
+    the newest 100, see WatchCustomerOrdersResponse), then each order of that
+    customer again after each change, including orders created later. Per
+    order, versions only increase, as in WatchOrder; orders can be coalesced
+    the same way. A customer without orders gets an empty first message.
+
+    The stream ends as WatchOrder's does (without NOT_FOUND), and also with
+    RESOURCE_EXHAUSTED: reason CLIENT_TOO_SLOW when more than 1000 of the
+    customer's orders changed while the client had not read the previous
+    messages, and reason WATCH_LIMIT once one stream has sent 10000 different
+    orders. In both cases, resubscribe: the first message brings the client
+    up to date again.
+    """
 
 @_typing.type_check_only
 class OrderQueriesAsyncStub(OrderQueriesStub):
@@ -74,6 +108,40 @@ class OrderQueriesAsyncStub(OrderQueriesStub):
     GetCustomerSummary: _aio.UnaryUnaryMultiCallable[_queries_pb2.GetCustomerSummaryRequest, _queries_pb2.GetCustomerSummaryResponse]  # type: ignore[assignment]
     """Returns a customer's order statistics, from the customer summary projection.
     NOT_FOUND when the customer has no orders.
+    """
+    WatchOrder: _aio.UnaryStreamMultiCallable[_queries_pb2.WatchOrderRequest, _queries_pb2.WatchOrderResponse]  # type: ignore[assignment]
+    """Streams one order: first its current view (as GetOrder answers it), then
+    the order again after each change, until the client cancels or its
+    deadline comes, or the server stops. Versions in a stream only increase:
+    no version is sent twice or out of order. A message holds the order as it
+    is when it is sent, so intermediate versions can be left out: several
+    changes that the sync worker applies at once, or that happen while the
+    client has not read the previous messages yet, arrive as one message with
+    the latest view.
+
+    A stream with a deadline ends with OK about 100 ms before it (with
+    DEADLINE_EXCEEDED only if the server could not end it in time). Otherwise
+    the stream ends with: INVALID_ARGUMENT, NOT_FOUND or UNAVAILABLE as in
+    GetOrder, instead of the first message; UNAVAILABLE with reason
+    SERVER_SHUTTING_DOWN (and RetryInfo) when the server stops: reconnect, to
+    another instance if there is one; UNAVAILABLE with reason
+    VIEWS_UNAVAILABLE when Redis becomes unreachable; RESOURCE_EXHAUSTED with
+    reason WATCH_LIMIT when the server already holds its maximum of watch
+    streams (half of its concurrent RPCs): retry later or elsewhere.
+    """
+    WatchCustomerOrders: _aio.UnaryStreamMultiCallable[_queries_pb2.WatchCustomerOrdersRequest, _queries_pb2.WatchCustomerOrdersResponse]  # type: ignore[assignment]
+    """Streams a customer's orders: first the customer's current orders (at most
+    the newest 100, see WatchCustomerOrdersResponse), then each order of that
+    customer again after each change, including orders created later. Per
+    order, versions only increase, as in WatchOrder; orders can be coalesced
+    the same way. A customer without orders gets an empty first message.
+
+    The stream ends as WatchOrder's does (without NOT_FOUND), and also with
+    RESOURCE_EXHAUSTED: reason CLIENT_TOO_SLOW when more than 1000 of the
+    customer's orders changed while the client had not read the previous
+    messages, and reason WATCH_LIMIT once one stream has sent 10000 different
+    orders. In both cases, resubscribe: the first message brings the client
+    up to date again.
     """
 
 class OrderQueriesServicer(metaclass=_abc_1.ABCMeta):
@@ -113,6 +181,52 @@ class OrderQueriesServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_queries_pb2.GetCustomerSummaryResponse, _abc.Awaitable[_queries_pb2.GetCustomerSummaryResponse]]:
         """Returns a customer's order statistics, from the customer summary projection.
         NOT_FOUND when the customer has no orders.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchOrder(
+        self,
+        request: _queries_pb2.WatchOrderRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_queries_pb2.WatchOrderResponse], _abc.AsyncIterator[_queries_pb2.WatchOrderResponse]]:
+        """Streams one order: first its current view (as GetOrder answers it), then
+        the order again after each change, until the client cancels or its
+        deadline comes, or the server stops. Versions in a stream only increase:
+        no version is sent twice or out of order. A message holds the order as it
+        is when it is sent, so intermediate versions can be left out: several
+        changes that the sync worker applies at once, or that happen while the
+        client has not read the previous messages yet, arrive as one message with
+        the latest view.
+
+        A stream with a deadline ends with OK about 100 ms before it (with
+        DEADLINE_EXCEEDED only if the server could not end it in time). Otherwise
+        the stream ends with: INVALID_ARGUMENT, NOT_FOUND or UNAVAILABLE as in
+        GetOrder, instead of the first message; UNAVAILABLE with reason
+        SERVER_SHUTTING_DOWN (and RetryInfo) when the server stops: reconnect, to
+        another instance if there is one; UNAVAILABLE with reason
+        VIEWS_UNAVAILABLE when Redis becomes unreachable; RESOURCE_EXHAUSTED with
+        reason WATCH_LIMIT when the server already holds its maximum of watch
+        streams (half of its concurrent RPCs): retry later or elsewhere.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchCustomerOrders(
+        self,
+        request: _queries_pb2.WatchCustomerOrdersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_queries_pb2.WatchCustomerOrdersResponse], _abc.AsyncIterator[_queries_pb2.WatchCustomerOrdersResponse]]:
+        """Streams a customer's orders: first the customer's current orders (at most
+        the newest 100, see WatchCustomerOrdersResponse), then each order of that
+        customer again after each change, including orders created later. Per
+        order, versions only increase, as in WatchOrder; orders can be coalesced
+        the same way. A customer without orders gets an empty first message.
+
+        The stream ends as WatchOrder's does (without NOT_FOUND), and also with
+        RESOURCE_EXHAUSTED: reason CLIENT_TOO_SLOW when more than 1000 of the
+        customer's orders changed while the client had not read the previous
+        messages, and reason WATCH_LIMIT once one stream has sent 10000 different
+        orders. In both cases, resubscribe: the first message brings the client
+        up to date again.
         """
 
 def add_OrderQueriesServicer_to_server(servicer: OrderQueriesServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

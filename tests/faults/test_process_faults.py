@@ -15,7 +15,7 @@ import pytest
 from orders.v1 import commands_pb2 as cmd
 from orders.v1 import queries_pb2 as qry
 from tests.faults.conftest import Cluster, Load, assert_consistent, run_load_while
-from tests.helpers import create_request, money
+from tests.helpers import create_request, eventually, money
 
 
 async def test_sync_worker_killed_at_random_moments(cluster: Cluster) -> None:
@@ -100,7 +100,16 @@ async def test_redis_lost_during_load_is_rebuilt_and_never_claims_not_found(clus
             await cluster.servers.stop_redis()
             await asyncio.sleep(1.0)
             await cluster.servers.start_redis(empty=True)
-        await asyncio.sleep(3.0)
+        await asyncio.sleep(1.0)
+        redis = cluster.redis()
+
+        async def rebuilt() -> None:  # bounded by time, not by machine speed
+            assert await redis.exists(cluster.keys.checkpoint)
+            assert not await redis.exists(cluster.keys.rebuild_target)
+
+        await eventually(rebuilt, timeout=30)
+        await redis.aclose()
+        await asyncio.sleep(0.5)
         stop_reading.set()
         await reader
 

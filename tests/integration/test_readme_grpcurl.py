@@ -76,6 +76,7 @@ async def test_every_readme_grpcurl_example_works_as_printed(system: System) -> 
         "GetOrder",
         "ListOrders",
         "GetCustomerSummary",
+        "WatchOrder",
     }
     assert "orders.v1.OrderCommands" in text
     assert "grpc.reflection.v1alpha.ServerReflection" in text

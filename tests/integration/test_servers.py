@@ -48,7 +48,7 @@ COMMAND_METHODS = {
     "ShipOrder",
     "CancelOrder",
 }
-QUERY_METHODS = {"GetOrder", "ListOrders", "GetCustomerSummary"}
+QUERY_METHODS = {"GetOrder", "ListOrders", "GetCustomerSummary", "WatchOrder", "WatchCustomerOrders"}
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 

@@ -26,6 +26,7 @@ from orders.errors import (
 )
 from orders.rpc_errors import ERROR_DOMAIN, RETRY_DELAY_SECONDS, ErrorTable, to_status
 from read_service.servicer import ERRORS as READ_ERRORS
+from read_service.watch import ClientTooSlow, ShuttingDown, WatchLimit
 from write_service.servicer import ERRORS as WRITE_ERRORS
 
 DETAILS_KEY = "grpc-status-details-bin"
@@ -154,6 +155,24 @@ CASES = [
         READ_ERRORS,
         Expected(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED"),
         id="read-DeadlineExceeded",
+    ),
+    pytest.param(
+        ShuttingDown(),
+        READ_ERRORS,
+        Expected(grpc.StatusCode.UNAVAILABLE, "SERVER_SHUTTING_DOWN"),
+        id="read-ShuttingDown",
+    ),
+    pytest.param(
+        ClientTooSlow(1000),
+        READ_ERRORS,
+        Expected(grpc.StatusCode.RESOURCE_EXHAUSTED, "CLIENT_TOO_SLOW"),
+        id="read-ClientTooSlow",
+    ),
+    pytest.param(
+        WatchLimit("this server holds its maximum of 500 watch streams; retry later"),
+        READ_ERRORS,
+        Expected(grpc.StatusCode.RESOURCE_EXHAUSTED, "WATCH_LIMIT"),
+        id="read-WatchLimit",
     ),
     pytest.param(
         SomethingUnforeseen("surprise"), READ_ERRORS, Expected(grpc.StatusCode.INTERNAL, "INTERNAL"), id="read-unknown"
