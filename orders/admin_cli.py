@@ -2,7 +2,11 @@
 
     orders-admin list                      every projection: state, checkpoint, lag, errors
     orders-admin pause NAME | resume NAME  stop or restart applying events
-    orders-admin rebuild NAME [--wait]     replay a projection from scratch, showing progress
+    orders-admin rebuild NAME [--wait]     replay a projection from scratch into a new generation of
+                                           keys while the current one serves, then switch; --wait
+                                           shows progress (events done of total, rate, time left)
+    orders-admin rebuild NAME --in-place   delete the views and replay them in place (no room for
+                                           two generations; queries answer UNAVAILABLE meanwhile)
     orders-admin parked NAME               orders parked on a poison event (--poison-policy park)
     orders-admin retry NAME ORDER_ID       apply an order's parked events again, in order
 
@@ -37,8 +41,9 @@ def progress(status: pb.ProjectionStatus) -> str:
     if not status.HasField("rebuild"):
         return status.last_error
     share = rebuild.events_done / rebuild.events_total if rebuild.events_total else 1.0
+    kind = "in place" if rebuild.in_place else f"into generation {rebuild.generation}"
     return (
-        f"rebuild {rebuild.events_done}/{rebuild.events_total} ({share:.0%}), "
+        f"rebuild {kind} {rebuild.events_done}/{rebuild.events_total} ({share:.0%}), "
         f"{rebuild.events_per_second:,.0f} events/s, {rebuild.seconds_left:.0f}s left"
     )
 
@@ -100,12 +105,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for name, text in (
         ("pause", "stop applying events"),
         ("resume", "apply events again"),
-        ("rebuild", "replay from scratch, in place"),
+        ("rebuild", "replay from scratch into a new generation, then switch (or --in-place)"),
     ):
         command = commands.add_parser(name, help=text)
         command.add_argument("projection", help="projection name, e.g. orders or customer_summary")
         if name == "rebuild":
             command.add_argument("--wait", action="store_true", help="show progress until the rebuild is done")
+            command.add_argument(
+                "--in-place", action="store_true", help="delete the views and replay them in place (downtime)"
+            )
     commands.add_parser("parked", help="list parked orders").add_argument("projection")
     retry = commands.add_parser("retry", help="retry an order's parked events")
     retry.add_argument("projection")
@@ -145,6 +153,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "resume": pb.ResumeProjectionRequest,
                 "rebuild": pb.RebuildProjectionRequest,
             }[command](name=name)
+            if command == "rebuild":
+                request = pb.RebuildProjectionRequest(name=name, in_place=args.in_place)
             reply = call[command](request, timeout=30)
             if command == "rebuild" and args.wait:
                 wait_for_rebuild(stub, name, as_json)

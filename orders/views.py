@@ -19,10 +19,17 @@ Keys, under a configurable prefix (default "orders:"):
     {p}rebuild-started:orders               when the current rebuild started (Redis clock, ms)
     {p}parked:orders, {p}parked:orders:{id}  dead-letter: orders parked on a poison event, and
     {p}parked-errors:orders                  their events' positions and errors
+    {p}generation:orders                    the generation readers use (absent = 0), see below
+    {p}next-generation:orders               while a zero-downtime rebuild runs: the generation it builds
+    {p}retired:orders                       after a switch: set of old generations whose keys are being deleted
 The customer summary projection keeps its own keys, checkpoint, lease and heartbeat:
     {p}summary:customer:{customer_id}       a customer's summary, JSON
     {p}summary:order:{order_id}             the projection's own copy of each order's view
     {p}checkpoint:customer_summary, {p}lease:customer_summary, ...
+Generations: a zero-downtime rebuild writes generation n+1 of a projection while generation n
+serves. Generation 0 has the names above; generation n > 0 puts `g{n}:` after the prefix of every
+view key, the checkpoint, the rebuild mark, `applied` and the parked keys (`{p}g1:order:{id}`,
+`{p}g1:checkpoint:orders`). Lease, heartbeat, paused, the pointers and the channels have no generation.
 Channels:
     {p}checkpoint:orders                    the new checkpoint, published with every batch
     {p}changes:orders                       the orders a batch changed, published with it:
@@ -113,19 +120,29 @@ class ViewKeys:
 
     prefix: str = "orders:"
     projection: str = field(default=PROJECTION)
+    generation: int = 0
+
+    @property
+    def gprefix(self) -> str:
+        """The prefix of this generation's keys."""
+        return generation_prefix(self.prefix, self.generation)
+
+    def at(self, generation: int) -> ViewKeys:
+        """The keys of another generation of this projection."""
+        return replace(self, generation=generation)
 
     def order(self, order_id: str) -> str:
-        return f"{self.prefix}order:{order_id}"
+        return f"{self.gprefix}order:{order_id}"
 
     def index(self, customer_id: str = "", status: str = "") -> str:
         """The index holding exactly the orders matching both filters (empty = any)."""
         if customer_id and status:
-            return f"{self.prefix}idx:customer:{customer_id}:{status}"
+            return f"{self.gprefix}idx:customer:{customer_id}:{status}"
         if customer_id:
-            return f"{self.prefix}idx:customer:{customer_id}"
+            return f"{self.gprefix}idx:customer:{customer_id}"
         if status:
-            return f"{self.prefix}idx:status:{status}"
-        return f"{self.prefix}idx:all"
+            return f"{self.gprefix}idx:status:{status}"
+        return f"{self.gprefix}idx:all"
 
     def indexes_of(self, view: OrderView) -> list[str]:
         """Every index that lists `view` in its current status."""
@@ -133,18 +150,33 @@ class ViewKeys:
         return [self.index(), self.index(customer), self.index("", status), self.index(customer, status)]
 
     def summary_customer(self, customer_id: str) -> str:
-        return f"{self.prefix}summary:customer:{customer_id}"
+        return f"{self.gprefix}summary:customer:{customer_id}"
 
     def summary_order(self, order_id: str) -> str:
-        return f"{self.prefix}summary:order:{order_id}"
+        return f"{self.gprefix}summary:order:{order_id}"
 
     def of(self, projection: str) -> ViewKeys:
-        """The keys of another projection under the same prefix."""
+        """The keys of another projection under the same prefix (generation 0)."""
         return ViewKeys(self.prefix, projection)
 
     @property
+    def generation_pointer(self) -> str:
+        """The generation that readers use and live batches go to; absent means 0."""
+        return f"{self.prefix}generation:{self.projection}"
+
+    @property
+    def next_generation(self) -> str:
+        """While a zero-downtime rebuild runs: the generation being built."""
+        return f"{self.prefix}next-generation:{self.projection}"
+
+    @property
+    def retired(self) -> str:
+        """After a switch: set of old generations whose keys the worker deletes in chunks."""
+        return f"{self.prefix}retired:{self.projection}"
+
+    @property
     def checkpoint(self) -> str:
-        return f"{self.prefix}checkpoint:{self.projection}"
+        return f"{self.gprefix}checkpoint:{self.projection}"
 
     @property
     def checkpoint_channel(self) -> str:
@@ -157,7 +189,7 @@ class ViewKeys:
 
     @property
     def rebuild_target(self) -> str:
-        return f"{self.prefix}rebuild:{self.projection}"
+        return f"{self.gprefix}rebuild:{self.projection}"
 
     @property
     def lease(self) -> str:
@@ -169,7 +201,7 @@ class ViewKeys:
 
     @property
     def applied(self) -> str:
-        return f"{self.prefix}applied:{self.projection}"
+        return f"{self.gprefix}applied:{self.projection}"
 
     @property
     def paused(self) -> str:
@@ -182,16 +214,16 @@ class ViewKeys:
     @property
     def parked(self) -> str:
         """Sorted set of the orders whose events are parked, scored by their first parked position."""
-        return f"{self.prefix}parked:{self.projection}"
+        return f"{self.gprefix}parked:{self.projection}"
 
     def parked_events(self, order_id: str) -> str:
         """List of the positions of one order's parked events, in log order."""
-        return f"{self.prefix}parked:{self.projection}:{order_id}"
+        return f"{self.gprefix}parked:{self.projection}:{order_id}"
 
     @property
     def parked_errors(self) -> str:
         """Hash from parked order id to the error that parked it."""
-        return f"{self.prefix}parked-errors:{self.projection}"
+        return f"{self.gprefix}parked-errors:{self.projection}"
 
     @property
     def parked_requests(self) -> str:
@@ -200,10 +232,55 @@ class ViewKeys:
 
     def view_patterns(self) -> list[str]:
         """SCAN patterns of every view key of this projection (to delete them for a rebuild)."""
-        parked = [f"{self.prefix}parked:{self.projection}*", self.parked_errors]
+        parked = [f"{self.gprefix}parked:{self.projection}*", self.parked_errors]
         if self.projection == SUMMARY_PROJECTION:
-            return [f"{self.prefix}summary:*", *parked]
-        return [f"{self.prefix}order:*", f"{self.prefix}idx:*", *parked]
+            return [f"{self.gprefix}summary:*", *parked]
+        return [f"{self.gprefix}order:*", f"{self.gprefix}idx:*", *parked]
+
+    @property
+    def generation_keys(self) -> list[str]:
+        """This generation's single keys outside the view patterns."""
+        return [self.checkpoint, self.rebuild_target, self.applied]
+
+
+def generation_prefix(prefix: str, generation: int) -> str:
+    return prefix if generation == 0 else f"{prefix}g{generation}:"
+
+
+def parse_generation(raw: str | bytes | None) -> int:
+    """A generation pointer's value; absent means 0 (also for `next-generation`: none is built)."""
+    return 0 if raw is None else int(raw)
+
+
+# KEYS[1]: a projection's generation pointer. ARGV[1]: the key prefix; ARGV[2..]: key names without
+# the prefix. GETs those keys of the generation the pointer names, in one atomic step, so a reader
+# never mixes generations nor reads one that a switch has just retired.
+GENERATION_PREFIX_LUA = """
+local p = ARGV[1]
+local g = redis.call('GET', KEYS[1])
+if g and g ~= '0' then p = p .. 'g' .. g .. ':' end
+"""
+_READ_LIVE = (
+    GENERATION_PREFIX_LUA
+    + """
+local result = {}
+for i = 2, #ARGV do result[#result + 1] = redis.call('GET', p .. ARGV[i]) end
+return result
+"""
+)
+
+
+class LiveReader:
+    """Reads a projection's keys in its live generation, resolved in the same round trip."""
+
+    def __init__(self, redis: Redis, keys: ViewKeys) -> None:
+        self._script = redis.register_script(_READ_LIVE)
+        self.keys = keys
+        self.rel = ViewKeys("", keys.projection)  # key names without prefix or generation
+
+    async def get(self, *names: str) -> list[str | None]:
+        """The values of `names` (from `self.rel`) in the live generation."""
+        return list(await self._script(keys=[self.keys.generation_pointer], args=[self.keys.prefix, *names]))
 
 
 def redis_client(url: str) -> Redis:

@@ -16,7 +16,7 @@ import redis.exceptions
 from redis.asyncio import Redis
 
 from orders.consistency import LogPosition
-from orders.views import ViewKeys
+from orders.views import LiveReader, ViewKeys
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,7 @@ class CheckpointWatcher:
     def __init__(self, redis: Redis, keys: ViewKeys) -> None:
         self._redis = redis
         self._keys = keys
+        self._live = LiveReader(redis, keys)
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
         self._waiting = 0
@@ -64,6 +65,11 @@ class CheckpointWatcher:
         async with self._changed:
             self._changed.notify_all()
 
+    async def _checkpoint(self) -> str | None:
+        """The live generation's checkpoint (a zero-downtime rebuild switches generations)."""
+        [raw] = await self._live.get(self._live.rel.checkpoint)
+        return raw
+
     async def _follow(self) -> None:
         while True:
             try:
@@ -75,10 +81,10 @@ class CheckpointWatcher:
     async def _subscribe_and_listen(self) -> None:
         async with self._redis.pubsub() as pubsub:
             await pubsub.subscribe(self._keys.checkpoint_channel)
-            await self._set(await self._redis.get(self._keys.checkpoint))
+            await self._set(await self._checkpoint())
             while True:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                 if message is not None:
                     await self._set(message["data"])
                 elif self._waiting:  # re-read in case a publication was lost
-                    await self._set(await self._redis.get(self._keys.checkpoint))
+                    await self._set(await self._checkpoint())

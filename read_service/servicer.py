@@ -9,6 +9,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import redis.exceptions
@@ -30,7 +31,15 @@ from orders.errors import (
 from orders.rpc_errors import ErrorTable, to_status, translate_errors
 from orders.v1 import queries_pb2 as pb
 from orders.v1 import queries_pb2_grpc, types_pb2
-from orders.views import PROJECTION, SUMMARY_PROJECTION, CustomerSummaryView, OrderView, ViewKeys
+from orders.views import (
+    GENERATION_PREFIX_LUA,
+    PROJECTION,
+    SUMMARY_PROJECTION,
+    CustomerSummaryView,
+    LiveReader,
+    OrderView,
+    ViewKeys,
+)
 from read_service.freshness import CheckpointWatcher
 from read_service.watch import MAX_WATCHED_ORDERS, ChangeFeed, ClientTooSlow, ShuttingDown, WatchLimit
 
@@ -60,16 +69,21 @@ ERRORS: ErrorTable = {
     WatchLimit: (grpc.StatusCode.RESOURCE_EXHAUSTED, "WATCH_LIMIT"),
 }
 
-# One round trip, one consistent snapshot: the checkpoint, the rebuild mark, then (member, view) pairs of a page.
-_PAGE_SCRIPT = """
-local members = redis.call('ZREVRANGEBYLEX', KEYS[1], ARGV[1], '-', 'LIMIT', 0, tonumber(ARGV[2]))
-local result = {redis.call('GET', KEYS[2]), redis.call('GET', KEYS[3])}
+# One round trip, one consistent snapshot of the live generation: the checkpoint, the rebuild mark,
+# then (member, view) pairs of a page. KEYS[1]: the generation pointer. ARGV: the prefix, then the
+# index, checkpoint, rebuild mark and order-key names without it, the page start and size.
+_PAGE_SCRIPT = (
+    GENERATION_PREFIX_LUA
+    + """
+local members = redis.call('ZREVRANGEBYLEX', p .. ARGV[2], ARGV[6], '-', 'LIMIT', 0, tonumber(ARGV[7]))
+local result = {redis.call('GET', p .. ARGV[3]), redis.call('GET', p .. ARGV[4])}
 for _, member in ipairs(members) do
   result[#result + 1] = member
-  result[#result + 1] = redis.call('GET', ARGV[3] .. string.sub(member, 18))
+  result[#result + 1] = redis.call('GET', p .. ARGV[5] .. string.sub(member, 18))
 end
 return result
 """
+)
 
 
 @asynccontextmanager
@@ -186,6 +200,8 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
         self._max_wait = max_wait
         self._feed = feed  # changed orders, for the Watch streams
         self._page_script = redis.register_script(_PAGE_SCRIPT)
+        self._orders = LiveReader(redis, keys)
+        self._summaries = LiveReader(redis, self._summary_keys)
 
     async def _await_token(
         self, token: LogPosition | None, context: grpc.aio.ServicerContext, projection: str = PROJECTION
@@ -225,8 +241,9 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
         """One order's view once the views reached `token` (or the wait ended), or the reason why not."""
         await self._await_token(token, context)
         async with bounded_redis_call(context):
-            raw_view, raw_checkpoint, raw_target = await self._redis.mget(
-                self._keys.order(order_id), self._keys.checkpoint, self._keys.rebuild_target
+            rel = self._orders.rel
+            raw_checkpoint, raw_target, raw_view = await self._orders.get(
+                rel.checkpoint, rel.rebuild_target, rel.order(order_id)
             )
         consistency = self._consistency(token, raw_checkpoint)
         if raw_view is None:
@@ -247,18 +264,24 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
         token = parse_token(request.consistency_token)
         cursor = PageCursor.decode(request.page_token, request.customer_id, status) if request.page_token else None
         await self._await_token(token, context)
-        index = self._keys.index(request.customer_id, status)
         start = f"({cursor.after}" if cursor else "+"
         async with bounded_redis_call(context):
-            reply = await self._page_script(
-                keys=[index, self._keys.checkpoint, self._keys.rebuild_target],
-                args=[start, size + 1, self._keys.order("")],
-            )
+            reply = await self._page(self._orders.rel.index(request.customer_id, status), start, size + 1)
         consistency = self._consistency(token, reply[0])
         self._not_rebuilding(reply[1], consistency)
         orders, last_member = self._fill_page(list(zip(reply[2::2], reply[3::2], strict=True)), size)
         next_token = PageCursor(request.customer_id, status, last_member).encode() if last_member else ""
         return pb.ListOrdersResponse(orders=orders, next_page_token=next_token, consistency=consistency)
+
+    async def _page(self, index: str, start: str, limit: int) -> list[Any]:
+        """The live generation's checkpoint, rebuild mark and (member, view) pairs of index `index`
+        (a name from `self._orders.rel`) from `start`, at most `limit`."""
+        rel = self._orders.rel
+        reply = await self._page_script(
+            keys=[self._keys.generation_pointer],
+            args=[self._keys.prefix, index, rel.checkpoint, rel.rebuild_target, rel.order(""), start, limit],
+        )
+        return list(reply)
 
     @staticmethod
     def _fill_page(pairs: list[tuple[str, str | None]], size: int) -> tuple[list[types_pb2.Order], str]:
@@ -283,10 +306,10 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
             raise InvalidQuery([FieldViolation("customer_id", ID_RULE)])
         token = parse_token(request.consistency_token)
         await self._await_token(token, context, SUMMARY_PROJECTION)
-        keys = self._summary_keys
+        rel = self._summaries.rel
         async with bounded_redis_call(context):
-            raw, raw_checkpoint, raw_target = await self._redis.mget(
-                keys.summary_customer(request.customer_id), keys.checkpoint, keys.rebuild_target
+            raw_checkpoint, raw_target, raw = await self._summaries.get(
+                rel.checkpoint, rel.rebuild_target, rel.summary_customer(request.customer_id)
             )
         consistency = self._consistency(token, raw_checkpoint)
         if raw is None:
@@ -350,14 +373,11 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
             if not ID_PATTERN.fullmatch(request.customer_id):
                 raise InvalidQuery([FieldViolation("customer_id", ID_RULE)])
             token = parse_token(request.consistency_token)
-            index = self._keys.index(request.customer_id)
+            index = self._orders.rel.index(request.customer_id)
             with self._feed.customer(request.customer_id) as watch:  # before the first read, as in WatchOrder
                 await self._await_token(token, context)
                 async with bounded_redis_call(context):
-                    reply = await self._page_script(
-                        keys=[index, self._keys.checkpoint, self._keys.rebuild_target],
-                        args=["+", SNAPSHOT_ORDERS + 1, self._keys.order("")],
-                    )
+                    reply = await self._page(index, "+", SNAPSHOT_ORDERS + 1)
                 consistency = self._consistency(token, reply[0])
                 self._not_rebuilding(reply[1], consistency)
                 orders, more = self._fill_page(list(zip(reply[2::2], reply[3::2], strict=True)), SNAPSHOT_ORDERS)
@@ -410,9 +430,8 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
         """The orders' views as they are now, in one snapshot with the checkpoint; no views (and no
         consistency) while the views are flushed: their rebuild announces every order again."""
         async with bounded_redis_call(context):
-            raw_checkpoint, *raws = await self._redis.mget(
-                self._keys.checkpoint, *(self._keys.order(order_id) for order_id in order_ids)
-            )
+            rel = self._orders.rel
+            raw_checkpoint, *raws = await self._orders.get(rel.checkpoint, *(rel.order(i) for i in order_ids))
         if raw_checkpoint is None:
             return [None] * len(order_ids), None
         views = [None if raw is None else OrderView.from_json(raw) for raw in raws]
@@ -420,9 +439,9 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
 
     async def _newest_order_ids(self, index: str, context: grpc.aio.ServicerContext) -> list[str]:
         async with bounded_redis_call(context):
-            members = await self._redis.zrevrangebylex(index, "+", "-", start=0, num=SNAPSHOT_ORDERS)
+            reply = await self._page(index, "+", SNAPSHOT_ORDERS)
         # Members are "{created_at_us:016d}:{order_id}".
-        return [(member if isinstance(member, str) else member.decode())[17:] for member in members]
+        return [str(member)[17:] for member in reply[2::2]]
 
     @staticmethod
     async def _end_stream(method: str, error: OrdersError, context: grpc.aio.ServicerContext) -> None:

@@ -1,4 +1,5 @@
-"""ProjectionAdmin: each projection's checkpoint, lag and state; pause, resume, rebuild in place.
+"""ProjectionAdmin: each projection's checkpoint, lag and state; pause, resume, rebuild (into a new
+generation of keys while the live one serves, or in place).
 
 Everything it does goes through PostgreSQL (the log, to measure lag) and Redis
 (the checkpoints, heartbeats and control flags the workers read), so any sync
@@ -24,8 +25,9 @@ from orders.errors import FieldViolation, InvalidQuery, Unavailable
 from orders.rpc_errors import ErrorTable, translate_errors
 from orders.v1 import admin_pb2 as pb
 from orders.v1 import admin_pb2_grpc
-from orders.views import PROJECTIONS, ViewKeys
+from orders.views import PROJECTIONS, ViewKeys, parse_generation
 from sync_worker.lease import read_heartbeat
+from sync_worker.projector import delete_views
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ProjectionAdmin"]
 ERRORS: ErrorTable = {
@@ -83,13 +85,36 @@ class ProjectionAdminServicer(admin_pb2_grpc.ProjectionAdminServicer):
     ) -> pb.RebuildProjectionResponse:
         keys = self._keys(request.name)
         async with _stores():
-            await self._redis.set(keys.paused, "1")
-            await self._wait_until_paused(keys)
-            await self._delete_views(keys)
-            started_ms = int((await self._redis.time())[0]) * 1000
-            await self._redis.set(keys.rebuild_started, started_ms)
-            await self._redis.delete(keys.paused)  # the worker finds no checkpoint and replays the log
+            if request.in_place:
+                await self._rebuild_in_place(keys)
+            else:
+                await self._rebuild_new_generation(keys)
         return pb.RebuildProjectionResponse(projection=await self.status(request.name))
+
+    async def _rebuild_in_place(self, keys: ViewKeys) -> None:
+        """Pauses, deletes the live generation's views (and any generation being built), resumes."""
+        await self._redis.set(keys.paused, "1")
+        await self._wait_until_paused(keys)
+        live = keys.at(parse_generation(await self._redis.get(keys.generation_pointer)))
+        building = await self._redis.get(keys.next_generation)
+        await self._redis.delete(keys.next_generation)
+        if building is not None:
+            await self._delete_views(keys.at(int(building)))
+        await self._delete_views(live)
+        started_ms = int((await self._redis.time())[0]) * 1000
+        await self._redis.set(keys.rebuild_started, started_ms)
+        await self._redis.delete(keys.paused)  # the worker finds no checkpoint and replays the log
+
+    async def _rebuild_new_generation(self, keys: ViewKeys) -> None:
+        """Asks the active worker to build the next generation beside the live one and switch to it.
+        Does nothing while such a rebuild runs already."""
+        if await self._redis.exists(keys.next_generation):
+            return
+        generation = parse_generation(await self._redis.get(keys.generation_pointer)) + 1
+        await self._delete_views(keys.at(generation))  # left over from a rebuild cancelled in place
+        started_ms = int((await self._redis.time())[0]) * 1000
+        await self._redis.set(keys.rebuild_started, started_ms)
+        await self._redis.set(keys.next_generation, generation, nx=True)
 
     @translate_errors(ERRORS)
     async def ListParkedOrders(
@@ -130,23 +155,19 @@ class ProjectionAdminServicer(admin_pb2_grpc.ProjectionAdminServicer):
         raise Unavailable(f"the worker of projection {keys.projection!r} did not pause within {PAUSE_WAIT:.0f}s")
 
     async def _delete_views(self, keys: ViewKeys) -> None:
-        await self._redis.delete(keys.checkpoint, keys.rebuild_target, keys.applied)
-        for pattern in keys.view_patterns():
-            batch: list[str] = []
-            async for key in self._redis.scan_iter(match=pattern, count=1000):
-                batch.append(key)
-                if len(batch) >= 1000:
-                    await self._redis.delete(*batch)
-                    batch = []
-            if batch:
-                await self._redis.delete(*batch)
+        await self._redis.delete(*keys.generation_keys)
+        await delete_views(self._redis, keys)
 
     async def status(self, name: str) -> pb.ProjectionStatus:
-        keys = self._keys(name)
+        base = self._keys(name)
         async with _stores():
+            pointer, building = await self._redis.mget(base.generation_pointer, base.next_generation)
+            keys = base.at(parse_generation(pointer))
             checkpoint_raw, paused, target_raw, applied, started_ms = await self._redis.mget(
                 keys.checkpoint, keys.paused, keys.rebuild_target, keys.applied, keys.rebuild_started
             )
+            built = None if building is None else keys.at(int(building))
+            built_applied = 0 if built is None else int(await self._redis.get(built.applied) or 0)
             beat, age = await read_heartbeat(self._redis, keys)
             now_ms = int((await self._redis.time())[0]) * 1000
             checkpoint = LogPosition.parse(checkpoint_raw) if checkpoint_raw else None
@@ -161,10 +182,19 @@ class ProjectionAdminServicer(admin_pb2_grpc.ProjectionAdminServicer):
             worker_id=str(beat.get("worker", "")) if beat else "",
             heartbeat_age_seconds=age if beat else 0,
             last_error=str(beat.get("error") or "") if beat else "",
+            generation=keys.generation,
         )
-        status.state = self._state(beat, age, bool(paused), target_raw is not None)
+        status.state = self._state(beat, age, bool(paused), target_raw is not None or built is not None)
         if target_raw is not None:
-            status.rebuild.CopyFrom(await self._progress(LogPosition.parse(target_raw), status, started_ms, now_ms))
+            progress = await self._progress(LogPosition.parse(target_raw), status.applied_events, started_ms, now_ms)
+            progress.in_place = True
+            progress.generation = keys.generation
+            status.rebuild.CopyFrom(progress)
+        elif built is not None:
+            # The new generation replays the log up to the live checkpoint, which moves on meanwhile.
+            progress = await self._progress(checkpoint or START, built_applied, started_ms, now_ms)
+            progress.generation = built.generation
+            status.rebuild.CopyFrom(progress)
         return status
 
     def _state(
@@ -179,12 +209,12 @@ class ProjectionAdminServicer(admin_pb2_grpc.ProjectionAdminServicer):
         return pb.PROJECTION_STATE_REBUILDING if rebuilding else pb.PROJECTION_STATE_RUNNING
 
     async def _progress(
-        self, target: LogPosition, status: pb.ProjectionStatus, started_ms: str | bytes | None, now_ms: int
+        self, target: LogPosition, applied: int, started_ms: str | bytes | None, now_ms: int
     ) -> pb.RebuildProgress:
         total = await self._pool.fetchval(
             "SELECT count(*) FROM events WHERE (tx_id, position) <= ($1::xid8, $2::bigint)", *target
         )
-        done = min(status.applied_events, total)
+        done = min(applied, total)
         elapsed = (now_ms - int(started_ms)) / 1000 if started_ms else 0
         rate = done / elapsed if elapsed > 0 else 0.0
         left = (total - done) / rate if rate > 0 else 0.0

@@ -47,7 +47,7 @@ def summarize(summary: CustomerSummaryView, before: OrderView | None, after: Ord
 
 
 class CustomerSummaryProjector(Projector):
-    async def stage(self, pipe: Pipeline, events: list[RecordedEvent]) -> Writes:
+    async def stage(self, pipe: Pipeline, events: list[RecordedEvent], announce: bool = True) -> Writes:
         before = await load_order_views(pipe, self.keys.summary_order, {e.stream_id for e in events})
         after = fold_new(before, events)
         changed = {i: view for i, view in after.items() if view is not None and view != before[i]}

@@ -24,7 +24,7 @@ from redis.exceptions import WatchError
 from orders.consistency import LogPosition
 from orders.errors import PoisonEvent
 from orders.events import RecordedEvent
-from orders.views import OrderView, ViewKeys
+from orders.views import OrderView, ViewKeys, parse_generation
 from sync_worker.projection import project
 
 Writes = Callable[[Pipeline], None]  # queues a batch's writes inside MULTI
@@ -61,47 +61,91 @@ class Projector(ABC):
         that is not there yet for one that does not exist."""
         await self.redis.set(self.keys.rebuild_target, target.token(), nx=True)
 
+    def at(self, generation: int) -> Projector:
+        """The same projection writing another generation of its keys."""
+        return type(self)(self.redis, self.keys.at(generation))
+
     async def apply(
         self,
         after: LogPosition | None,
         events: list[RecordedEvent],
         holder: str | None = None,
         park: dict[str, str] | None = None,
+        live: bool = True,
     ) -> LogPosition:
         """Applies `events`, which follow checkpoint `after`, atomically; returns the new checkpoint.
 
         With `holder`, applies only while that worker holds the projection's lease (LeaseLost otherwise).
         Events of orders in `park` (order id -> why), and of orders parked before, go to the dead-letter
         list instead, in order, so that each of those orders stays consistent while the rest go on.
+        `live`: this generation is the one readers use (the pointer names it), and the batch is
+        announced to them. Otherwise it is the generation a zero-downtime rebuild builds (the pointer
+        names the one before it and the rebuild request names it); nothing is announced.
         """
         new_checkpoint = max(LogPosition(e.tx_id, e.position) for e in events)
+        keys = self.keys
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
-                await pipe.watch(self.keys.checkpoint, self.keys.lease, self.keys.rebuild_target)
-                current, lease, rebuild = await pipe.mget(
-                    self.keys.checkpoint, self.keys.lease, self.keys.rebuild_target
+                await pipe.watch(
+                    keys.checkpoint, keys.lease, keys.rebuild_target, keys.generation_pointer, keys.next_generation
+                )
+                current, lease, rebuild, pointer, building = await pipe.mget(
+                    keys.checkpoint, keys.lease, keys.rebuild_target, keys.generation_pointer, keys.next_generation
                 )
                 if holder is not None and lease != holder:
                     raise LeaseLost(f"the lease is held by {lease!r}")
+                self._check_generation(pointer, building, live)
                 if (None if current is None else LogPosition.parse(current)) != after:
                     raise CheckpointMoved(f"checkpoint is {current!r}, batch follows {after}")
                 parked = await self._parked_orders(pipe, events, park or {})
-                live = [e for e in events if e.stream_id not in parked]
-                writes = await self.stage(pipe, live) if live else None
+                batch = [e for e in events if e.stream_id not in parked]
+                writes = await self.stage(pipe, batch, announce=live) if batch else None
                 pipe.multi()  # type: ignore[no-untyped-call]
                 if writes is not None:
                     writes(pipe)
                 self._queue_parking(pipe, [e for e in events if e.stream_id in parked], park or {})
                 token = new_checkpoint.token()
-                pipe.set(self.keys.checkpoint, token)
-                pipe.incrby(self.keys.applied, len(live))  # parked events count when they are released
+                pipe.set(keys.checkpoint, token)
+                pipe.incrby(keys.applied, len(batch))  # parked events count when they are released
                 if rebuild is not None and new_checkpoint >= LogPosition.parse(rebuild):
-                    pipe.delete(self.keys.rebuild_target)
-                pipe.publish(self.keys.checkpoint_channel, token)
+                    pipe.delete(keys.rebuild_target)
+                if live:
+                    pipe.publish(keys.checkpoint_channel, token)
                 await pipe.execute()
         except WatchError as error:
-            raise CheckpointMoved("checkpoint, lease or rebuild mark changed during the batch") from error
+            raise CheckpointMoved("checkpoint, lease, rebuild mark or generation changed during the batch") from error
         return new_checkpoint
+
+    def _check_generation(self, pointer: str | bytes | None, building: str | bytes | None, live: bool) -> None:
+        generation = self.keys.generation
+        if live and parse_generation(pointer) != generation:
+            raise CheckpointMoved(f"generation {generation} is no longer live (the pointer is {pointer!r})")
+        if not live and (parse_generation(pointer) != generation - 1 or parse_generation(building) != generation):
+            raise CheckpointMoved(f"generation {generation} is no longer being built")
+
+    async def switch_to(self, holder: str, checkpoint: LogPosition) -> None:
+        """Makes this generation, built up to `checkpoint`, the live one in one step: only if the
+        live generation is the one before it and at that same checkpoint, and `holder` holds the lease.
+        The old generation is marked retired; the worker deletes its keys afterwards."""
+        keys, old = self.keys, self.keys.at(self.keys.generation - 1)
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                watched = [keys.lease, keys.generation_pointer, keys.next_generation, keys.checkpoint, old.checkpoint]
+                await pipe.watch(*watched)
+                lease, pointer, building, new_raw, old_raw = await pipe.mget(watched)
+                if lease != holder:
+                    raise LeaseLost(f"the lease is held by {lease!r}")
+                self._check_generation(pointer, building, live=False)
+                if new_raw != checkpoint.token() or old_raw != checkpoint.token():
+                    raise CheckpointMoved(f"checkpoints {old_raw!r} and {new_raw!r} differ from {checkpoint}")
+                pipe.multi()  # type: ignore[no-untyped-call]
+                pipe.set(keys.generation_pointer, keys.generation)
+                pipe.sadd(keys.retired, old.generation)
+                pipe.delete(keys.next_generation, keys.rebuild_started)
+                pipe.publish(keys.checkpoint_channel, checkpoint.token())
+                await pipe.execute()
+        except WatchError as error:
+            raise CheckpointMoved("the generations moved during the switch") from error
 
     async def _parked_orders(self, pipe: Pipeline, events: list[RecordedEvent], park: dict[str, str]) -> set[str]:
         ids = sorted({e.stream_id for e in events})
@@ -120,9 +164,11 @@ class Projector(ABC):
         Raises PoisonEvent (and changes nothing) if one of them still fails."""
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
-                await pipe.watch(self.keys.lease, self.keys.parked_events(order_id))
-                if await pipe.get(self.keys.lease) != holder:
+                await pipe.watch(self.keys.lease, self.keys.parked_events(order_id), self.keys.generation_pointer)
+                lease, pointer = await pipe.mget(self.keys.lease, self.keys.generation_pointer)
+                if lease != holder:
                     raise LeaseLost("the lease moved")
+                self._check_generation(pointer, None, live=True)
                 writes = await self.stage(pipe, events)
                 pipe.multi()  # type: ignore[no-untyped-call]
                 writes(pipe)
@@ -132,24 +178,28 @@ class Projector(ABC):
                 pipe.incrby(self.keys.applied, len(events))
                 await pipe.execute()
         except WatchError as error:
-            raise CheckpointMoved("the lease or the parked events changed meanwhile") from error
+            raise CheckpointMoved("the lease, the parked events or the generation changed meanwhile") from error
 
     @abstractmethod
-    async def stage(self, pipe: Pipeline, events: list[RecordedEvent]) -> Writes:
+    async def stage(self, pipe: Pipeline, events: list[RecordedEvent], announce: bool = True) -> Writes:
         """Reads what the batch needs (the pipeline is in WATCH mode, so reads run at once) and
-        returns the function that queues the batch's writes."""
+        returns the function that queues the batch's writes (announcing them to readers if `announce`)."""
 
 
 class OrdersProjector(Projector):
     """The order views, the listing indexes and the change notifications for live watches (orders.views)."""
 
-    async def stage(self, pipe: Pipeline, events: list[RecordedEvent]) -> Writes:
+    async def stage(self, pipe: Pipeline, events: list[RecordedEvent], announce: bool = True) -> Writes:
         before = await load_order_views(pipe, self.keys.order, {e.stream_id for e in events})
         after = fold_new(before, events)
-        return lambda queue: self._queue_writes(queue, before, after)
+        return lambda queue: self._queue_writes(queue, before, after, announce)
 
     def _queue_writes(
-        self, pipe: Pipeline, before: dict[str, OrderView | None], after: dict[str, OrderView | None]
+        self,
+        pipe: Pipeline,
+        before: dict[str, OrderView | None],
+        after: dict[str, OrderView | None],
+        announce: bool,
     ) -> None:
         changed: list[dict[str, str | int]] = []
         for order_id, view in after.items():
@@ -164,7 +214,7 @@ class OrdersProjector(Projector):
             for key in new_indexes:
                 pipe.zadd(key, {view.index_member(): 0})
             changed.append({"order_id": order_id, "customer_id": view.customer_id, "version": view.version})
-        if changed:
+        if changed and announce:
             # Inside the MULTI with the views: no reader hears of a change before it can read it, and
             # a batch that fails announces nothing. Live watches re-read the views they are told of.
             pipe.publish(self.keys.changes_channel, json.dumps(changed, separators=(",", ":")))
@@ -190,3 +240,23 @@ def fold_new(before: dict[str, OrderView | None], events: list[RecordedEvent]) -
         except Exception as error:
             raise PoisonEvent(recorded.position, recorded.stream_id, error) from error
     return views
+
+
+async def delete_views(redis: Redis, keys: ViewKeys, limit: int | None = None) -> int:
+    """Deletes the view keys (not the checkpoint) of `keys`' generation, 1000 at a time; with
+    `limit`, stops after about that many. Returns how many it deleted."""
+    deleted = 0
+    for pattern in keys.view_patterns():
+        batch: list[str] = []
+        async for key in redis.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                deleted += await redis.delete(*batch)
+                batch = []
+                if limit is not None and deleted >= limit:
+                    return deleted
+        if batch:
+            deleted += await redis.delete(*batch)
+        if limit is not None and deleted >= limit:
+            return deleted
+    return deleted

@@ -39,8 +39,10 @@ from orders.event_store import (
     read_batch,
     read_positions,
 )
+from orders.events import RecordedEvent
+from orders.views import parse_generation
 from sync_worker.lease import Lease
-from sync_worker.projector import CheckpointMoved, LeaseLost, Projector
+from sync_worker.projector import CheckpointMoved, LeaseLost, Projector, delete_views
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ RETRYABLE = (
 )
 HELD_BACK_REPORT_AFTER = 2.0  # seconds held back before the cause is looked up and logged
 HELD_BACK_REPORT_EVERY = 10.0
+RETIRE_CHUNK = 1000  # keys of a retired generation deleted per loop turn
 
 
 def default_worker_id() -> str:
@@ -93,6 +96,7 @@ class SyncWorker:
         self.applied_events = 0
         self.failure: PoisonEvent | None = None
         self._retry_at = 0.0
+        self._generations: dict[int, Projector] = {projector.keys.generation: projector}
 
     @property
     def worker_id(self) -> str:
@@ -144,13 +148,12 @@ class SyncWorker:
                     await self._idle(stop, self._lease.renew_every)  # stopped on an error: keep the heartbeat
                     continue
                 try:
-                    await self._serve_parked_requests(conn)
-                    batch = await self._step(conn)
+                    batch, busy = await self._step(conn)
                 except PoisonEvent as poison:
                     self._stop_on(poison)
                     continue
                 self._recovered()
-                if not batch.events:
+                if not busy:
                     # Held-back rows wait for a transaction that may not notify: look again soon.
                     await self._idle(stop, 0.02 if batch.held_back else self._idle_timeout)
         finally:
@@ -161,26 +164,88 @@ class SyncWorker:
     def _idle_timeout(self) -> float:
         return min(self._settings.poll_interval, self._lease.renew_every)
 
-    async def _step(self, conn: Connection) -> Batch:
-        checkpoint = await self._projector.checkpoint()
+    def _at(self, generation: int) -> Projector:
+        if generation not in self._generations:
+            self._generations[generation] = self._projector.at(generation)
+        return self._generations[generation]
+
+    async def _step(self, conn: Connection) -> tuple[Batch, bool]:
+        """One live batch, then one step of a zero-downtime rebuild or of deleting a retired
+        generation; returns the live batch and whether anything was done."""
+        redis, keys = self._projector.redis, self._projector.keys
+        pointer, building = await redis.mget(keys.generation_pointer, keys.next_generation)
+        live = self._at(parse_generation(pointer))
+        await self._serve_parked_requests(conn, live)
+        checkpoint = await live.checkpoint()
         if checkpoint is None:
-            await self._start_from_scratch(conn)
+            await self._start_from_scratch(conn, live)
         batch = await read_batch(conn, checkpoint or START, self._settings.batch_size)
         await self._track_held_back(conn, batch)
         if batch.events:
-            await self._apply(checkpoint, batch)
+            checkpoint = await self._apply(live, checkpoint, batch.events)
             self.applied_events += len(batch.events)
         elif checkpoint is None and not batch.held_back:
-            await self._projector.mark_empty_log()
-        return batch
+            await live.mark_empty_log()
+        busy = bool(batch.events)
+        if building is not None and checkpoint is not None:
+            busy = await self._build_step(conn, live, int(building), checkpoint) or busy
+        busy = await self._retire_step() or busy
+        return batch, busy
 
-    async def _apply(self, checkpoint: LogPosition | None, batch: Batch) -> None:
+    async def _build_step(self, conn: Connection, live: Projector, building: int, live_checkpoint: LogPosition) -> bool:
+        """One batch of a zero-downtime rebuild: generation `building` replays the log from the start,
+        never past the live generation's checkpoint, and becomes the live one once it reaches it."""
+        keys = self._projector.keys
+        if building != live.keys.generation + 1:
+            log.warning("projection %s: dropping a stale request to build generation %d", self.projection, building)
+            await self._projector.redis.delete(keys.next_generation)
+            return False
+        target = self._at(building)
+        checkpoint = await target.checkpoint()
+        if checkpoint == live_checkpoint:
+            await target.switch_to(self.worker_id, live_checkpoint)
+            log.info(
+                "projection %s: generation %d caught up at %s and is live; deleting generation %d",
+                self.projection,
+                building,
+                live_checkpoint.token(),
+                live.keys.generation,
+            )
+            return True
+        batch = await read_batch(conn, checkpoint or START, self._settings.batch_size)
+        events = [e for e in batch.events if LogPosition(e.tx_id, e.position) <= live_checkpoint]
+        if events:
+            await self._apply(target, checkpoint, events, live=False)
+            return True
+        if checkpoint is None and live_checkpoint == START:
+            await target.mark_empty_log()  # an empty log: the new generation is complete at once
+            return True
+        return False
+
+    async def _retire_step(self) -> bool:
+        """Deletes a chunk of a generation retired by a switch; forgets it once nothing is left."""
+        redis, keys = self._projector.redis, self._projector.keys
+        raw = await redis.srandmember(keys.retired)
+        if not isinstance(raw, str | bytes):
+            return False
+        retired = keys.at(int(raw))
+        # Read now, not at the start of the step (which may have switched): never delete the live one.
+        if retired.generation != parse_generation(await redis.get(keys.generation_pointer)):
+            if await delete_views(redis, retired, limit=RETIRE_CHUNK):
+                return True
+            await redis.delete(*retired.generation_keys)
+        await redis.srem(keys.retired, raw)
+        log.info("projection %s: generation %d deleted", self.projection, retired.generation)
+        return False
+
+    async def _apply(
+        self, projector: Projector, checkpoint: LogPosition | None, events: list[RecordedEvent], live: bool = True
+    ) -> LogPosition:
         """Applies a batch; under the park policy, parks each order whose event fails and tries again."""
         park: dict[str, str] = {}
         while True:
             try:
-                await self._projector.apply(checkpoint, batch.events, holder=self.worker_id, park=park)
-                return
+                return await projector.apply(checkpoint, events, holder=self.worker_id, park=park, live=live)
             except PoisonEvent as poison:
                 if self._settings.poison_policy != "park" or poison.stream_id in park:
                     raise
@@ -192,9 +257,9 @@ class SyncWorker:
                 )
                 park[poison.stream_id] = str(poison)
 
-    async def _serve_parked_requests(self, conn: Connection) -> None:
+    async def _serve_parked_requests(self, conn: Connection, live: Projector) -> None:
         """Runs operators' requests (from ProjectionAdmin) to retry an order's parked events."""
-        redis, keys = self._projector.redis, self._projector.keys
+        redis, keys = live.redis, live.keys
         while isinstance(raw := await redis.lpop(keys.parked_requests), str | bytes):
             order_id = json.loads(raw)["order_id"]
             positions = [int(p) for p in await redis.lrange(keys.parked_events(order_id), 0, -1)]
@@ -202,7 +267,7 @@ class SyncWorker:
                 continue
             events = await read_positions(conn, positions)
             try:
-                await self._projector.apply_parked(order_id, events, self.worker_id)
+                await live.apply_parked(order_id, events, self.worker_id)
             except PoisonEvent as poison:
                 await redis.hset(keys.parked_errors, order_id, str(poison))
                 log.warning(
@@ -216,13 +281,13 @@ class SyncWorker:
                     order_id,
                 )
 
-    async def _start_from_scratch(self, conn: Connection) -> None:
+    async def _start_from_scratch(self, conn: Connection, live: Projector) -> None:
         target = await head(conn)
         if target is not None:
             log.warning(
                 "the views hold no checkpoint: rebuilding them from the start of the log up to %s", target.token()
             )
-            await self._projector.start_rebuild(target)
+            await live.start_rebuild(target)
 
     async def _track_held_back(self, conn: Connection, batch: Batch) -> None:
         """Makes a long wait behind an older transaction visible: in the log and in the heartbeat."""

@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from orders.event_store import open_connection, read_log
 from orders.events import RecordedEvent
 from orders.v1 import commands_pb2, types_pb2
-from orders.views import OrderView, ViewKeys
+from orders.views import OrderView, ViewKeys, parse_generation
 from sync_worker.projection import fold
 
 T = TypeVar("T")
@@ -80,9 +80,15 @@ async def expected_views(database_url: str) -> dict[str, OrderView]:
     return fold(await all_events(database_url))
 
 
+async def live_keys(redis: Redis, keys: ViewKeys) -> ViewKeys:
+    """`keys` at the generation readers use now."""
+    return keys.at(parse_generation(await redis.get(keys.generation_pointer)))
+
+
 async def assert_views_match_events(database_url: str, redis: Redis, keys: ViewKeys) -> None:
+    """The live generation's order views equal a fold of every event."""
     expected = await expected_views(database_url)
-    actual = await views_in_redis(redis, keys)
+    actual = await views_in_redis(redis, await live_keys(redis, keys))
     assert expected == actual
 
 

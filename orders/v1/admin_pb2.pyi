@@ -65,14 +65,23 @@ class RebuildProgress(_message.Message):
     EVENTS_TOTAL_FIELD_NUMBER: _builtins.int
     EVENTS_PER_SECOND_FIELD_NUMBER: _builtins.int
     SECONDS_LEFT_FIELD_NUMBER: _builtins.int
+    IN_PLACE_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
     events_done: _builtins.int
     """Events applied since the rebuild started."""
     events_total: _builtins.int
-    """Events in the log when the rebuild started."""
+    """Events to apply: in place, those in the log when the rebuild started;
+    otherwise those up to the live generation's checkpoint (it grows while
+    events come in).
+    """
     events_per_second: _builtins.float
     """Average rate since the rebuild started."""
     seconds_left: _builtins.float
     """Estimated seconds until done, at that rate."""
+    in_place: _builtins.bool
+    """True for a rebuild in place; false for one into a new generation."""
+    generation: _builtins.int
+    """The generation being rebuilt (in place: the live one)."""
     def __init__(
         self,
         *,
@@ -80,10 +89,12 @@ class RebuildProgress(_message.Message):
         events_total: _builtins.int = ...,
         events_per_second: _builtins.float = ...,
         seconds_left: _builtins.float = ...,
+        in_place: _builtins.bool = ...,
+        generation: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events_done", b"events_done", "events_per_second", b"events_per_second", "events_total", b"events_total", "seconds_left", b"seconds_left"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events_done", b"events_done", "events_per_second", b"events_per_second", "events_total", b"events_total", "generation", b"generation", "in_place", b"in_place", "seconds_left", b"seconds_left"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -105,6 +116,7 @@ class ProjectionStatus(_message.Message):
     HEARTBEAT_AGE_SECONDS_FIELD_NUMBER: _builtins.int
     REBUILD_FIELD_NUMBER: _builtins.int
     APPLIED_EVENTS_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Projection name, e.g. "orders" or "customer_summary"."""
     state: Global___ProjectionState.ValueType
@@ -123,6 +135,10 @@ class ProjectionStatus(_message.Message):
     """Seconds since that worker's last heartbeat."""
     applied_events: _builtins.int
     """Events applied in total since the views were last empty."""
+    generation: _builtins.int
+    """The generation of the projection's keys that queries read (0 until the
+    first zero-downtime rebuild).
+    """
     @_builtins.property
     def rebuild(self) -> Global___RebuildProgress:
         """Set while the projection rebuilds."""
@@ -140,10 +156,11 @@ class ProjectionStatus(_message.Message):
         heartbeat_age_seconds: _builtins.float = ...,
         rebuild: Global___RebuildProgress | None = ...,
         applied_events: _builtins.int = ...,
+        generation: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["rebuild", b"rebuild"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_events", b"applied_events", "checkpoint", b"checkpoint", "heartbeat_age_seconds", b"heartbeat_age_seconds", "lag_events", b"lag_events", "lag_seconds", b"lag_seconds", "last_error", b"last_error", "name", b"name", "rebuild", b"rebuild", "state", b"state", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_events", b"applied_events", "checkpoint", b"checkpoint", "generation", b"generation", "heartbeat_age_seconds", b"heartbeat_age_seconds", "lag_events", b"lag_events", "lag_seconds", b"lag_seconds", "last_error", b"last_error", "name", b"name", "rebuild", b"rebuild", "state", b"state", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -284,21 +301,27 @@ Global___ResumeProjectionResponse: _TypeAlias = ResumeProjectionResponse  # noqa
 
 @_typing.final
 class RebuildProjectionRequest(_message.Message):
-    """Request to rebuild a projection in place."""
+    """Request to rebuild a projection."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
+    IN_PLACE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Projection name."""
+    in_place: _builtins.bool
+    """Delete the views and replay them in place (queries answer UNAVAILABLE for
+    views not rebuilt yet) instead of building a new generation beside them.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
+        in_place: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["in_place", b"in_place", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -106,8 +106,14 @@ class ProjectionAdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RebuildProjection(self, request, context):
-        """Rebuilds a projection from scratch, in place: its views are deleted and
-        replayed from the start of the event log. While it rebuilds, queries that
+        """Rebuilds a projection from scratch. By default without downtime: the
+        projection's worker replays the event log into a new generation of keys
+        while the current generation keeps serving (and keeps being updated),
+        switches readers over in one atomic step once the new generation has caught
+        up, and then deletes the old one. Queries never see an empty or half-built
+        view. Asking again while such a rebuild runs changes nothing.
+        With in_place, the views are deleted and replayed in place (e.g. when Redis
+        is short of memory for two generations): while it rebuilds, queries that
         need a view not rebuilt yet answer UNAVAILABLE (never a wrong NOT_FOUND).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

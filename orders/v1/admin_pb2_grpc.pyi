@@ -49,8 +49,14 @@ class ProjectionAdminStub:
     ResumeProjection: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ResumeProjectionRequest, _admin_pb2.ResumeProjectionResponse]
     """Resumes a paused projection from where it stopped."""
     RebuildProjection: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RebuildProjectionRequest, _admin_pb2.RebuildProjectionResponse]
-    """Rebuilds a projection from scratch, in place: its views are deleted and
-    replayed from the start of the event log. While it rebuilds, queries that
+    """Rebuilds a projection from scratch. By default without downtime: the
+    projection's worker replays the event log into a new generation of keys
+    while the current generation keeps serving (and keeps being updated),
+    switches readers over in one atomic step once the new generation has caught
+    up, and then deletes the old one. Queries never see an empty or half-built
+    view. Asking again while such a rebuild runs changes nothing.
+    With in_place, the views are deleted and replayed in place (e.g. when Redis
+    is short of memory for two generations): while it rebuilds, queries that
     need a view not rebuilt yet answer UNAVAILABLE (never a wrong NOT_FOUND).
     """
     ListParkedOrders: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListParkedOrdersRequest, _admin_pb2.ListParkedOrdersResponse]
@@ -84,8 +90,14 @@ class ProjectionAdminAsyncStub(ProjectionAdminStub):
     ResumeProjection: _aio.UnaryUnaryMultiCallable[_admin_pb2.ResumeProjectionRequest, _admin_pb2.ResumeProjectionResponse]  # type: ignore[assignment]
     """Resumes a paused projection from where it stopped."""
     RebuildProjection: _aio.UnaryUnaryMultiCallable[_admin_pb2.RebuildProjectionRequest, _admin_pb2.RebuildProjectionResponse]  # type: ignore[assignment]
-    """Rebuilds a projection from scratch, in place: its views are deleted and
-    replayed from the start of the event log. While it rebuilds, queries that
+    """Rebuilds a projection from scratch. By default without downtime: the
+    projection's worker replays the event log into a new generation of keys
+    while the current generation keeps serving (and keeps being updated),
+    switches readers over in one atomic step once the new generation has caught
+    up, and then deletes the old one. Queries never see an empty or half-built
+    view. Asking again while such a rebuild runs changes nothing.
+    With in_place, the views are deleted and replayed in place (e.g. when Redis
+    is short of memory for two generations): while it rebuilds, queries that
     need a view not rebuilt yet answer UNAVAILABLE (never a wrong NOT_FOUND).
     """
     ListParkedOrders: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListParkedOrdersRequest, _admin_pb2.ListParkedOrdersResponse]  # type: ignore[assignment]
@@ -140,8 +152,14 @@ class ProjectionAdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.RebuildProjectionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.RebuildProjectionResponse, _abc.Awaitable[_admin_pb2.RebuildProjectionResponse]]:
-        """Rebuilds a projection from scratch, in place: its views are deleted and
-        replayed from the start of the event log. While it rebuilds, queries that
+        """Rebuilds a projection from scratch. By default without downtime: the
+        projection's worker replays the event log into a new generation of keys
+        while the current generation keeps serving (and keeps being updated),
+        switches readers over in one atomic step once the new generation has caught
+        up, and then deletes the old one. Queries never see an empty or half-built
+        view. Asking again while such a rebuild runs changes nothing.
+        With in_place, the views are deleted and replayed in place (e.g. when Redis
+        is short of memory for two generations): while it rebuilds, queries that
         need a view not rebuilt yet answer UNAVAILABLE (never a wrong NOT_FOUND).
         """
 

@@ -114,7 +114,7 @@ async def test_rebuild_in_place_never_answers_not_found(
                     answers.append(error.code().name)
 
     reader = asyncio.create_task(read_known())
-    await stub.RebuildProjection(pb.RebuildProjectionRequest(name="orders"))
+    await stub.RebuildProjection(pb.RebuildProjectionRequest(name="orders", in_place=True))
 
     async def rebuilt() -> None:
         status = (await statuses(stub))["orders"]

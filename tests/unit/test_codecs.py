@@ -572,3 +572,24 @@ def test_fingerprints_match_exactly_when_command_and_expected_version_match(
     same_request = (a.command, a.expected_version) == (b.command, b.expected_version)
 
     assert same_request == (fingerprint(a) == fingerprint(b))
+
+
+def test_generation_keys_carry_their_generation_and_projection_keys_do_not() -> None:
+    """Generation 0 keeps the plain names; generation n puts `g{n}:` after the prefix of the keys
+    that belong to a generation, and not of the projection's own keys."""
+    zero, one = ViewKeys("p:"), ViewKeys("p:").at(1)
+
+    assert (zero.order("o1"), zero.checkpoint, zero.index("c1")) == (
+        "p:order:o1",
+        "p:checkpoint:orders",
+        "p:idx:customer:c1",
+    )
+    assert (one.order("o1"), one.checkpoint, one.applied) == (
+        "p:g1:order:o1",
+        "p:g1:checkpoint:orders",
+        "p:g1:applied:orders",
+    )
+    assert ViewKeys("p:", "customer_summary", 2).summary_customer("c1") == "p:g2:summary:customer:c1"
+    shared = ["lease", "heartbeat", "paused", "checkpoint_channel", "changes_channel", "generation_pointer"]
+    assert [getattr(one, name) for name in shared] == [getattr(zero, name) for name in shared]
+    assert not any(p.startswith("p:g1:") for p in zero.view_patterns())
