@@ -179,8 +179,18 @@ async def test_command_line_lists_pauses_resumes_and_rebuilds(
 async def test_grpcurl_lists_and_calls_projection_admin(admin: tuple[admin_pb2_grpc.ProjectionAdminStub, int]) -> None:
     """grpcurl finds ProjectionAdmin by reflection and calls it."""
     _, port = admin
-    services = await run("grpcurl", "-plaintext", f"127.0.0.1:{port}", "list")
-    listing = await run("grpcurl", "-plaintext", f"127.0.0.1:{port}", "orders.v1.ProjectionAdmin/ListProjections")
+    address = f"127.0.0.1:{port}"
+    services = await run("grpcurl", "-plaintext", address, "list")
+    described = await run("grpcurl", "-plaintext", address, "describe", "orders.v1.ProjectionAdmin")
+    listing = await run("grpcurl", "-plaintext", address, "orders.v1.ProjectionAdmin/ListProjections")
+    name = '{"name": "customer_summary"}'
+    paused = await run("grpcurl", "-plaintext", "-d", name, address, "orders.v1.ProjectionAdmin/PauseProjection")
+    resumed = await run("grpcurl", "-plaintext", "-d", name, address, "orders.v1.ProjectionAdmin/ResumeProjection")
+    parked = await run("grpcurl", "-plaintext", "-d", name, address, "orders.v1.ProjectionAdmin/ListParkedOrders")
 
     assert "orders.v1.ProjectionAdmin" in services[1]
+    assert "rpc RebuildProjection" in described[1]
     assert '"name": "customer_summary"' in listing[1]
+    assert '"state": "PROJECTION_STATE_PAUSED"' in paused[1]
+    assert "PROJECTION_STATE_PAUSED" not in resumed[1]
+    assert (paused[0], resumed[0], parked[0]) == (0, 0, 0)

@@ -3,7 +3,9 @@ once fixed; the other projections go on meanwhile."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sys
 from typing import Any
 
 import grpc
@@ -141,7 +143,9 @@ async def test_parking_sets_one_order_aside_and_a_retry_releases_it_in_order(
 
         parked_order = await eventually(parked)
         monkeypatch.setattr(customer_summary, "summarize", real_summarize)  # the fix
-        await admin.RetryParkedOrder(admin_pb2.RetryParkedOrderRequest(name=SUMMARY_PROJECTION, order_id="poison"))
+        cli = [sys.executable, "-m", "orders.admin_cli", "--admin-address", f"127.0.0.1:{server.port}"]
+        listed = await _run(*cli, "parked", SUMMARY_PROJECTION)
+        retried = await _run(*cli, "retry", SUMMARY_PROJECTION, "poison")
 
         async def released() -> None:
             reply = await admin.ListParkedOrders(admin_pb2.ListParkedOrdersRequest(name=SUMMARY_PROJECTION))
@@ -156,8 +160,17 @@ async def test_parking_sets_one_order_aside_and_a_retry_releases_it_in_order(
 
     assert going_on.consistency.stale is False
     assert going_on.summary.order_count == 1
+    assert listed.startswith("poison  positions ")
+    assert "queued" in retried
     assert parked_order.positions[-1] == later_same.position
     assert "bug in the summary projection" in parked_order.error
     assert healed.summary.order_count == 1
     assert [(m.currency_code, m.minor_units) for m in healed.summary.lifetime_spend] == []  # pending: no spend
     assert int(await system.redis.get(system.keys.of(SUMMARY_PROJECTION).applied) or 0) == 3
+
+
+async def _run(*command: str) -> str:
+    process = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
+    output, _ = await process.communicate()
+    assert process.returncode == 0
+    return output.decode()
