@@ -254,7 +254,8 @@ def parse_generation(raw: str | bytes | None) -> int:
 
 # KEYS[1]: a projection's generation pointer. ARGV[1]: the key prefix; ARGV[2..]: key names without
 # the prefix. GETs those keys of the generation the pointer names, in one atomic step, so a reader
-# never mixes generations nor reads one that a switch has just retired.
+# never mixes generations nor reads one that a switch has just retired. A name starting with "?"
+# asks whether that key exists instead ("1" or nil), for keys that are not strings.
 GENERATION_PREFIX_LUA = """
 local p = ARGV[1]
 local g = redis.call('GET', KEYS[1])
@@ -264,7 +265,14 @@ _READ_LIVE = (
     GENERATION_PREFIX_LUA
     + """
 local result = {}
-for i = 2, #ARGV do result[#result + 1] = redis.call('GET', p .. ARGV[i]) end
+for i = 2, #ARGV do
+  local name = ARGV[i]
+  if string.sub(name, 1, 1) == '?' then
+    result[#result + 1] = redis.call('EXISTS', p .. string.sub(name, 2)) == 1 and '1' or false
+  else
+    result[#result + 1] = redis.call('GET', p .. name)
+  end
+end
 return result
 """
 )

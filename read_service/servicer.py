@@ -242,10 +242,12 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
         await self._await_token(token, context)
         async with bounded_redis_call(context):
             rel = self._orders.rel
-            raw_checkpoint, raw_target, raw_view = await self._orders.get(
-                rel.checkpoint, rel.rebuild_target, rel.order(order_id)
+            raw_checkpoint, raw_target, raw_view, parked = await self._orders.get(
+                rel.checkpoint, rel.rebuild_target, rel.order(order_id), "?" + rel.parked_events(order_id)
             )
         consistency = self._consistency(token, raw_checkpoint)
+        if parked:  # some of its events wait in the dead-letter list: the view is behind the checkpoint
+            consistency.stale = True
         if raw_view is None:
             self._not_rebuilding(raw_target, consistency)
             if consistency.stale:

@@ -13,11 +13,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orders.event_store import connect
+from orders.events import RecordedEvent
 from orders.v1 import admin_pb2, admin_pb2_grpc
 from orders.v1 import queries_pb2 as qry
 from orders.views import SUMMARY_PROJECTION, CustomerSummaryView, OrderView
 from read_service.projection_health import NOT_SERVING, PROJECTION_SERVICE, SERVING
-from sync_worker import customer_summary
+from sync_worker import customer_summary, projection, projector
 from sync_worker.lease import read_heartbeat
 from sync_worker.main import start_admin
 from tests.helpers import add_item_request, create_request, eventually
@@ -174,3 +175,31 @@ async def _run(*command: str) -> str:
     output, _ = await process.communicate()
     assert process.returncode == 0
     return output.decode()
+
+
+async def test_a_parked_order_reads_as_stale_until_released(system: System, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While an order's events are parked in the order views, GetOrder serves its last good view and
+    says it is stale, even though the checkpoint passed the caller's token; other orders read fresh."""
+    await system.stop_worker()
+    system.start_worker(poison_policy="park", projections=("orders",))
+    real_project = projection.project
+
+    def buggy(view: OrderView | None, recorded: RecordedEvent) -> OrderView:
+        if recorded.stream_id == "stuck" and recorded.version == 2:
+            raise RuntimeError("bug in the order projection")
+        return real_project(view, recorded)
+
+    monkeypatch.setattr(projector, "project", buggy)
+    await system.commands.CreateOrder(create_request("sam", order_id="stuck"))
+    added = (await system.commands.AddItem(add_item_request("stuck"))).result
+    other = (await system.commands.CreateOrder(create_request("sam", order_id="fine-too"))).result
+
+    stuck = await system.queries.GetOrder(
+        qry.GetOrderRequest(order_id="stuck", consistency_token=added.consistency_token)
+    )
+    fine = await system.queries.GetOrder(
+        qry.GetOrderRequest(order_id="fine-too", consistency_token=other.consistency_token)
+    )
+
+    assert (stuck.order.version, stuck.consistency.stale) == (1, True)
+    assert fine.consistency.stale is False
