@@ -240,13 +240,6 @@ class EventStore:
         last = max(LogPosition(r["tx_id"], r["position"]) for r in rows)
         return AppendResult(stream_id, version + len(events), last)
 
-    async def read_stream(self, stream_id: str) -> list[RecordedEvent]:
-        async with unavailable_on_connection_errors("read stream"):
-            rows = await self._pool.fetch(
-                f"SELECT {_COLUMNS} FROM events WHERE stream_id = $1 ORDER BY version", stream_id
-            )
-        return [_record(r) for r in rows]
-
 
 async def read_batch(conn: Connection, after: LogPosition, limit: int) -> Batch:
     """Up to `limit` events after `after` in (tx_id, position) order, none of which can
