@@ -184,17 +184,25 @@ class RetryPolicy:
     max_backoff: float = 2.0
     backoff_multiplier: float = 2.0
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_attempts <= 5:
+            raise ValueError(f"RetryPolicy.max_attempts must be 1-5 (gRPC's limit), got {self.max_attempts}")
+        if not 0 < self.initial_backoff <= self.max_backoff or self.backoff_multiplier < 1:
+            raise ValueError("RetryPolicy needs 0 < initial_backoff <= max_backoff and backoff_multiplier >= 1")
+
     def service_config(self) -> str:
         """The gRPC service config that applies this policy to both services' methods."""
-        policy = {
-            "maxAttempts": self.max_attempts,
-            "initialBackoff": f"{self.initial_backoff}s",
-            "maxBackoff": f"{self.max_backoff}s",
-            "backoffMultiplier": self.backoff_multiplier,
-            "retryableStatusCodes": ["UNAVAILABLE"],
-        }
         services = [{"service": name} for name in ("orders.v1.OrderCommands", "orders.v1.OrderQueries")]
-        return json.dumps({"methodConfig": [{"name": services, "retryPolicy": policy}]})
+        method_config: dict[str, Any] = {"name": services}
+        if self.max_attempts > 1:
+            method_config["retryPolicy"] = {
+                "maxAttempts": self.max_attempts,
+                "initialBackoff": f"{self.initial_backoff}s",
+                "maxBackoff": f"{self.max_backoff}s",
+                "backoffMultiplier": self.backoff_multiplier,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            }
+        return json.dumps({"methodConfig": [method_config]})
 
 
 NO_RETRIES = RetryPolicy(max_attempts=1)
