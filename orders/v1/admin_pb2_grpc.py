@@ -31,8 +31,15 @@ class ProjectionAdminStub:
     by a sync worker started with --admin-address (ORDERS_ADMIN_ADDRESS); the
     `orders-admin` command line calls it.
 
-    Errors: INVALID_ARGUMENT for an unknown projection name; UNAVAILABLE when
-    PostgreSQL or Redis is unreachable.
+    Errors: every error the service returns itself carries a google.rpc.ErrorInfo
+    (domain "orders.v1") whose reason is stable API; docs/errors.md lists them
+    all. In short: INVALID_ARGUMENT (with google.rpc.BadRequest field
+    violations) for an undecodable request (MALFORMED_REQUEST) or an unknown
+    projection name (UNKNOWN_PROJECTION); UNAVAILABLE (STORE_UNAVAILABLE, with
+    google.rpc.RetryInfo) when PostgreSQL or Redis is unreachable. Each rpc's
+    `Errors:` line lists its codes (reasons); every rpc can also get the
+    transport-level codes, which carry no details (RESOURCE_EXHAUSTED,
+    DEADLINE_EXCEEDED, UNAVAILABLE, CANCELLED; see docs/errors.md).
     """
 
     def __init__(self, channel):
@@ -79,12 +86,21 @@ class ProjectionAdminServicer:
     by a sync worker started with --admin-address (ORDERS_ADMIN_ADDRESS); the
     `orders-admin` command line calls it.
 
-    Errors: INVALID_ARGUMENT for an unknown projection name; UNAVAILABLE when
-    PostgreSQL or Redis is unreachable.
+    Errors: every error the service returns itself carries a google.rpc.ErrorInfo
+    (domain "orders.v1") whose reason is stable API; docs/errors.md lists them
+    all. In short: INVALID_ARGUMENT (with google.rpc.BadRequest field
+    violations) for an undecodable request (MALFORMED_REQUEST) or an unknown
+    projection name (UNKNOWN_PROJECTION); UNAVAILABLE (STORE_UNAVAILABLE, with
+    google.rpc.RetryInfo) when PostgreSQL or Redis is unreachable. Each rpc's
+    `Errors:` line lists its codes (reasons); every rpc can also get the
+    transport-level codes, which carry no details (RESOURCE_EXHAUSTED,
+    DEADLINE_EXCEEDED, UNAVAILABLE, CANCELLED; see docs/errors.md).
     """
 
     def ListProjections(self, request, context):
         """Lists every projection with its checkpoint, lag, state and last error.
+        Errors: INVALID_ARGUMENT (MALFORMED_REQUEST); UNAVAILABLE
+        (STORE_UNAVAILABLE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -93,6 +109,8 @@ class ProjectionAdminServicer:
     def PauseProjection(self, request, context):
         """Pauses a projection: its worker stops applying events (within about a
         second) until it is resumed. Queries keep being served, more and more stale.
+        Errors: INVALID_ARGUMENT (MALFORMED_REQUEST, UNKNOWN_PROJECTION); UNAVAILABLE
+        (STORE_UNAVAILABLE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -100,6 +118,8 @@ class ProjectionAdminServicer:
 
     def ResumeProjection(self, request, context):
         """Resumes a paused projection from where it stopped.
+        Errors: INVALID_ARGUMENT (MALFORMED_REQUEST, UNKNOWN_PROJECTION); UNAVAILABLE
+        (STORE_UNAVAILABLE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -115,6 +135,11 @@ class ProjectionAdminServicer:
         With in_place, the views are deleted and replayed in place (e.g. when Redis
         is short of memory for two generations): while it rebuilds, queries that
         need a view not rebuilt yet answer UNAVAILABLE (never a wrong NOT_FOUND).
+        In place, it first pauses the projection and waits for its worker to
+        acknowledge; UNAVAILABLE (STORE_UNAVAILABLE) if that takes over 10 s (the
+        projection then stays paused).
+        Errors: INVALID_ARGUMENT (MALFORMED_REQUEST, UNKNOWN_PROJECTION); UNAVAILABLE
+        (STORE_UNAVAILABLE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -123,6 +148,8 @@ class ProjectionAdminServicer:
     def ListParkedOrders(self, request, context):
         """Lists the orders whose events are parked in a projection's dead-letter list
         (sync workers run with --poison-policy park).
+        Errors: INVALID_ARGUMENT (MALFORMED_REQUEST, UNKNOWN_PROJECTION); UNAVAILABLE
+        (STORE_UNAVAILABLE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -132,6 +159,9 @@ class ProjectionAdminServicer:
         """Asks the projection's worker to apply one order's parked events again, in
         order; on success they leave the dead-letter list. Asynchronous: list the
         parked orders again to see the outcome.
+        Errors: INVALID_ARGUMENT (MALFORMED_REQUEST; UNKNOWN_PROJECTION, also when
+        the order has no parked events, with a violation of order_id); UNAVAILABLE
+        (STORE_UNAVAILABLE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -184,8 +214,15 @@ class ProjectionAdmin:
     by a sync worker started with --admin-address (ORDERS_ADMIN_ADDRESS); the
     `orders-admin` command line calls it.
 
-    Errors: INVALID_ARGUMENT for an unknown projection name; UNAVAILABLE when
-    PostgreSQL or Redis is unreachable.
+    Errors: every error the service returns itself carries a google.rpc.ErrorInfo
+    (domain "orders.v1") whose reason is stable API; docs/errors.md lists them
+    all. In short: INVALID_ARGUMENT (with google.rpc.BadRequest field
+    violations) for an undecodable request (MALFORMED_REQUEST) or an unknown
+    projection name (UNKNOWN_PROJECTION); UNAVAILABLE (STORE_UNAVAILABLE, with
+    google.rpc.RetryInfo) when PostgreSQL or Redis is unreachable. Each rpc's
+    `Errors:` line lists its codes (reasons); every rpc can also get the
+    transport-level codes, which carry no details (RESOURCE_EXHAUSTED,
+    DEADLINE_EXCEEDED, UNAVAILABLE, CANCELLED; see docs/errors.md).
     """
 
     @staticmethod

@@ -32,8 +32,15 @@ class ProjectionAdminStub:
     by a sync worker started with --admin-address (ORDERS_ADMIN_ADDRESS); the
     `orders-admin` command line calls it.
 
-    Errors: INVALID_ARGUMENT for an unknown projection name; UNAVAILABLE when
-    PostgreSQL or Redis is unreachable.
+    Errors: every error the service returns itself carries a google.rpc.ErrorInfo
+    (domain "orders.v1") whose reason is stable API; docs/errors.md lists them
+    all. In short: INVALID_ARGUMENT (with google.rpc.BadRequest field
+    violations) for an undecodable request (MALFORMED_REQUEST) or an unknown
+    projection name (UNKNOWN_PROJECTION); UNAVAILABLE (STORE_UNAVAILABLE, with
+    google.rpc.RetryInfo) when PostgreSQL or Redis is unreachable. Each rpc's
+    `Errors:` line lists its codes (reasons); every rpc can also get the
+    transport-level codes, which carry no details (RESOURCE_EXHAUSTED,
+    DEADLINE_EXCEEDED, UNAVAILABLE, CANCELLED; see docs/errors.md).
     """
 
     @_typing.overload
@@ -41,13 +48,21 @@ class ProjectionAdminStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ProjectionAdminAsyncStub: ...
     ListProjections: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListProjectionsRequest, _admin_pb2.ListProjectionsResponse]
-    """Lists every projection with its checkpoint, lag, state and last error."""
+    """Lists every projection with its checkpoint, lag, state and last error.
+    Errors: INVALID_ARGUMENT (MALFORMED_REQUEST); UNAVAILABLE
+    (STORE_UNAVAILABLE).
+    """
     PauseProjection: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PauseProjectionRequest, _admin_pb2.PauseProjectionResponse]
     """Pauses a projection: its worker stops applying events (within about a
     second) until it is resumed. Queries keep being served, more and more stale.
+    Errors: INVALID_ARGUMENT (MALFORMED_REQUEST, UNKNOWN_PROJECTION); UNAVAILABLE
+    (STORE_UNAVAILABLE).
     """
     ResumeProjection: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ResumeProjectionRequest, _admin_pb2.ResumeProjectionResponse]
-    """Resumes a paused projection from where it stopped."""
+    """Resumes a paused projection from where it stopped.
+    Errors: INVALID_ARGUMENT (MALFORMED_REQUEST, UNKNOWN_PROJECTION); UNAVAILABLE
+    (STORE_UNAVAILABLE).
+    """
     RebuildProjection: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RebuildProjectionRequest, _admin_pb2.RebuildProjectionResponse]
     """Rebuilds a projection from scratch. By default without downtime: the
     projection's worker replays the event log into a new generation of keys
@@ -58,15 +73,25 @@ class ProjectionAdminStub:
     With in_place, the views are deleted and replayed in place (e.g. when Redis
     is short of memory for two generations): while it rebuilds, queries that
     need a view not rebuilt yet answer UNAVAILABLE (never a wrong NOT_FOUND).
+    In place, it first pauses the projection and waits for its worker to
+    acknowledge; UNAVAILABLE (STORE_UNAVAILABLE) if that takes over 10 s (the
+    projection then stays paused).
+    Errors: INVALID_ARGUMENT (MALFORMED_REQUEST, UNKNOWN_PROJECTION); UNAVAILABLE
+    (STORE_UNAVAILABLE).
     """
     ListParkedOrders: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListParkedOrdersRequest, _admin_pb2.ListParkedOrdersResponse]
     """Lists the orders whose events are parked in a projection's dead-letter list
     (sync workers run with --poison-policy park).
+    Errors: INVALID_ARGUMENT (MALFORMED_REQUEST, UNKNOWN_PROJECTION); UNAVAILABLE
+    (STORE_UNAVAILABLE).
     """
     RetryParkedOrder: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RetryParkedOrderRequest, _admin_pb2.RetryParkedOrderResponse]
     """Asks the projection's worker to apply one order's parked events again, in
     order; on success they leave the dead-letter list. Asynchronous: list the
     parked orders again to see the outcome.
+    Errors: INVALID_ARGUMENT (MALFORMED_REQUEST; UNKNOWN_PROJECTION, also when
+    the order has no parked events, with a violation of order_id); UNAVAILABLE
+    (STORE_UNAVAILABLE).
     """
 
 @_typing.type_check_only
@@ -76,19 +101,34 @@ class ProjectionAdminAsyncStub(ProjectionAdminStub):
     by a sync worker started with --admin-address (ORDERS_ADMIN_ADDRESS); the
     `orders-admin` command line calls it.
 
-    Errors: INVALID_ARGUMENT for an unknown projection name; UNAVAILABLE when
-    PostgreSQL or Redis is unreachable.
+    Errors: every error the service returns itself carries a google.rpc.ErrorInfo
+    (domain "orders.v1") whose reason is stable API; docs/errors.md lists them
+    all. In short: INVALID_ARGUMENT (with google.rpc.BadRequest field
+    violations) for an undecodable request (MALFORMED_REQUEST) or an unknown
+    projection name (UNKNOWN_PROJECTION); UNAVAILABLE (STORE_UNAVAILABLE, with
+    google.rpc.RetryInfo) when PostgreSQL or Redis is unreachable. Each rpc's
+    `Errors:` line lists its codes (reasons); every rpc can also get the
+    transport-level codes, which carry no details (RESOURCE_EXHAUSTED,
+    DEADLINE_EXCEEDED, UNAVAILABLE, CANCELLED; see docs/errors.md).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListProjections: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListProjectionsRequest, _admin_pb2.ListProjectionsResponse]  # type: ignore[assignment]
-    """Lists every projection with its checkpoint, lag, state and last error."""
+    """Lists every projection with its checkpoint, lag, state and last error.
+    Errors: INVALID_ARGUMENT (MALFORMED_REQUEST); UNAVAILABLE
+    (STORE_UNAVAILABLE).
+    """
     PauseProjection: _aio.UnaryUnaryMultiCallable[_admin_pb2.PauseProjectionRequest, _admin_pb2.PauseProjectionResponse]  # type: ignore[assignment]
     """Pauses a projection: its worker stops applying events (within about a
     second) until it is resumed. Queries keep being served, more and more stale.
+    Errors: INVALID_ARGUMENT (MALFORMED_REQUEST, UNKNOWN_PROJECTION); UNAVAILABLE
+    (STORE_UNAVAILABLE).
     """
     ResumeProjection: _aio.UnaryUnaryMultiCallable[_admin_pb2.ResumeProjectionRequest, _admin_pb2.ResumeProjectionResponse]  # type: ignore[assignment]
-    """Resumes a paused projection from where it stopped."""
+    """Resumes a paused projection from where it stopped.
+    Errors: INVALID_ARGUMENT (MALFORMED_REQUEST, UNKNOWN_PROJECTION); UNAVAILABLE
+    (STORE_UNAVAILABLE).
+    """
     RebuildProjection: _aio.UnaryUnaryMultiCallable[_admin_pb2.RebuildProjectionRequest, _admin_pb2.RebuildProjectionResponse]  # type: ignore[assignment]
     """Rebuilds a projection from scratch. By default without downtime: the
     projection's worker replays the event log into a new generation of keys
@@ -99,15 +139,25 @@ class ProjectionAdminAsyncStub(ProjectionAdminStub):
     With in_place, the views are deleted and replayed in place (e.g. when Redis
     is short of memory for two generations): while it rebuilds, queries that
     need a view not rebuilt yet answer UNAVAILABLE (never a wrong NOT_FOUND).
+    In place, it first pauses the projection and waits for its worker to
+    acknowledge; UNAVAILABLE (STORE_UNAVAILABLE) if that takes over 10 s (the
+    projection then stays paused).
+    Errors: INVALID_ARGUMENT (MALFORMED_REQUEST, UNKNOWN_PROJECTION); UNAVAILABLE
+    (STORE_UNAVAILABLE).
     """
     ListParkedOrders: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListParkedOrdersRequest, _admin_pb2.ListParkedOrdersResponse]  # type: ignore[assignment]
     """Lists the orders whose events are parked in a projection's dead-letter list
     (sync workers run with --poison-policy park).
+    Errors: INVALID_ARGUMENT (MALFORMED_REQUEST, UNKNOWN_PROJECTION); UNAVAILABLE
+    (STORE_UNAVAILABLE).
     """
     RetryParkedOrder: _aio.UnaryUnaryMultiCallable[_admin_pb2.RetryParkedOrderRequest, _admin_pb2.RetryParkedOrderResponse]  # type: ignore[assignment]
     """Asks the projection's worker to apply one order's parked events again, in
     order; on success they leave the dead-letter list. Asynchronous: list the
     parked orders again to see the outcome.
+    Errors: INVALID_ARGUMENT (MALFORMED_REQUEST; UNKNOWN_PROJECTION, also when
+    the order has no parked events, with a violation of order_id); UNAVAILABLE
+    (STORE_UNAVAILABLE).
     """
 
 class ProjectionAdminServicer(metaclass=_abc_1.ABCMeta):
@@ -116,8 +166,15 @@ class ProjectionAdminServicer(metaclass=_abc_1.ABCMeta):
     by a sync worker started with --admin-address (ORDERS_ADMIN_ADDRESS); the
     `orders-admin` command line calls it.
 
-    Errors: INVALID_ARGUMENT for an unknown projection name; UNAVAILABLE when
-    PostgreSQL or Redis is unreachable.
+    Errors: every error the service returns itself carries a google.rpc.ErrorInfo
+    (domain "orders.v1") whose reason is stable API; docs/errors.md lists them
+    all. In short: INVALID_ARGUMENT (with google.rpc.BadRequest field
+    violations) for an undecodable request (MALFORMED_REQUEST) or an unknown
+    projection name (UNKNOWN_PROJECTION); UNAVAILABLE (STORE_UNAVAILABLE, with
+    google.rpc.RetryInfo) when PostgreSQL or Redis is unreachable. Each rpc's
+    `Errors:` line lists its codes (reasons); every rpc can also get the
+    transport-level codes, which carry no details (RESOURCE_EXHAUSTED,
+    DEADLINE_EXCEEDED, UNAVAILABLE, CANCELLED; see docs/errors.md).
     """
 
     @_abc_1.abstractmethod
@@ -126,7 +183,10 @@ class ProjectionAdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ListProjectionsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListProjectionsResponse, _abc.Awaitable[_admin_pb2.ListProjectionsResponse]]:
-        """Lists every projection with its checkpoint, lag, state and last error."""
+        """Lists every projection with its checkpoint, lag, state and last error.
+        Errors: INVALID_ARGUMENT (MALFORMED_REQUEST); UNAVAILABLE
+        (STORE_UNAVAILABLE).
+        """
 
     @_abc_1.abstractmethod
     def PauseProjection(
@@ -136,6 +196,8 @@ class ProjectionAdminServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_pb2.PauseProjectionResponse, _abc.Awaitable[_admin_pb2.PauseProjectionResponse]]:
         """Pauses a projection: its worker stops applying events (within about a
         second) until it is resumed. Queries keep being served, more and more stale.
+        Errors: INVALID_ARGUMENT (MALFORMED_REQUEST, UNKNOWN_PROJECTION); UNAVAILABLE
+        (STORE_UNAVAILABLE).
         """
 
     @_abc_1.abstractmethod
@@ -144,7 +206,10 @@ class ProjectionAdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ResumeProjectionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ResumeProjectionResponse, _abc.Awaitable[_admin_pb2.ResumeProjectionResponse]]:
-        """Resumes a paused projection from where it stopped."""
+        """Resumes a paused projection from where it stopped.
+        Errors: INVALID_ARGUMENT (MALFORMED_REQUEST, UNKNOWN_PROJECTION); UNAVAILABLE
+        (STORE_UNAVAILABLE).
+        """
 
     @_abc_1.abstractmethod
     def RebuildProjection(
@@ -161,6 +226,11 @@ class ProjectionAdminServicer(metaclass=_abc_1.ABCMeta):
         With in_place, the views are deleted and replayed in place (e.g. when Redis
         is short of memory for two generations): while it rebuilds, queries that
         need a view not rebuilt yet answer UNAVAILABLE (never a wrong NOT_FOUND).
+        In place, it first pauses the projection and waits for its worker to
+        acknowledge; UNAVAILABLE (STORE_UNAVAILABLE) if that takes over 10 s (the
+        projection then stays paused).
+        Errors: INVALID_ARGUMENT (MALFORMED_REQUEST, UNKNOWN_PROJECTION); UNAVAILABLE
+        (STORE_UNAVAILABLE).
         """
 
     @_abc_1.abstractmethod
@@ -171,6 +241,8 @@ class ProjectionAdminServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_pb2.ListParkedOrdersResponse, _abc.Awaitable[_admin_pb2.ListParkedOrdersResponse]]:
         """Lists the orders whose events are parked in a projection's dead-letter list
         (sync workers run with --poison-policy park).
+        Errors: INVALID_ARGUMENT (MALFORMED_REQUEST, UNKNOWN_PROJECTION); UNAVAILABLE
+        (STORE_UNAVAILABLE).
         """
 
     @_abc_1.abstractmethod
@@ -182,6 +254,9 @@ class ProjectionAdminServicer(metaclass=_abc_1.ABCMeta):
         """Asks the projection's worker to apply one order's parked events again, in
         order; on success they leave the dead-letter list. Asynchronous: list the
         parked orders again to see the outcome.
+        Errors: INVALID_ARGUMENT (MALFORMED_REQUEST; UNKNOWN_PROJECTION, also when
+        the order has no parked events, with a violation of order_id); UNAVAILABLE
+        (STORE_UNAVAILABLE).
         """
 
 def add_ProjectionAdminServicer_to_server(servicer: ProjectionAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

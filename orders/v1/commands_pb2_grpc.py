@@ -35,16 +35,26 @@ class OrderCommandsStub:
     Common to every command:
     - command_id: optional idempotency key (1-128 characters). A command retried
     with the same command_id returns the first result and appends nothing.
-    Reusing a command_id with a different request fails with ALREADY_EXISTS.
+    Reusing a command_id with a different request fails with ALREADY_EXISTS
+    (COMMAND_ID_REUSED).
     - expected_version: optional optimistic concurrency check. When set, the
-    command fails with ABORTED unless the order's current version equals it.
+    command fails with ABORTED unless the order's current version equals it
+    (0 for an order that does not exist yet).
 
-    Errors: INVALID_ARGUMENT (with google.rpc.BadRequest field violations) for
-    malformed input; NOT_FOUND for an unknown order; FAILED_PRECONDITION (with
-    google.rpc.ErrorInfo, reason such as "ORDER_NOT_PENDING") when a business
-    rule forbids the command; ABORTED for a version conflict; ALREADY_EXISTS for
-    a reused order id or command id; UNAVAILABLE when the event store is
-    unreachable (safe to retry with the same command_id).
+    Errors: every error the service returns itself carries a google.rpc.ErrorInfo
+    (domain "orders.v1") whose reason is stable API; docs/errors.md lists them
+    all, with when and whether to retry. In short: INVALID_ARGUMENT (with google.rpc.BadRequest
+    field violations) for malformed input; NOT_FOUND for an unknown order;
+    ALREADY_EXISTS for a taken order id or a reused command id;
+    FAILED_PRECONDITION (reason names the rule, e.g. ORDER_NOT_PENDING) when a
+    business rule forbids the command; ABORTED for a version conflict;
+    UNAVAILABLE when the event store is unreachable; DEADLINE_EXCEEDED when the
+    deadline (10 s without one) passed first. ABORTED and UNAVAILABLE carry a
+    google.rpc.RetryInfo; retry UNAVAILABLE and DEADLINE_EXCEEDED with the same
+    command_id. Each rpc's `Errors:` line lists its codes (reasons); every rpc can
+    also get the transport-level codes, which carry no details
+    (RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, UNAVAILABLE, CANCELLED; see
+    docs/errors.md).
     """
 
     def __init__(self, channel):
@@ -100,20 +110,34 @@ class OrderCommandsServicer:
     Common to every command:
     - command_id: optional idempotency key (1-128 characters). A command retried
     with the same command_id returns the first result and appends nothing.
-    Reusing a command_id with a different request fails with ALREADY_EXISTS.
+    Reusing a command_id with a different request fails with ALREADY_EXISTS
+    (COMMAND_ID_REUSED).
     - expected_version: optional optimistic concurrency check. When set, the
-    command fails with ABORTED unless the order's current version equals it.
+    command fails with ABORTED unless the order's current version equals it
+    (0 for an order that does not exist yet).
 
-    Errors: INVALID_ARGUMENT (with google.rpc.BadRequest field violations) for
-    malformed input; NOT_FOUND for an unknown order; FAILED_PRECONDITION (with
-    google.rpc.ErrorInfo, reason such as "ORDER_NOT_PENDING") when a business
-    rule forbids the command; ABORTED for a version conflict; ALREADY_EXISTS for
-    a reused order id or command id; UNAVAILABLE when the event store is
-    unreachable (safe to retry with the same command_id).
+    Errors: every error the service returns itself carries a google.rpc.ErrorInfo
+    (domain "orders.v1") whose reason is stable API; docs/errors.md lists them
+    all, with when and whether to retry. In short: INVALID_ARGUMENT (with google.rpc.BadRequest
+    field violations) for malformed input; NOT_FOUND for an unknown order;
+    ALREADY_EXISTS for a taken order id or a reused command id;
+    FAILED_PRECONDITION (reason names the rule, e.g. ORDER_NOT_PENDING) when a
+    business rule forbids the command; ABORTED for a version conflict;
+    UNAVAILABLE when the event store is unreachable; DEADLINE_EXCEEDED when the
+    deadline (10 s without one) passed first. ABORTED and UNAVAILABLE carry a
+    google.rpc.RetryInfo; retry UNAVAILABLE and DEADLINE_EXCEEDED with the same
+    command_id. Each rpc's `Errors:` line lists its codes (reasons); every rpc can
+    also get the transport-level codes, which carry no details
+    (RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, UNAVAILABLE, CANCELLED; see
+    docs/errors.md).
     """
 
     def CreateOrder(self, request, context):
         """Creates a new order in status PENDING.
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST);
+        ALREADY_EXISTS (ORDER_ALREADY_EXISTS, COMMAND_ID_REUSED); ABORTED
+        (VERSION_CONFLICT); UNAVAILABLE (EVENT_STORE_UNAVAILABLE); DEADLINE_EXCEEDED
+        (DEADLINE_EXCEEDED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -122,6 +146,11 @@ class OrderCommandsServicer:
     def AddItem(self, request, context):
         """Adds units of a SKU to a PENDING order. Adding a SKU already in the order
         increases its quantity; the unit price must then be the same.
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); NOT_FOUND
+        (ORDER_NOT_FOUND); FAILED_PRECONDITION (ORDER_NOT_PENDING,
+        CURRENCY_MISMATCH, TOO_MANY_ITEMS, PRICE_MISMATCH, QUANTITY_LIMIT);
+        ALREADY_EXISTS (COMMAND_ID_REUSED); ABORTED (VERSION_CONFLICT); UNAVAILABLE
+        (EVENT_STORE_UNAVAILABLE); DEADLINE_EXCEEDED (DEADLINE_EXCEEDED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -129,6 +158,11 @@ class OrderCommandsServicer:
 
     def RemoveItem(self, request, context):
         """Removes a SKU's line from a PENDING order.
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); NOT_FOUND
+        (ORDER_NOT_FOUND); FAILED_PRECONDITION (ORDER_NOT_PENDING,
+        ITEM_NOT_IN_ORDER); ALREADY_EXISTS (COMMAND_ID_REUSED); ABORTED
+        (VERSION_CONFLICT); UNAVAILABLE (EVENT_STORE_UNAVAILABLE); DEADLINE_EXCEEDED
+        (DEADLINE_EXCEEDED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -136,6 +170,10 @@ class OrderCommandsServicer:
 
     def ChangeShippingAddress(self, request, context):
         """Sets or replaces the shipping address of a PENDING or CONFIRMED order.
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); NOT_FOUND
+        (ORDER_NOT_FOUND); FAILED_PRECONDITION (ORDER_CLOSED); ALREADY_EXISTS
+        (COMMAND_ID_REUSED); ABORTED (VERSION_CONFLICT); UNAVAILABLE
+        (EVENT_STORE_UNAVAILABLE); DEADLINE_EXCEEDED (DEADLINE_EXCEEDED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -143,6 +181,10 @@ class OrderCommandsServicer:
 
     def ConfirmOrder(self, request, context):
         """Confirms a PENDING order that has at least one item.
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); NOT_FOUND
+        (ORDER_NOT_FOUND); FAILED_PRECONDITION (ORDER_NOT_PENDING, ORDER_EMPTY);
+        ALREADY_EXISTS (COMMAND_ID_REUSED); ABORTED (VERSION_CONFLICT); UNAVAILABLE
+        (EVENT_STORE_UNAVAILABLE); DEADLINE_EXCEEDED (DEADLINE_EXCEEDED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -150,6 +192,11 @@ class OrderCommandsServicer:
 
     def ShipOrder(self, request, context):
         """Ships a CONFIRMED order that has a shipping address.
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); NOT_FOUND
+        (ORDER_NOT_FOUND); FAILED_PRECONDITION (ORDER_NOT_CONFIRMED,
+        NO_SHIPPING_ADDRESS); ALREADY_EXISTS (COMMAND_ID_REUSED); ABORTED
+        (VERSION_CONFLICT); UNAVAILABLE (EVENT_STORE_UNAVAILABLE); DEADLINE_EXCEEDED
+        (DEADLINE_EXCEEDED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -157,6 +204,10 @@ class OrderCommandsServicer:
 
     def CancelOrder(self, request, context):
         """Cancels a PENDING or CONFIRMED order.
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); NOT_FOUND
+        (ORDER_NOT_FOUND); FAILED_PRECONDITION (ORDER_CLOSED); ALREADY_EXISTS
+        (COMMAND_ID_REUSED); ABORTED (VERSION_CONFLICT); UNAVAILABLE
+        (EVENT_STORE_UNAVAILABLE); DEADLINE_EXCEEDED (DEADLINE_EXCEEDED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -218,16 +269,26 @@ class OrderCommands:
     Common to every command:
     - command_id: optional idempotency key (1-128 characters). A command retried
     with the same command_id returns the first result and appends nothing.
-    Reusing a command_id with a different request fails with ALREADY_EXISTS.
+    Reusing a command_id with a different request fails with ALREADY_EXISTS
+    (COMMAND_ID_REUSED).
     - expected_version: optional optimistic concurrency check. When set, the
-    command fails with ABORTED unless the order's current version equals it.
+    command fails with ABORTED unless the order's current version equals it
+    (0 for an order that does not exist yet).
 
-    Errors: INVALID_ARGUMENT (with google.rpc.BadRequest field violations) for
-    malformed input; NOT_FOUND for an unknown order; FAILED_PRECONDITION (with
-    google.rpc.ErrorInfo, reason such as "ORDER_NOT_PENDING") when a business
-    rule forbids the command; ABORTED for a version conflict; ALREADY_EXISTS for
-    a reused order id or command id; UNAVAILABLE when the event store is
-    unreachable (safe to retry with the same command_id).
+    Errors: every error the service returns itself carries a google.rpc.ErrorInfo
+    (domain "orders.v1") whose reason is stable API; docs/errors.md lists them
+    all, with when and whether to retry. In short: INVALID_ARGUMENT (with google.rpc.BadRequest
+    field violations) for malformed input; NOT_FOUND for an unknown order;
+    ALREADY_EXISTS for a taken order id or a reused command id;
+    FAILED_PRECONDITION (reason names the rule, e.g. ORDER_NOT_PENDING) when a
+    business rule forbids the command; ABORTED for a version conflict;
+    UNAVAILABLE when the event store is unreachable; DEADLINE_EXCEEDED when the
+    deadline (10 s without one) passed first. ABORTED and UNAVAILABLE carry a
+    google.rpc.RetryInfo; retry UNAVAILABLE and DEADLINE_EXCEEDED with the same
+    command_id. Each rpc's `Errors:` line lists its codes (reasons); every rpc can
+    also get the transport-level codes, which carry no details
+    (RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, UNAVAILABLE, CANCELLED; see
+    docs/errors.md).
     """
 
     @staticmethod

@@ -36,16 +36,26 @@ class OrderCommandsStub:
     Common to every command:
     - command_id: optional idempotency key (1-128 characters). A command retried
       with the same command_id returns the first result and appends nothing.
-      Reusing a command_id with a different request fails with ALREADY_EXISTS.
+      Reusing a command_id with a different request fails with ALREADY_EXISTS
+      (COMMAND_ID_REUSED).
     - expected_version: optional optimistic concurrency check. When set, the
-      command fails with ABORTED unless the order's current version equals it.
+      command fails with ABORTED unless the order's current version equals it
+      (0 for an order that does not exist yet).
 
-    Errors: INVALID_ARGUMENT (with google.rpc.BadRequest field violations) for
-    malformed input; NOT_FOUND for an unknown order; FAILED_PRECONDITION (with
-    google.rpc.ErrorInfo, reason such as "ORDER_NOT_PENDING") when a business
-    rule forbids the command; ABORTED for a version conflict; ALREADY_EXISTS for
-    a reused order id or command id; UNAVAILABLE when the event store is
-    unreachable (safe to retry with the same command_id).
+    Errors: every error the service returns itself carries a google.rpc.ErrorInfo
+    (domain "orders.v1") whose reason is stable API; docs/errors.md lists them
+    all, with when and whether to retry. In short: INVALID_ARGUMENT (with google.rpc.BadRequest
+    field violations) for malformed input; NOT_FOUND for an unknown order;
+    ALREADY_EXISTS for a taken order id or a reused command id;
+    FAILED_PRECONDITION (reason names the rule, e.g. ORDER_NOT_PENDING) when a
+    business rule forbids the command; ABORTED for a version conflict;
+    UNAVAILABLE when the event store is unreachable; DEADLINE_EXCEEDED when the
+    deadline (10 s without one) passed first. ABORTED and UNAVAILABLE carry a
+    google.rpc.RetryInfo; retry UNAVAILABLE and DEADLINE_EXCEEDED with the same
+    command_id. Each rpc's `Errors:` line lists its codes (reasons); every rpc can
+    also get the transport-level codes, which carry no details
+    (RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, UNAVAILABLE, CANCELLED; see
+    docs/errors.md).
     """
 
     @_typing.overload
@@ -53,21 +63,58 @@ class OrderCommandsStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> OrderCommandsAsyncStub: ...
     CreateOrder: _grpc.UnaryUnaryMultiCallable[_commands_pb2.CreateOrderRequest, _commands_pb2.CreateOrderResponse]
-    """Creates a new order in status PENDING."""
+    """Creates a new order in status PENDING.
+    Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST);
+    ALREADY_EXISTS (ORDER_ALREADY_EXISTS, COMMAND_ID_REUSED); ABORTED
+    (VERSION_CONFLICT); UNAVAILABLE (EVENT_STORE_UNAVAILABLE); DEADLINE_EXCEEDED
+    (DEADLINE_EXCEEDED).
+    """
     AddItem: _grpc.UnaryUnaryMultiCallable[_commands_pb2.AddItemRequest, _commands_pb2.AddItemResponse]
     """Adds units of a SKU to a PENDING order. Adding a SKU already in the order
     increases its quantity; the unit price must then be the same.
+    Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); NOT_FOUND
+    (ORDER_NOT_FOUND); FAILED_PRECONDITION (ORDER_NOT_PENDING,
+    CURRENCY_MISMATCH, TOO_MANY_ITEMS, PRICE_MISMATCH, QUANTITY_LIMIT);
+    ALREADY_EXISTS (COMMAND_ID_REUSED); ABORTED (VERSION_CONFLICT); UNAVAILABLE
+    (EVENT_STORE_UNAVAILABLE); DEADLINE_EXCEEDED (DEADLINE_EXCEEDED).
     """
     RemoveItem: _grpc.UnaryUnaryMultiCallable[_commands_pb2.RemoveItemRequest, _commands_pb2.RemoveItemResponse]
-    """Removes a SKU's line from a PENDING order."""
+    """Removes a SKU's line from a PENDING order.
+    Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); NOT_FOUND
+    (ORDER_NOT_FOUND); FAILED_PRECONDITION (ORDER_NOT_PENDING,
+    ITEM_NOT_IN_ORDER); ALREADY_EXISTS (COMMAND_ID_REUSED); ABORTED
+    (VERSION_CONFLICT); UNAVAILABLE (EVENT_STORE_UNAVAILABLE); DEADLINE_EXCEEDED
+    (DEADLINE_EXCEEDED).
+    """
     ChangeShippingAddress: _grpc.UnaryUnaryMultiCallable[_commands_pb2.ChangeShippingAddressRequest, _commands_pb2.ChangeShippingAddressResponse]
-    """Sets or replaces the shipping address of a PENDING or CONFIRMED order."""
+    """Sets or replaces the shipping address of a PENDING or CONFIRMED order.
+    Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); NOT_FOUND
+    (ORDER_NOT_FOUND); FAILED_PRECONDITION (ORDER_CLOSED); ALREADY_EXISTS
+    (COMMAND_ID_REUSED); ABORTED (VERSION_CONFLICT); UNAVAILABLE
+    (EVENT_STORE_UNAVAILABLE); DEADLINE_EXCEEDED (DEADLINE_EXCEEDED).
+    """
     ConfirmOrder: _grpc.UnaryUnaryMultiCallable[_commands_pb2.ConfirmOrderRequest, _commands_pb2.ConfirmOrderResponse]
-    """Confirms a PENDING order that has at least one item."""
+    """Confirms a PENDING order that has at least one item.
+    Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); NOT_FOUND
+    (ORDER_NOT_FOUND); FAILED_PRECONDITION (ORDER_NOT_PENDING, ORDER_EMPTY);
+    ALREADY_EXISTS (COMMAND_ID_REUSED); ABORTED (VERSION_CONFLICT); UNAVAILABLE
+    (EVENT_STORE_UNAVAILABLE); DEADLINE_EXCEEDED (DEADLINE_EXCEEDED).
+    """
     ShipOrder: _grpc.UnaryUnaryMultiCallable[_commands_pb2.ShipOrderRequest, _commands_pb2.ShipOrderResponse]
-    """Ships a CONFIRMED order that has a shipping address."""
+    """Ships a CONFIRMED order that has a shipping address.
+    Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); NOT_FOUND
+    (ORDER_NOT_FOUND); FAILED_PRECONDITION (ORDER_NOT_CONFIRMED,
+    NO_SHIPPING_ADDRESS); ALREADY_EXISTS (COMMAND_ID_REUSED); ABORTED
+    (VERSION_CONFLICT); UNAVAILABLE (EVENT_STORE_UNAVAILABLE); DEADLINE_EXCEEDED
+    (DEADLINE_EXCEEDED).
+    """
     CancelOrder: _grpc.UnaryUnaryMultiCallable[_commands_pb2.CancelOrderRequest, _commands_pb2.CancelOrderResponse]
-    """Cancels a PENDING or CONFIRMED order."""
+    """Cancels a PENDING or CONFIRMED order.
+    Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); NOT_FOUND
+    (ORDER_NOT_FOUND); FAILED_PRECONDITION (ORDER_CLOSED); ALREADY_EXISTS
+    (COMMAND_ID_REUSED); ABORTED (VERSION_CONFLICT); UNAVAILABLE
+    (EVENT_STORE_UNAVAILABLE); DEADLINE_EXCEEDED (DEADLINE_EXCEEDED).
+    """
 
 @_typing.type_check_only
 class OrderCommandsAsyncStub(OrderCommandsStub):
@@ -80,35 +127,82 @@ class OrderCommandsAsyncStub(OrderCommandsStub):
     Common to every command:
     - command_id: optional idempotency key (1-128 characters). A command retried
       with the same command_id returns the first result and appends nothing.
-      Reusing a command_id with a different request fails with ALREADY_EXISTS.
+      Reusing a command_id with a different request fails with ALREADY_EXISTS
+      (COMMAND_ID_REUSED).
     - expected_version: optional optimistic concurrency check. When set, the
-      command fails with ABORTED unless the order's current version equals it.
+      command fails with ABORTED unless the order's current version equals it
+      (0 for an order that does not exist yet).
 
-    Errors: INVALID_ARGUMENT (with google.rpc.BadRequest field violations) for
-    malformed input; NOT_FOUND for an unknown order; FAILED_PRECONDITION (with
-    google.rpc.ErrorInfo, reason such as "ORDER_NOT_PENDING") when a business
-    rule forbids the command; ABORTED for a version conflict; ALREADY_EXISTS for
-    a reused order id or command id; UNAVAILABLE when the event store is
-    unreachable (safe to retry with the same command_id).
+    Errors: every error the service returns itself carries a google.rpc.ErrorInfo
+    (domain "orders.v1") whose reason is stable API; docs/errors.md lists them
+    all, with when and whether to retry. In short: INVALID_ARGUMENT (with google.rpc.BadRequest
+    field violations) for malformed input; NOT_FOUND for an unknown order;
+    ALREADY_EXISTS for a taken order id or a reused command id;
+    FAILED_PRECONDITION (reason names the rule, e.g. ORDER_NOT_PENDING) when a
+    business rule forbids the command; ABORTED for a version conflict;
+    UNAVAILABLE when the event store is unreachable; DEADLINE_EXCEEDED when the
+    deadline (10 s without one) passed first. ABORTED and UNAVAILABLE carry a
+    google.rpc.RetryInfo; retry UNAVAILABLE and DEADLINE_EXCEEDED with the same
+    command_id. Each rpc's `Errors:` line lists its codes (reasons); every rpc can
+    also get the transport-level codes, which carry no details
+    (RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, UNAVAILABLE, CANCELLED; see
+    docs/errors.md).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateOrder: _aio.UnaryUnaryMultiCallable[_commands_pb2.CreateOrderRequest, _commands_pb2.CreateOrderResponse]  # type: ignore[assignment]
-    """Creates a new order in status PENDING."""
+    """Creates a new order in status PENDING.
+    Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST);
+    ALREADY_EXISTS (ORDER_ALREADY_EXISTS, COMMAND_ID_REUSED); ABORTED
+    (VERSION_CONFLICT); UNAVAILABLE (EVENT_STORE_UNAVAILABLE); DEADLINE_EXCEEDED
+    (DEADLINE_EXCEEDED).
+    """
     AddItem: _aio.UnaryUnaryMultiCallable[_commands_pb2.AddItemRequest, _commands_pb2.AddItemResponse]  # type: ignore[assignment]
     """Adds units of a SKU to a PENDING order. Adding a SKU already in the order
     increases its quantity; the unit price must then be the same.
+    Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); NOT_FOUND
+    (ORDER_NOT_FOUND); FAILED_PRECONDITION (ORDER_NOT_PENDING,
+    CURRENCY_MISMATCH, TOO_MANY_ITEMS, PRICE_MISMATCH, QUANTITY_LIMIT);
+    ALREADY_EXISTS (COMMAND_ID_REUSED); ABORTED (VERSION_CONFLICT); UNAVAILABLE
+    (EVENT_STORE_UNAVAILABLE); DEADLINE_EXCEEDED (DEADLINE_EXCEEDED).
     """
     RemoveItem: _aio.UnaryUnaryMultiCallable[_commands_pb2.RemoveItemRequest, _commands_pb2.RemoveItemResponse]  # type: ignore[assignment]
-    """Removes a SKU's line from a PENDING order."""
+    """Removes a SKU's line from a PENDING order.
+    Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); NOT_FOUND
+    (ORDER_NOT_FOUND); FAILED_PRECONDITION (ORDER_NOT_PENDING,
+    ITEM_NOT_IN_ORDER); ALREADY_EXISTS (COMMAND_ID_REUSED); ABORTED
+    (VERSION_CONFLICT); UNAVAILABLE (EVENT_STORE_UNAVAILABLE); DEADLINE_EXCEEDED
+    (DEADLINE_EXCEEDED).
+    """
     ChangeShippingAddress: _aio.UnaryUnaryMultiCallable[_commands_pb2.ChangeShippingAddressRequest, _commands_pb2.ChangeShippingAddressResponse]  # type: ignore[assignment]
-    """Sets or replaces the shipping address of a PENDING or CONFIRMED order."""
+    """Sets or replaces the shipping address of a PENDING or CONFIRMED order.
+    Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); NOT_FOUND
+    (ORDER_NOT_FOUND); FAILED_PRECONDITION (ORDER_CLOSED); ALREADY_EXISTS
+    (COMMAND_ID_REUSED); ABORTED (VERSION_CONFLICT); UNAVAILABLE
+    (EVENT_STORE_UNAVAILABLE); DEADLINE_EXCEEDED (DEADLINE_EXCEEDED).
+    """
     ConfirmOrder: _aio.UnaryUnaryMultiCallable[_commands_pb2.ConfirmOrderRequest, _commands_pb2.ConfirmOrderResponse]  # type: ignore[assignment]
-    """Confirms a PENDING order that has at least one item."""
+    """Confirms a PENDING order that has at least one item.
+    Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); NOT_FOUND
+    (ORDER_NOT_FOUND); FAILED_PRECONDITION (ORDER_NOT_PENDING, ORDER_EMPTY);
+    ALREADY_EXISTS (COMMAND_ID_REUSED); ABORTED (VERSION_CONFLICT); UNAVAILABLE
+    (EVENT_STORE_UNAVAILABLE); DEADLINE_EXCEEDED (DEADLINE_EXCEEDED).
+    """
     ShipOrder: _aio.UnaryUnaryMultiCallable[_commands_pb2.ShipOrderRequest, _commands_pb2.ShipOrderResponse]  # type: ignore[assignment]
-    """Ships a CONFIRMED order that has a shipping address."""
+    """Ships a CONFIRMED order that has a shipping address.
+    Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); NOT_FOUND
+    (ORDER_NOT_FOUND); FAILED_PRECONDITION (ORDER_NOT_CONFIRMED,
+    NO_SHIPPING_ADDRESS); ALREADY_EXISTS (COMMAND_ID_REUSED); ABORTED
+    (VERSION_CONFLICT); UNAVAILABLE (EVENT_STORE_UNAVAILABLE); DEADLINE_EXCEEDED
+    (DEADLINE_EXCEEDED).
+    """
     CancelOrder: _aio.UnaryUnaryMultiCallable[_commands_pb2.CancelOrderRequest, _commands_pb2.CancelOrderResponse]  # type: ignore[assignment]
-    """Cancels a PENDING or CONFIRMED order."""
+    """Cancels a PENDING or CONFIRMED order.
+    Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); NOT_FOUND
+    (ORDER_NOT_FOUND); FAILED_PRECONDITION (ORDER_CLOSED); ALREADY_EXISTS
+    (COMMAND_ID_REUSED); ABORTED (VERSION_CONFLICT); UNAVAILABLE
+    (EVENT_STORE_UNAVAILABLE); DEADLINE_EXCEEDED (DEADLINE_EXCEEDED).
+    """
 
 class OrderCommandsServicer(metaclass=_abc_1.ABCMeta):
     """OrderCommands changes orders. Every command is validated, checked against the
@@ -120,16 +214,26 @@ class OrderCommandsServicer(metaclass=_abc_1.ABCMeta):
     Common to every command:
     - command_id: optional idempotency key (1-128 characters). A command retried
       with the same command_id returns the first result and appends nothing.
-      Reusing a command_id with a different request fails with ALREADY_EXISTS.
+      Reusing a command_id with a different request fails with ALREADY_EXISTS
+      (COMMAND_ID_REUSED).
     - expected_version: optional optimistic concurrency check. When set, the
-      command fails with ABORTED unless the order's current version equals it.
+      command fails with ABORTED unless the order's current version equals it
+      (0 for an order that does not exist yet).
 
-    Errors: INVALID_ARGUMENT (with google.rpc.BadRequest field violations) for
-    malformed input; NOT_FOUND for an unknown order; FAILED_PRECONDITION (with
-    google.rpc.ErrorInfo, reason such as "ORDER_NOT_PENDING") when a business
-    rule forbids the command; ABORTED for a version conflict; ALREADY_EXISTS for
-    a reused order id or command id; UNAVAILABLE when the event store is
-    unreachable (safe to retry with the same command_id).
+    Errors: every error the service returns itself carries a google.rpc.ErrorInfo
+    (domain "orders.v1") whose reason is stable API; docs/errors.md lists them
+    all, with when and whether to retry. In short: INVALID_ARGUMENT (with google.rpc.BadRequest
+    field violations) for malformed input; NOT_FOUND for an unknown order;
+    ALREADY_EXISTS for a taken order id or a reused command id;
+    FAILED_PRECONDITION (reason names the rule, e.g. ORDER_NOT_PENDING) when a
+    business rule forbids the command; ABORTED for a version conflict;
+    UNAVAILABLE when the event store is unreachable; DEADLINE_EXCEEDED when the
+    deadline (10 s without one) passed first. ABORTED and UNAVAILABLE carry a
+    google.rpc.RetryInfo; retry UNAVAILABLE and DEADLINE_EXCEEDED with the same
+    command_id. Each rpc's `Errors:` line lists its codes (reasons); every rpc can
+    also get the transport-level codes, which carry no details
+    (RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, UNAVAILABLE, CANCELLED; see
+    docs/errors.md).
     """
 
     @_abc_1.abstractmethod
@@ -138,7 +242,12 @@ class OrderCommandsServicer(metaclass=_abc_1.ABCMeta):
         request: _commands_pb2.CreateOrderRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_commands_pb2.CreateOrderResponse, _abc.Awaitable[_commands_pb2.CreateOrderResponse]]:
-        """Creates a new order in status PENDING."""
+        """Creates a new order in status PENDING.
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST);
+        ALREADY_EXISTS (ORDER_ALREADY_EXISTS, COMMAND_ID_REUSED); ABORTED
+        (VERSION_CONFLICT); UNAVAILABLE (EVENT_STORE_UNAVAILABLE); DEADLINE_EXCEEDED
+        (DEADLINE_EXCEEDED).
+        """
 
     @_abc_1.abstractmethod
     def AddItem(
@@ -148,6 +257,11 @@ class OrderCommandsServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_commands_pb2.AddItemResponse, _abc.Awaitable[_commands_pb2.AddItemResponse]]:
         """Adds units of a SKU to a PENDING order. Adding a SKU already in the order
         increases its quantity; the unit price must then be the same.
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); NOT_FOUND
+        (ORDER_NOT_FOUND); FAILED_PRECONDITION (ORDER_NOT_PENDING,
+        CURRENCY_MISMATCH, TOO_MANY_ITEMS, PRICE_MISMATCH, QUANTITY_LIMIT);
+        ALREADY_EXISTS (COMMAND_ID_REUSED); ABORTED (VERSION_CONFLICT); UNAVAILABLE
+        (EVENT_STORE_UNAVAILABLE); DEADLINE_EXCEEDED (DEADLINE_EXCEEDED).
         """
 
     @_abc_1.abstractmethod
@@ -156,7 +270,13 @@ class OrderCommandsServicer(metaclass=_abc_1.ABCMeta):
         request: _commands_pb2.RemoveItemRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_commands_pb2.RemoveItemResponse, _abc.Awaitable[_commands_pb2.RemoveItemResponse]]:
-        """Removes a SKU's line from a PENDING order."""
+        """Removes a SKU's line from a PENDING order.
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); NOT_FOUND
+        (ORDER_NOT_FOUND); FAILED_PRECONDITION (ORDER_NOT_PENDING,
+        ITEM_NOT_IN_ORDER); ALREADY_EXISTS (COMMAND_ID_REUSED); ABORTED
+        (VERSION_CONFLICT); UNAVAILABLE (EVENT_STORE_UNAVAILABLE); DEADLINE_EXCEEDED
+        (DEADLINE_EXCEEDED).
+        """
 
     @_abc_1.abstractmethod
     def ChangeShippingAddress(
@@ -164,7 +284,12 @@ class OrderCommandsServicer(metaclass=_abc_1.ABCMeta):
         request: _commands_pb2.ChangeShippingAddressRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_commands_pb2.ChangeShippingAddressResponse, _abc.Awaitable[_commands_pb2.ChangeShippingAddressResponse]]:
-        """Sets or replaces the shipping address of a PENDING or CONFIRMED order."""
+        """Sets or replaces the shipping address of a PENDING or CONFIRMED order.
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); NOT_FOUND
+        (ORDER_NOT_FOUND); FAILED_PRECONDITION (ORDER_CLOSED); ALREADY_EXISTS
+        (COMMAND_ID_REUSED); ABORTED (VERSION_CONFLICT); UNAVAILABLE
+        (EVENT_STORE_UNAVAILABLE); DEADLINE_EXCEEDED (DEADLINE_EXCEEDED).
+        """
 
     @_abc_1.abstractmethod
     def ConfirmOrder(
@@ -172,7 +297,12 @@ class OrderCommandsServicer(metaclass=_abc_1.ABCMeta):
         request: _commands_pb2.ConfirmOrderRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_commands_pb2.ConfirmOrderResponse, _abc.Awaitable[_commands_pb2.ConfirmOrderResponse]]:
-        """Confirms a PENDING order that has at least one item."""
+        """Confirms a PENDING order that has at least one item.
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); NOT_FOUND
+        (ORDER_NOT_FOUND); FAILED_PRECONDITION (ORDER_NOT_PENDING, ORDER_EMPTY);
+        ALREADY_EXISTS (COMMAND_ID_REUSED); ABORTED (VERSION_CONFLICT); UNAVAILABLE
+        (EVENT_STORE_UNAVAILABLE); DEADLINE_EXCEEDED (DEADLINE_EXCEEDED).
+        """
 
     @_abc_1.abstractmethod
     def ShipOrder(
@@ -180,7 +310,13 @@ class OrderCommandsServicer(metaclass=_abc_1.ABCMeta):
         request: _commands_pb2.ShipOrderRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_commands_pb2.ShipOrderResponse, _abc.Awaitable[_commands_pb2.ShipOrderResponse]]:
-        """Ships a CONFIRMED order that has a shipping address."""
+        """Ships a CONFIRMED order that has a shipping address.
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); NOT_FOUND
+        (ORDER_NOT_FOUND); FAILED_PRECONDITION (ORDER_NOT_CONFIRMED,
+        NO_SHIPPING_ADDRESS); ALREADY_EXISTS (COMMAND_ID_REUSED); ABORTED
+        (VERSION_CONFLICT); UNAVAILABLE (EVENT_STORE_UNAVAILABLE); DEADLINE_EXCEEDED
+        (DEADLINE_EXCEEDED).
+        """
 
     @_abc_1.abstractmethod
     def CancelOrder(
@@ -188,6 +324,11 @@ class OrderCommandsServicer(metaclass=_abc_1.ABCMeta):
         request: _commands_pb2.CancelOrderRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_commands_pb2.CancelOrderResponse, _abc.Awaitable[_commands_pb2.CancelOrderResponse]]:
-        """Cancels a PENDING or CONFIRMED order."""
+        """Cancels a PENDING or CONFIRMED order.
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); NOT_FOUND
+        (ORDER_NOT_FOUND); FAILED_PRECONDITION (ORDER_CLOSED); ALREADY_EXISTS
+        (COMMAND_ID_REUSED); ABORTED (VERSION_CONFLICT); UNAVAILABLE
+        (EVENT_STORE_UNAVAILABLE); DEADLINE_EXCEEDED (DEADLINE_EXCEEDED).
+        """
 
 def add_OrderCommandsServicer_to_server(servicer: OrderCommandsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -32,10 +32,21 @@ class OrderQueriesStub:
     (at most the RPC deadline and the server's configured maximum) until the
     views include that write, and reports in `consistency.stale` when it gave up.
 
-    Errors: INVALID_ARGUMENT for malformed input (bad page token, bad
-    consistency token, page size out of range); NOT_FOUND for an unknown order;
-    UNAVAILABLE when Redis is unreachable, or when GetOrder could not find an
-    order because the views had not reached the given token in time (retry).
+    Errors: every error the service returns itself carries a google.rpc.ErrorInfo
+    (domain "orders.v1") whose reason is stable API; docs/errors.md lists them
+    all, with when and whether to retry. In short: INVALID_ARGUMENT (with
+    google.rpc.BadRequest field violations) for malformed input (ids, page size,
+    status, page token, consistency token); NOT_FOUND for an unknown order or a
+    customer without orders; UNAVAILABLE (with google.rpc.RetryInfo) when the
+    views are not ready to answer correctly (VIEWS_NOT_READY: empty, being
+    rebuilt from empty, or the item is missing while the views had not reached
+    the given token in time), when Redis is unreachable (VIEWS_UNAVAILABLE), or
+    when a watch stream's server stops (SERVER_SHUTTING_DOWN); DEADLINE_EXCEEDED
+    when Redis did not answer in time; RESOURCE_EXHAUSTED for the watch streams'
+    limits. Each rpc's `Errors:` line lists its codes (reasons); every rpc can
+    also get the transport-level codes, which carry no details
+    (RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, UNAVAILABLE, CANCELLED; see
+    docs/errors.md).
     """
 
     def __init__(self, channel):
@@ -78,14 +89,28 @@ class OrderQueriesServicer:
     (at most the RPC deadline and the server's configured maximum) until the
     views include that write, and reports in `consistency.stale` when it gave up.
 
-    Errors: INVALID_ARGUMENT for malformed input (bad page token, bad
-    consistency token, page size out of range); NOT_FOUND for an unknown order;
-    UNAVAILABLE when Redis is unreachable, or when GetOrder could not find an
-    order because the views had not reached the given token in time (retry).
+    Errors: every error the service returns itself carries a google.rpc.ErrorInfo
+    (domain "orders.v1") whose reason is stable API; docs/errors.md lists them
+    all, with when and whether to retry. In short: INVALID_ARGUMENT (with
+    google.rpc.BadRequest field violations) for malformed input (ids, page size,
+    status, page token, consistency token); NOT_FOUND for an unknown order or a
+    customer without orders; UNAVAILABLE (with google.rpc.RetryInfo) when the
+    views are not ready to answer correctly (VIEWS_NOT_READY: empty, being
+    rebuilt from empty, or the item is missing while the views had not reached
+    the given token in time), when Redis is unreachable (VIEWS_UNAVAILABLE), or
+    when a watch stream's server stops (SERVER_SHUTTING_DOWN); DEADLINE_EXCEEDED
+    when Redis did not answer in time; RESOURCE_EXHAUSTED for the watch streams'
+    limits. Each rpc's `Errors:` line lists its codes (reasons); every rpc can
+    also get the transport-level codes, which carry no details
+    (RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, UNAVAILABLE, CANCELLED; see
+    docs/errors.md).
     """
 
     def GetOrder(self, request, context):
         """Returns one order.
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); NOT_FOUND
+        (ORDER_NOT_FOUND); UNAVAILABLE (VIEWS_NOT_READY, VIEWS_UNAVAILABLE);
+        DEADLINE_EXCEEDED (DEADLINE_EXCEEDED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -93,6 +118,8 @@ class OrderQueriesServicer:
 
     def ListOrders(self, request, context):
         """Lists orders, newest first, optionally filtered by customer and status.
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); UNAVAILABLE
+        (VIEWS_NOT_READY, VIEWS_UNAVAILABLE); DEADLINE_EXCEEDED (DEADLINE_EXCEEDED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -101,6 +128,9 @@ class OrderQueriesServicer:
     def GetCustomerSummary(self, request, context):
         """Returns a customer's order statistics, from the customer summary projection.
         NOT_FOUND when the customer has no orders.
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); NOT_FOUND
+        (CUSTOMER_NOT_FOUND); UNAVAILABLE (VIEWS_NOT_READY, VIEWS_UNAVAILABLE);
+        DEADLINE_EXCEEDED (DEADLINE_EXCEEDED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -122,9 +152,15 @@ class OrderQueriesServicer:
         GetOrder, instead of the first message; UNAVAILABLE with reason
         SERVER_SHUTTING_DOWN (and RetryInfo) when the server stops: reconnect, to
         another instance if there is one; UNAVAILABLE with reason
-        VIEWS_UNAVAILABLE when Redis becomes unreachable; RESOURCE_EXHAUSTED with
-        reason WATCH_LIMIT when the server already holds its maximum of watch
-        streams (half of its concurrent RPCs): retry later or elsewhere.
+        VIEWS_UNAVAILABLE when Redis becomes unreachable; DEADLINE_EXCEEDED with
+        reason DEADLINE_EXCEEDED when Redis does not answer in time;
+        RESOURCE_EXHAUSTED with reason WATCH_LIMIT when the server already holds
+        its maximum of watch streams (half of its concurrent RPCs): retry later or
+        elsewhere.
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); NOT_FOUND
+        (ORDER_NOT_FOUND); UNAVAILABLE (VIEWS_NOT_READY, VIEWS_UNAVAILABLE,
+        SERVER_SHUTTING_DOWN); DEADLINE_EXCEEDED (DEADLINE_EXCEEDED);
+        RESOURCE_EXHAUSTED (WATCH_LIMIT).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -143,6 +179,10 @@ class OrderQueriesServicer:
         messages, and reason WATCH_LIMIT once one stream has sent 10000 different
         orders. In both cases, resubscribe: the first message brings the client
         up to date again.
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); UNAVAILABLE
+        (VIEWS_NOT_READY, VIEWS_UNAVAILABLE, SERVER_SHUTTING_DOWN);
+        DEADLINE_EXCEEDED (DEADLINE_EXCEEDED); RESOURCE_EXHAUSTED (CLIENT_TOO_SLOW,
+        WATCH_LIMIT).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -191,10 +231,21 @@ class OrderQueries:
     (at most the RPC deadline and the server's configured maximum) until the
     views include that write, and reports in `consistency.stale` when it gave up.
 
-    Errors: INVALID_ARGUMENT for malformed input (bad page token, bad
-    consistency token, page size out of range); NOT_FOUND for an unknown order;
-    UNAVAILABLE when Redis is unreachable, or when GetOrder could not find an
-    order because the views had not reached the given token in time (retry).
+    Errors: every error the service returns itself carries a google.rpc.ErrorInfo
+    (domain "orders.v1") whose reason is stable API; docs/errors.md lists them
+    all, with when and whether to retry. In short: INVALID_ARGUMENT (with
+    google.rpc.BadRequest field violations) for malformed input (ids, page size,
+    status, page token, consistency token); NOT_FOUND for an unknown order or a
+    customer without orders; UNAVAILABLE (with google.rpc.RetryInfo) when the
+    views are not ready to answer correctly (VIEWS_NOT_READY: empty, being
+    rebuilt from empty, or the item is missing while the views had not reached
+    the given token in time), when Redis is unreachable (VIEWS_UNAVAILABLE), or
+    when a watch stream's server stops (SERVER_SHUTTING_DOWN); DEADLINE_EXCEEDED
+    when Redis did not answer in time; RESOURCE_EXHAUSTED for the watch streams'
+    limits. Each rpc's `Errors:` line lists its codes (reasons); every rpc can
+    also get the transport-level codes, which carry no details
+    (RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, UNAVAILABLE, CANCELLED; see
+    docs/errors.md).
     """
 
     @staticmethod

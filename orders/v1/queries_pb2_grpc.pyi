@@ -33,10 +33,21 @@ class OrderQueriesStub:
     (at most the RPC deadline and the server's configured maximum) until the
     views include that write, and reports in `consistency.stale` when it gave up.
 
-    Errors: INVALID_ARGUMENT for malformed input (bad page token, bad
-    consistency token, page size out of range); NOT_FOUND for an unknown order;
-    UNAVAILABLE when Redis is unreachable, or when GetOrder could not find an
-    order because the views had not reached the given token in time (retry).
+    Errors: every error the service returns itself carries a google.rpc.ErrorInfo
+    (domain "orders.v1") whose reason is stable API; docs/errors.md lists them
+    all, with when and whether to retry. In short: INVALID_ARGUMENT (with
+    google.rpc.BadRequest field violations) for malformed input (ids, page size,
+    status, page token, consistency token); NOT_FOUND for an unknown order or a
+    customer without orders; UNAVAILABLE (with google.rpc.RetryInfo) when the
+    views are not ready to answer correctly (VIEWS_NOT_READY: empty, being
+    rebuilt from empty, or the item is missing while the views had not reached
+    the given token in time), when Redis is unreachable (VIEWS_UNAVAILABLE), or
+    when a watch stream's server stops (SERVER_SHUTTING_DOWN); DEADLINE_EXCEEDED
+    when Redis did not answer in time; RESOURCE_EXHAUSTED for the watch streams'
+    limits. Each rpc's `Errors:` line lists its codes (reasons); every rpc can
+    also get the transport-level codes, which carry no details
+    (RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, UNAVAILABLE, CANCELLED; see
+    docs/errors.md).
     """
 
     @_typing.overload
@@ -44,12 +55,22 @@ class OrderQueriesStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> OrderQueriesAsyncStub: ...
     GetOrder: _grpc.UnaryUnaryMultiCallable[_queries_pb2.GetOrderRequest, _queries_pb2.GetOrderResponse]
-    """Returns one order."""
+    """Returns one order.
+    Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); NOT_FOUND
+    (ORDER_NOT_FOUND); UNAVAILABLE (VIEWS_NOT_READY, VIEWS_UNAVAILABLE);
+    DEADLINE_EXCEEDED (DEADLINE_EXCEEDED).
+    """
     ListOrders: _grpc.UnaryUnaryMultiCallable[_queries_pb2.ListOrdersRequest, _queries_pb2.ListOrdersResponse]
-    """Lists orders, newest first, optionally filtered by customer and status."""
+    """Lists orders, newest first, optionally filtered by customer and status.
+    Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); UNAVAILABLE
+    (VIEWS_NOT_READY, VIEWS_UNAVAILABLE); DEADLINE_EXCEEDED (DEADLINE_EXCEEDED).
+    """
     GetCustomerSummary: _grpc.UnaryUnaryMultiCallable[_queries_pb2.GetCustomerSummaryRequest, _queries_pb2.GetCustomerSummaryResponse]
     """Returns a customer's order statistics, from the customer summary projection.
     NOT_FOUND when the customer has no orders.
+    Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); NOT_FOUND
+    (CUSTOMER_NOT_FOUND); UNAVAILABLE (VIEWS_NOT_READY, VIEWS_UNAVAILABLE);
+    DEADLINE_EXCEEDED (DEADLINE_EXCEEDED).
     """
     WatchOrder: _grpc.UnaryStreamMultiCallable[_queries_pb2.WatchOrderRequest, _queries_pb2.WatchOrderResponse]
     """Streams one order: first its current view (as GetOrder answers it), then
@@ -67,9 +88,15 @@ class OrderQueriesStub:
     GetOrder, instead of the first message; UNAVAILABLE with reason
     SERVER_SHUTTING_DOWN (and RetryInfo) when the server stops: reconnect, to
     another instance if there is one; UNAVAILABLE with reason
-    VIEWS_UNAVAILABLE when Redis becomes unreachable; RESOURCE_EXHAUSTED with
-    reason WATCH_LIMIT when the server already holds its maximum of watch
-    streams (half of its concurrent RPCs): retry later or elsewhere.
+    VIEWS_UNAVAILABLE when Redis becomes unreachable; DEADLINE_EXCEEDED with
+    reason DEADLINE_EXCEEDED when Redis does not answer in time;
+    RESOURCE_EXHAUSTED with reason WATCH_LIMIT when the server already holds
+    its maximum of watch streams (half of its concurrent RPCs): retry later or
+    elsewhere.
+    Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); NOT_FOUND
+    (ORDER_NOT_FOUND); UNAVAILABLE (VIEWS_NOT_READY, VIEWS_UNAVAILABLE,
+    SERVER_SHUTTING_DOWN); DEADLINE_EXCEEDED (DEADLINE_EXCEEDED);
+    RESOURCE_EXHAUSTED (WATCH_LIMIT).
     """
     WatchCustomerOrders: _grpc.UnaryStreamMultiCallable[_queries_pb2.WatchCustomerOrdersRequest, _queries_pb2.WatchCustomerOrdersResponse]
     """Streams a customer's orders: first the customer's current orders (at most
@@ -84,6 +111,10 @@ class OrderQueriesStub:
     messages, and reason WATCH_LIMIT once one stream has sent 10000 different
     orders. In both cases, resubscribe: the first message brings the client
     up to date again.
+    Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); UNAVAILABLE
+    (VIEWS_NOT_READY, VIEWS_UNAVAILABLE, SERVER_SHUTTING_DOWN);
+    DEADLINE_EXCEEDED (DEADLINE_EXCEEDED); RESOURCE_EXHAUSTED (CLIENT_TOO_SLOW,
+    WATCH_LIMIT).
     """
 
 @_typing.type_check_only
@@ -94,20 +125,41 @@ class OrderQueriesAsyncStub(OrderQueriesStub):
     (at most the RPC deadline and the server's configured maximum) until the
     views include that write, and reports in `consistency.stale` when it gave up.
 
-    Errors: INVALID_ARGUMENT for malformed input (bad page token, bad
-    consistency token, page size out of range); NOT_FOUND for an unknown order;
-    UNAVAILABLE when Redis is unreachable, or when GetOrder could not find an
-    order because the views had not reached the given token in time (retry).
+    Errors: every error the service returns itself carries a google.rpc.ErrorInfo
+    (domain "orders.v1") whose reason is stable API; docs/errors.md lists them
+    all, with when and whether to retry. In short: INVALID_ARGUMENT (with
+    google.rpc.BadRequest field violations) for malformed input (ids, page size,
+    status, page token, consistency token); NOT_FOUND for an unknown order or a
+    customer without orders; UNAVAILABLE (with google.rpc.RetryInfo) when the
+    views are not ready to answer correctly (VIEWS_NOT_READY: empty, being
+    rebuilt from empty, or the item is missing while the views had not reached
+    the given token in time), when Redis is unreachable (VIEWS_UNAVAILABLE), or
+    when a watch stream's server stops (SERVER_SHUTTING_DOWN); DEADLINE_EXCEEDED
+    when Redis did not answer in time; RESOURCE_EXHAUSTED for the watch streams'
+    limits. Each rpc's `Errors:` line lists its codes (reasons); every rpc can
+    also get the transport-level codes, which carry no details
+    (RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, UNAVAILABLE, CANCELLED; see
+    docs/errors.md).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetOrder: _aio.UnaryUnaryMultiCallable[_queries_pb2.GetOrderRequest, _queries_pb2.GetOrderResponse]  # type: ignore[assignment]
-    """Returns one order."""
+    """Returns one order.
+    Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); NOT_FOUND
+    (ORDER_NOT_FOUND); UNAVAILABLE (VIEWS_NOT_READY, VIEWS_UNAVAILABLE);
+    DEADLINE_EXCEEDED (DEADLINE_EXCEEDED).
+    """
     ListOrders: _aio.UnaryUnaryMultiCallable[_queries_pb2.ListOrdersRequest, _queries_pb2.ListOrdersResponse]  # type: ignore[assignment]
-    """Lists orders, newest first, optionally filtered by customer and status."""
+    """Lists orders, newest first, optionally filtered by customer and status.
+    Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); UNAVAILABLE
+    (VIEWS_NOT_READY, VIEWS_UNAVAILABLE); DEADLINE_EXCEEDED (DEADLINE_EXCEEDED).
+    """
     GetCustomerSummary: _aio.UnaryUnaryMultiCallable[_queries_pb2.GetCustomerSummaryRequest, _queries_pb2.GetCustomerSummaryResponse]  # type: ignore[assignment]
     """Returns a customer's order statistics, from the customer summary projection.
     NOT_FOUND when the customer has no orders.
+    Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); NOT_FOUND
+    (CUSTOMER_NOT_FOUND); UNAVAILABLE (VIEWS_NOT_READY, VIEWS_UNAVAILABLE);
+    DEADLINE_EXCEEDED (DEADLINE_EXCEEDED).
     """
     WatchOrder: _aio.UnaryStreamMultiCallable[_queries_pb2.WatchOrderRequest, _queries_pb2.WatchOrderResponse]  # type: ignore[assignment]
     """Streams one order: first its current view (as GetOrder answers it), then
@@ -125,9 +177,15 @@ class OrderQueriesAsyncStub(OrderQueriesStub):
     GetOrder, instead of the first message; UNAVAILABLE with reason
     SERVER_SHUTTING_DOWN (and RetryInfo) when the server stops: reconnect, to
     another instance if there is one; UNAVAILABLE with reason
-    VIEWS_UNAVAILABLE when Redis becomes unreachable; RESOURCE_EXHAUSTED with
-    reason WATCH_LIMIT when the server already holds its maximum of watch
-    streams (half of its concurrent RPCs): retry later or elsewhere.
+    VIEWS_UNAVAILABLE when Redis becomes unreachable; DEADLINE_EXCEEDED with
+    reason DEADLINE_EXCEEDED when Redis does not answer in time;
+    RESOURCE_EXHAUSTED with reason WATCH_LIMIT when the server already holds
+    its maximum of watch streams (half of its concurrent RPCs): retry later or
+    elsewhere.
+    Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); NOT_FOUND
+    (ORDER_NOT_FOUND); UNAVAILABLE (VIEWS_NOT_READY, VIEWS_UNAVAILABLE,
+    SERVER_SHUTTING_DOWN); DEADLINE_EXCEEDED (DEADLINE_EXCEEDED);
+    RESOURCE_EXHAUSTED (WATCH_LIMIT).
     """
     WatchCustomerOrders: _aio.UnaryStreamMultiCallable[_queries_pb2.WatchCustomerOrdersRequest, _queries_pb2.WatchCustomerOrdersResponse]  # type: ignore[assignment]
     """Streams a customer's orders: first the customer's current orders (at most
@@ -142,6 +200,10 @@ class OrderQueriesAsyncStub(OrderQueriesStub):
     messages, and reason WATCH_LIMIT once one stream has sent 10000 different
     orders. In both cases, resubscribe: the first message brings the client
     up to date again.
+    Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); UNAVAILABLE
+    (VIEWS_NOT_READY, VIEWS_UNAVAILABLE, SERVER_SHUTTING_DOWN);
+    DEADLINE_EXCEEDED (DEADLINE_EXCEEDED); RESOURCE_EXHAUSTED (CLIENT_TOO_SLOW,
+    WATCH_LIMIT).
     """
 
 class OrderQueriesServicer(metaclass=_abc_1.ABCMeta):
@@ -151,10 +213,21 @@ class OrderQueriesServicer(metaclass=_abc_1.ABCMeta):
     (at most the RPC deadline and the server's configured maximum) until the
     views include that write, and reports in `consistency.stale` when it gave up.
 
-    Errors: INVALID_ARGUMENT for malformed input (bad page token, bad
-    consistency token, page size out of range); NOT_FOUND for an unknown order;
-    UNAVAILABLE when Redis is unreachable, or when GetOrder could not find an
-    order because the views had not reached the given token in time (retry).
+    Errors: every error the service returns itself carries a google.rpc.ErrorInfo
+    (domain "orders.v1") whose reason is stable API; docs/errors.md lists them
+    all, with when and whether to retry. In short: INVALID_ARGUMENT (with
+    google.rpc.BadRequest field violations) for malformed input (ids, page size,
+    status, page token, consistency token); NOT_FOUND for an unknown order or a
+    customer without orders; UNAVAILABLE (with google.rpc.RetryInfo) when the
+    views are not ready to answer correctly (VIEWS_NOT_READY: empty, being
+    rebuilt from empty, or the item is missing while the views had not reached
+    the given token in time), when Redis is unreachable (VIEWS_UNAVAILABLE), or
+    when a watch stream's server stops (SERVER_SHUTTING_DOWN); DEADLINE_EXCEEDED
+    when Redis did not answer in time; RESOURCE_EXHAUSTED for the watch streams'
+    limits. Each rpc's `Errors:` line lists its codes (reasons); every rpc can
+    also get the transport-level codes, which carry no details
+    (RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, UNAVAILABLE, CANCELLED; see
+    docs/errors.md).
     """
 
     @_abc_1.abstractmethod
@@ -163,7 +236,11 @@ class OrderQueriesServicer(metaclass=_abc_1.ABCMeta):
         request: _queries_pb2.GetOrderRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_queries_pb2.GetOrderResponse, _abc.Awaitable[_queries_pb2.GetOrderResponse]]:
-        """Returns one order."""
+        """Returns one order.
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); NOT_FOUND
+        (ORDER_NOT_FOUND); UNAVAILABLE (VIEWS_NOT_READY, VIEWS_UNAVAILABLE);
+        DEADLINE_EXCEEDED (DEADLINE_EXCEEDED).
+        """
 
     @_abc_1.abstractmethod
     def ListOrders(
@@ -171,7 +248,10 @@ class OrderQueriesServicer(metaclass=_abc_1.ABCMeta):
         request: _queries_pb2.ListOrdersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_queries_pb2.ListOrdersResponse, _abc.Awaitable[_queries_pb2.ListOrdersResponse]]:
-        """Lists orders, newest first, optionally filtered by customer and status."""
+        """Lists orders, newest first, optionally filtered by customer and status.
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); UNAVAILABLE
+        (VIEWS_NOT_READY, VIEWS_UNAVAILABLE); DEADLINE_EXCEEDED (DEADLINE_EXCEEDED).
+        """
 
     @_abc_1.abstractmethod
     def GetCustomerSummary(
@@ -181,6 +261,9 @@ class OrderQueriesServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_queries_pb2.GetCustomerSummaryResponse, _abc.Awaitable[_queries_pb2.GetCustomerSummaryResponse]]:
         """Returns a customer's order statistics, from the customer summary projection.
         NOT_FOUND when the customer has no orders.
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); NOT_FOUND
+        (CUSTOMER_NOT_FOUND); UNAVAILABLE (VIEWS_NOT_READY, VIEWS_UNAVAILABLE);
+        DEADLINE_EXCEEDED (DEADLINE_EXCEEDED).
         """
 
     @_abc_1.abstractmethod
@@ -204,9 +287,15 @@ class OrderQueriesServicer(metaclass=_abc_1.ABCMeta):
         GetOrder, instead of the first message; UNAVAILABLE with reason
         SERVER_SHUTTING_DOWN (and RetryInfo) when the server stops: reconnect, to
         another instance if there is one; UNAVAILABLE with reason
-        VIEWS_UNAVAILABLE when Redis becomes unreachable; RESOURCE_EXHAUSTED with
-        reason WATCH_LIMIT when the server already holds its maximum of watch
-        streams (half of its concurrent RPCs): retry later or elsewhere.
+        VIEWS_UNAVAILABLE when Redis becomes unreachable; DEADLINE_EXCEEDED with
+        reason DEADLINE_EXCEEDED when Redis does not answer in time;
+        RESOURCE_EXHAUSTED with reason WATCH_LIMIT when the server already holds
+        its maximum of watch streams (half of its concurrent RPCs): retry later or
+        elsewhere.
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); NOT_FOUND
+        (ORDER_NOT_FOUND); UNAVAILABLE (VIEWS_NOT_READY, VIEWS_UNAVAILABLE,
+        SERVER_SHUTTING_DOWN); DEADLINE_EXCEEDED (DEADLINE_EXCEEDED);
+        RESOURCE_EXHAUSTED (WATCH_LIMIT).
         """
 
     @_abc_1.abstractmethod
@@ -227,6 +316,10 @@ class OrderQueriesServicer(metaclass=_abc_1.ABCMeta):
         messages, and reason WATCH_LIMIT once one stream has sent 10000 different
         orders. In both cases, resubscribe: the first message brings the client
         up to date again.
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST); UNAVAILABLE
+        (VIEWS_NOT_READY, VIEWS_UNAVAILABLE, SERVER_SHUTTING_DOWN);
+        DEADLINE_EXCEEDED (DEADLINE_EXCEEDED); RESOURCE_EXHAUSTED (CLIENT_TOO_SLOW,
+        WATCH_LIMIT).
         """
 
 def add_OrderQueriesServicer_to_server(servicer: OrderQueriesServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
