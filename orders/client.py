@@ -24,13 +24,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import functools
 import json
+import threading
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import grpc
 from google.protobuf.message import Message
@@ -561,7 +563,7 @@ class OrdersClient:
     ) -> AsyncIterator[queries_pb2.WatchOrderResponse]:
         """The order now, then again after each change, until the stream ends or is closed."""
         request = queries_pb2.WatchOrderRequest(order_id=order_id, consistency_token=self._token(consistency_token))
-        return self._stream(self._channels.queries.WatchOrder(request, timeout=timeout, metadata=self._metadata))
+        return self._stream(self._channels.queries.WatchOrder, request, timeout)
 
     def watch_customer_orders(
         self, customer_id: str, *, consistency_token: str | None = None, timeout: float | None = None
@@ -570,8 +572,7 @@ class OrdersClient:
         request = queries_pb2.WatchCustomerOrdersRequest(
             customer_id=customer_id, consistency_token=self._token(consistency_token)
         )
-        call = self._channels.queries.WatchCustomerOrders(request, timeout=timeout, metadata=self._metadata)
-        return self._stream(call)
+        return self._stream(self._channels.queries.WatchCustomerOrders, request, timeout)
 
     # ------------------------------------------------------------------------ plumbing
 
@@ -579,8 +580,8 @@ class OrdersClient:
         with _translated():
             return await method(request, timeout=timeout or self._timeout, metadata=self._metadata)
 
-    @staticmethod
-    async def _stream(call: Any) -> AsyncIterator[Any]:
+    async def _stream(self, method: Callable[..., Any], request: Message, timeout: float | None) -> AsyncIterator[Any]:
+        call = method(request, timeout=timeout, metadata=self._metadata)  # on first iteration, in the loop's thread
         try:
             with _translated():
                 async for message in call:
@@ -621,3 +622,104 @@ async def _wait_for_channel(channel: grpc.aio.Channel, timeout: float) -> None:
         await asyncio.wait_for(channel.channel_ready(), timeout)
     except TimeoutError:
         raise Unavailable(grpc.StatusCode.UNAVAILABLE, f"not connected after {timeout} s") from None
+
+
+# ---------------------------------------------------------------------------- blocking client
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _blocking(
+    method: Callable[Concatenate[OrdersClient, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[BlockingOrdersClient, P], R]:
+    """An OrdersClient coroutine method as a blocking method of BlockingOrdersClient."""
+
+    @functools.wraps(method)
+    def call(self: BlockingOrdersClient, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self._run(method(self._client, *args, **kwargs))
+
+    return call
+
+
+def _blocking_stream(
+    method: Callable[Concatenate[OrdersClient, P], AsyncIterator[R]],
+) -> Callable[Concatenate[BlockingOrdersClient, P], Iterator[R]]:
+    """An OrdersClient streaming method as a blocking iterator; leaving the loop ends the stream."""
+
+    @functools.wraps(method)
+    def call(self: BlockingOrdersClient, /, *args: P.args, **kwargs: P.kwargs) -> Iterator[R]:
+        stream = cast(AsyncGenerator[R, None], method(self._client, *args, **kwargs))
+        try:
+            while True:
+                try:
+                    yield self._run(anext(stream))
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._run(stream.aclose())
+
+    return call
+
+
+class BlockingOrdersClient:
+    """OrdersClient for code without an event loop: the same methods, blocking.
+
+    The calls run on a private event loop in a daemon thread; use one instance from any number
+    of threads. Close it (or use it as a context manager) to free the connections and the thread.
+    """
+
+    def __init__(self, write_address: str, read_address: str, **options: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="orders-client", daemon=True)
+        self._thread.start()
+        self._client = self._run(self._open(write_address, read_address, options))
+
+    @staticmethod
+    async def _open(write_address: str, read_address: str, options: dict[str, Any]) -> OrdersClient:
+        return OrdersClient(write_address, read_address, **options)  # channels belong to the loop they start on
+
+    def _run(self, coroutine: Awaitable[R]) -> R:
+        return asyncio.run_coroutine_threadsafe(_awaited(coroutine), self._loop).result()
+
+    def session(self) -> BlockingOrdersClient:
+        """A blocking session: see OrdersClient.session."""
+        session = copy.copy(self)
+        session._client = self._client.session()
+        return session
+
+    @property
+    def consistency_token(self) -> str:
+        return self._client.consistency_token
+
+    def close(self) -> None:
+        if self._client._owns_channels and self._loop.is_running():
+            self._run(self._client.close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+
+    def __enter__(self) -> BlockingOrdersClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    create_order = _blocking(OrdersClient.create_order)
+    add_item = _blocking(OrdersClient.add_item)
+    remove_item = _blocking(OrdersClient.remove_item)
+    change_shipping_address = _blocking(OrdersClient.change_shipping_address)
+    confirm_order = _blocking(OrdersClient.confirm_order)
+    ship_order = _blocking(OrdersClient.ship_order)
+    cancel_order = _blocking(OrdersClient.cancel_order)
+    get_order = _blocking(OrdersClient.get_order)
+    list_orders = _blocking(OrdersClient.list_orders)
+    get_customer_summary = _blocking(OrdersClient.get_customer_summary)
+    iter_orders = _blocking_stream(OrdersClient.iter_orders)
+    watch_order = _blocking_stream(OrdersClient.watch_order)
+    watch_customer_orders = _blocking_stream(OrdersClient.watch_customer_orders)
+
+
+async def _awaited(awaitable: Awaitable[R]) -> R:
+    return await awaitable

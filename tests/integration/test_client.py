@@ -17,6 +17,7 @@ import pytest
 from orders.client import (
     NO_RETRIES,
     Aborted,
+    BlockingOrdersClient,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
@@ -295,3 +296,30 @@ async def test_an_unreachable_service_raises_unavailable_within_the_deadline() -
             await client.get_order("order-1")
 
     assert time.monotonic() - started < 3.0
+
+
+async def test_the_blocking_client_does_the_same_from_plain_threads(system: System) -> None:
+    """BlockingOrdersClient: commands, a session's read-your-writes, rich errors and a watch,
+    called from threads without an event loop."""
+
+    def scenario(customer_id: str) -> tuple[int, bool, str, list[int], int]:
+        with BlockingOrdersClient(f"127.0.0.1:{system.write_port}", f"127.0.0.1:{system.read_port}") as client:
+            session = client.session()
+            created = session.create_order(customer_id, "EUR")
+            session.add_item(created.order_id, "SKU-1", "Apple", 2, money(150, "EUR"))
+            reply = session.get_order(created.order_id)
+            try:
+                session.confirm_order("no-such-order")
+                reason = ""
+            except NotFound as error:
+                reason = error.reason
+            versions = []
+            for message in session.watch_order(created.order_id, timeout=5):
+                versions.append(message.order.version)
+                break
+            listed = list(session.iter_orders(customer_id=customer_id, page_size=1))
+        return reply.order.version, reply.consistency.stale, reason, versions, len(listed)
+
+    results = await asyncio.gather(*(asyncio.to_thread(scenario, f"cust-blocking-{i}") for i in range(3)))
+
+    assert results == [(2, False, "ORDER_NOT_FOUND", [2], 1)] * 3
