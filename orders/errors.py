@@ -15,6 +15,7 @@ maps them to gRPC status codes with one table.
     ├── ViewsNotReady           views have not caught up enough to answer
     ├── DeadlineExceeded        the caller's deadline passed before the work finished
     ├── PoisonEvent             a projection cannot apply a stored event
+    ├── OrderNotParked          an operator retried an order that has no parked events
     └── Unavailable             PostgreSQL or Redis unreachable: retry
 """
 
@@ -98,6 +99,10 @@ class PoisonEvent(OrdersError):
         self.stream_id = stream_id
         self.cause = cause
         super().__init__(f"event at position {position} of order {stream_id!r}: {type(cause).__name__}: {cause}")
+
+
+class OrderNotParked(OrdersError):
+    """RetryParkedOrder for an order with nothing in the projection's dead-letter list."""
 
 
 class Unavailable(OrdersError):

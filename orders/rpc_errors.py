@@ -80,10 +80,10 @@ def translate_errors(
     def decorate(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
         @functools.wraps(method)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            context: Any = args[2]  # (self, request, context)
             try:
                 return await method(*args, **kwargs)
             except OrdersError as error:
-                context: Any = args[2]  # (self, request, context)
                 code, _ = _lookup(error, table)
                 log.log(
                     logging.WARNING if code == grpc.StatusCode.UNAVAILABLE else logging.INFO,
@@ -93,6 +93,15 @@ def translate_errors(
                     error,
                 )
                 await context.abort_with_status(to_status(error, table))
+                raise  # unreachable: abort_with_status raises
+            except grpc.aio.AbortError:
+                raise
+            except Exception as error:
+                # A bug or data we cannot read (e.g. an undecodable stored event): INTERNAL with
+                # ErrorInfo instead of gRPC's bare UNKNOWN, and the traceback in our log.
+                log.exception("%s failed unexpectedly", method.__name__)
+                internal = OrdersError(f"internal error ({type(error).__name__}); the server logged the details")
+                await context.abort_with_status(to_status(internal, table))
                 raise  # unreachable: abort_with_status raises
 
         return wrapper

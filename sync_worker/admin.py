@@ -21,7 +21,7 @@ import redis.exceptions
 from redis.asyncio import Redis
 
 from orders.consistency import START, LogPosition
-from orders.errors import FieldViolation, InvalidQuery, Unavailable
+from orders.errors import FieldViolation, InvalidQuery, OrderNotParked, Unavailable
 from orders.rpc_errors import ErrorTable, translate_errors
 from orders.v1 import admin_pb2 as pb
 from orders.v1 import admin_pb2_grpc
@@ -33,6 +33,7 @@ SERVICE = pb.DESCRIPTOR.services_by_name["ProjectionAdmin"]
 ERRORS: ErrorTable = {
     InvalidQuery: (grpc.StatusCode.INVALID_ARGUMENT, "UNKNOWN_PROJECTION"),
     Unavailable: (grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE"),
+    OrderNotParked: (grpc.StatusCode.NOT_FOUND, "ORDER_NOT_PARKED"),
 }
 LAG_QUERY = (
     "SELECT count(*) AS events, coalesce(extract(epoch FROM now() - min(recorded_at)), 0)::float8 AS seconds"
@@ -93,8 +94,13 @@ class ProjectionAdminServicer(admin_pb2_grpc.ProjectionAdminServicer):
 
     async def _rebuild_in_place(self, keys: ViewKeys) -> None:
         """Pauses, deletes the live generation's views (and any generation being built), resumes."""
-        await self._redis.set(keys.paused, "1")
-        await self._wait_until_paused(keys)
+        paused_before = await self._redis.set(keys.paused, "1", get=True) is not None
+        try:
+            await self._wait_until_paused(keys)
+        except Unavailable:
+            if not paused_before:
+                await self._redis.delete(keys.paused)  # the rebuild did not start: leave it running
+            raise
         live = keys.at(parse_generation(await self._redis.get(keys.generation_pointer)))
         building = await self._redis.get(keys.next_generation)
         await self._redis.delete(keys.next_generation)
@@ -140,7 +146,7 @@ class ProjectionAdminServicer(admin_pb2_grpc.ProjectionAdminServicer):
         keys = self._keys(request.name)
         async with _stores():
             if await self._redis.zscore(keys.parked, request.order_id) is None:
-                raise InvalidQuery([FieldViolation("order_id", f"order {request.order_id!r} has no parked events")])
+                raise OrderNotParked(f"order {request.order_id!r} has no parked events in {request.name!r}")
             await self._redis.rpush(keys.parked_requests, json.dumps({"order_id": request.order_id}))
         return pb.RetryParkedOrderResponse()
 

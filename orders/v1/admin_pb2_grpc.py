@@ -159,9 +159,9 @@ class ProjectionAdminServicer:
         """Asks the projection's worker to apply one order's parked events again, in
         order; on success they leave the dead-letter list. Asynchronous: list the
         parked orders again to see the outcome.
-        Errors: INVALID_ARGUMENT (MALFORMED_REQUEST; UNKNOWN_PROJECTION, also when
-        the order has no parked events, with a violation of order_id); UNAVAILABLE
-        (STORE_UNAVAILABLE).
+        Errors: INVALID_ARGUMENT (MALFORMED_REQUEST, UNKNOWN_PROJECTION); NOT_FOUND
+        (ORDER_NOT_PARKED) when the order has no parked events in that projection;
+        UNAVAILABLE (STORE_UNAVAILABLE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -89,9 +89,9 @@ class ProjectionAdminStub:
     """Asks the projection's worker to apply one order's parked events again, in
     order; on success they leave the dead-letter list. Asynchronous: list the
     parked orders again to see the outcome.
-    Errors: INVALID_ARGUMENT (MALFORMED_REQUEST; UNKNOWN_PROJECTION, also when
-    the order has no parked events, with a violation of order_id); UNAVAILABLE
-    (STORE_UNAVAILABLE).
+    Errors: INVALID_ARGUMENT (MALFORMED_REQUEST, UNKNOWN_PROJECTION); NOT_FOUND
+    (ORDER_NOT_PARKED) when the order has no parked events in that projection;
+    UNAVAILABLE (STORE_UNAVAILABLE).
     """
 
 @_typing.type_check_only
@@ -155,9 +155,9 @@ class ProjectionAdminAsyncStub(ProjectionAdminStub):
     """Asks the projection's worker to apply one order's parked events again, in
     order; on success they leave the dead-letter list. Asynchronous: list the
     parked orders again to see the outcome.
-    Errors: INVALID_ARGUMENT (MALFORMED_REQUEST; UNKNOWN_PROJECTION, also when
-    the order has no parked events, with a violation of order_id); UNAVAILABLE
-    (STORE_UNAVAILABLE).
+    Errors: INVALID_ARGUMENT (MALFORMED_REQUEST, UNKNOWN_PROJECTION); NOT_FOUND
+    (ORDER_NOT_PARKED) when the order has no parked events in that projection;
+    UNAVAILABLE (STORE_UNAVAILABLE).
     """
 
 class ProjectionAdminServicer(metaclass=_abc_1.ABCMeta):
@@ -254,9 +254,9 @@ class ProjectionAdminServicer(metaclass=_abc_1.ABCMeta):
         """Asks the projection's worker to apply one order's parked events again, in
         order; on success they leave the dead-letter list. Asynchronous: list the
         parked orders again to see the outcome.
-        Errors: INVALID_ARGUMENT (MALFORMED_REQUEST; UNKNOWN_PROJECTION, also when
-        the order has no parked events, with a violation of order_id); UNAVAILABLE
-        (STORE_UNAVAILABLE).
+        Errors: INVALID_ARGUMENT (MALFORMED_REQUEST, UNKNOWN_PROJECTION); NOT_FOUND
+        (ORDER_NOT_PARKED) when the order has no parked events in that projection;
+        UNAVAILABLE (STORE_UNAVAILABLE).
         """
 
 def add_ProjectionAdminServicer_to_server(servicer: ProjectionAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -16,8 +16,9 @@ from orders.grpc_server import RunningServer
 from orders.v1 import admin_pb2 as pb
 from orders.v1 import admin_pb2_grpc
 from orders.v1 import queries_pb2 as qry
+from sync_worker import admin as admin_module
 from sync_worker.main import start_admin
-from tests.helpers import add_item_request, create_request, eventually
+from tests.helpers import add_item_request, create_request, error_reason, eventually
 from tests.integration.conftest import System
 
 
@@ -138,6 +139,35 @@ async def test_unknown_projection_is_invalid(admin: tuple[admin_pb2_grpc.Project
 
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "customer_summary" in (caught.value.details() or "")
+
+
+async def test_retrying_an_order_with_nothing_parked_is_not_found(
+    admin: tuple[admin_pb2_grpc.ProjectionAdminStub, int],
+) -> None:
+    """RetryParkedOrder for an order that is not parked answers NOT_FOUND with reason ORDER_NOT_PARKED."""
+    stub, _ = admin
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.RetryParkedOrder(pb.RetryParkedOrderRequest(name="orders", order_id="not-parked"))
+
+    assert (caught.value.code(), error_reason(caught.value)) == (grpc.StatusCode.NOT_FOUND, "ORDER_NOT_PARKED")
+
+
+async def test_a_rebuild_whose_worker_does_not_pause_leaves_the_projection_running(
+    system: System, admin: tuple[admin_pb2_grpc.ProjectionAdminStub, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An in-place rebuild that times out waiting for the worker's pause answers UNAVAILABLE and
+    takes its pause back, so the projection goes on applying events."""
+    stub, _ = admin
+    monkeypatch.setattr(admin_module, "PAUSE_WAIT", 0.0)  # the worker cannot acknowledge in no time
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.RebuildProjection(pb.RebuildProjectionRequest(name="orders", in_place=True))
+    after = await make_orders(system, 1)
+
+    reply = await system.queries.GetOrder(after)
+
+    assert (caught.value.code(), error_reason(caught.value)) == (grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE")
+    assert await system.redis.exists(system.keys.of("orders").paused) == 0
+    assert (reply.consistency.stale, reply.order.version) == (False, 2)
 
 
 async def run(*command: str) -> tuple[int, str]:

@@ -246,3 +246,23 @@ async def test_reused_command_id_with_other_payload_is_refused(system: System) -
     assert error.code() == grpc.StatusCode.ALREADY_EXISTS
     assert error_reason(error) == "COMMAND_ID_REUSED"
     assert await event_count(system) == 2
+
+
+async def test_an_order_with_an_unreadable_stored_event_answers_internal_with_details(system: System) -> None:
+    """A command on an order whose stored event this version cannot decode gets INTERNAL with
+    ErrorInfo (not gRPC's bare UNKNOWN), appends nothing, and the server goes on serving."""
+    order_id = await new_order(system)
+    await system.pool.execute(
+        "INSERT INTO events (stream_id, version, event_type, schema_version, payload)"
+        " VALUES ($1, 2, 'ItemAdded', 1, '{\"sku\": \"A\"}'::jsonb)",
+        order_id,
+    )
+    before = await event_count(system)
+
+    error = await refused(system.commands.ConfirmOrder(cmd.ConfirmOrderRequest(order_id=order_id)))
+    other = await new_order(system)
+
+    assert (error.code(), error_reason(error)) == (grpc.StatusCode.INTERNAL, "INTERNAL")
+    assert "the server logged the details" in (error.details() or "")
+    assert await event_count(system) == before + 1  # only the other order's creation
+    assert other
