@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import grpc
+import pytest
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from redis.asyncio import Redis
@@ -118,3 +121,18 @@ def error_reason(error: grpc.aio.AioRpcError) -> str:
     info = rich_details(error)["ErrorInfo"]
     assert isinstance(info, error_details_pb2.ErrorInfo)
     return str(info.reason)
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in {"", "0", "false", "no"}
+
+
+def require_tools(*tools: str, hint: str) -> None:
+    """Skips the calling test when a command-line tool is missing, but fails it under CI (CI=true),
+    where every check must run."""
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    if missing:
+        reason = f"{' and '.join(missing)} not on PATH ({hint})"
+        if in_ci():
+            pytest.fail(f"{reason}; CI is set, so CI must provide it")
+        pytest.skip(reason)

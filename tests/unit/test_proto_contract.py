@@ -13,11 +13,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import require_tools
+
 ROOT = Path(__file__).resolve().parents[2]
 RELEASED = ROOT / "protos" / "released.binpb"
 BUF = shutil.which("buf")
 
-pytestmark = pytest.mark.skipif(BUF is None, reason="buf not installed (pip install buf-bin)")
+
+@pytest.fixture(autouse=True)
+def _buf() -> None:
+    require_tools("buf", hint="pip install buf-bin")
 
 
 def buf(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
