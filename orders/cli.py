@@ -103,8 +103,11 @@ def note_if_stale(consistency: queries_pb2.ReadConsistency, args: argparse.Names
 def error_lines(error: OrdersRpcError, side: str, args: argparse.Namespace) -> list[str]:
     """The error in one line, one line per field violation, then hints for what to do."""
     reason = f" {error.reason}" if error.reason not in ("", error.code.name) else ""
-    lines = [f"{PROG}: {error.code.name}{reason}: {error.message}"]
-    lines += [f"  {violation.field}: {violation.description}" for violation in error.field_violations]
+    if error.field_violations:  # the message only joins the violations: list them instead
+        lines = [f"{PROG}: {error.code.name}{reason}: invalid request"]
+        lines += [f"  {violation.field}: {violation.description}" for violation in error.field_violations]
+    else:
+        lines = [f"{PROG}: {error.code.name}{reason}: {error.message}"]
     transport = error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not error.reason
     if transport:
         address = getattr(args, f"{side}_address")

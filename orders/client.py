@@ -28,11 +28,11 @@ import functools
 import json
 import threading
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Concatenate, ParamSpec, TypeVar, cast
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -531,7 +531,7 @@ class OrdersClient:
         page_size: int = 0,
         consistency_token: str | None = None,
         timeout: float | None = None,
-    ) -> AsyncIterator[types_pb2.Order]:
+    ) -> AsyncGenerator[types_pb2.Order, None]:
         """Every matching order, newest first, fetched page by page (each page with `timeout`)."""
         page_token = ""
         while True:
@@ -560,14 +560,14 @@ class OrdersClient:
 
     def watch_order(
         self, order_id: str, *, consistency_token: str | None = None, timeout: float | None = None
-    ) -> AsyncIterator[queries_pb2.WatchOrderResponse]:
+    ) -> AsyncGenerator[queries_pb2.WatchOrderResponse, None]:
         """The order now, then again after each change, until the stream ends or is closed."""
         request = queries_pb2.WatchOrderRequest(order_id=order_id, consistency_token=self._token(consistency_token))
         return self._stream(self._channels.queries.WatchOrder, request, timeout)
 
     def watch_customer_orders(
         self, customer_id: str, *, consistency_token: str | None = None, timeout: float | None = None
-    ) -> AsyncIterator[queries_pb2.WatchCustomerOrdersResponse]:
+    ) -> AsyncGenerator[queries_pb2.WatchCustomerOrdersResponse, None]:
         """A customer's orders now, then each of them again after each change."""
         request = queries_pb2.WatchCustomerOrdersRequest(
             customer_id=customer_id, consistency_token=self._token(consistency_token)
@@ -580,7 +580,9 @@ class OrdersClient:
         with _translated():
             return await method(request, timeout=timeout or self._timeout, metadata=self._metadata)
 
-    async def _stream(self, method: Callable[..., Any], request: Message, timeout: float | None) -> AsyncIterator[Any]:
+    async def _stream(
+        self, method: Callable[..., Any], request: Message, timeout: float | None
+    ) -> AsyncGenerator[Any, None]:
         call = method(request, timeout=timeout, metadata=self._metadata)  # on first iteration, in the loop's thread
         try:
             with _translated():
@@ -643,13 +645,13 @@ def _blocking(
 
 
 def _blocking_stream(
-    method: Callable[Concatenate[OrdersClient, P], AsyncIterator[R]],
+    method: Callable[Concatenate[OrdersClient, P], AsyncGenerator[R, None]],
 ) -> Callable[Concatenate[BlockingOrdersClient, P], Iterator[R]]:
     """An OrdersClient streaming method as a blocking iterator; leaving the loop ends the stream."""
 
     @functools.wraps(method)
     def call(self: BlockingOrdersClient, /, *args: P.args, **kwargs: P.kwargs) -> Iterator[R]:
-        stream = cast(AsyncGenerator[R, None], method(self._client, *args, **kwargs))
+        stream = method(self._client, *args, **kwargs)
         try:
             while True:
                 try:

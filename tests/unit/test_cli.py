@@ -304,7 +304,8 @@ def args_for(*argv: str) -> argparse.Namespace:
 
 
 def test_error_lines_name_code_reason_and_each_field_violation() -> None:
-    """A refused call shows code, reason and message in one line, then one indented line per bad field."""
+    """A refused call shows code and reason in one line, then one indented line per bad field (the message
+    only repeats the violations)."""
     error = OrdersRpcError(
         grpc.StatusCode.INVALID_ARGUMENT,
         "bad request",
@@ -312,7 +313,7 @@ def test_error_lines_name_code_reason_and_each_field_violation() -> None:
         field_violations=[FieldViolation("quantity", "must be 1-10000, got 0"), FieldViolation("sku", "too long")],
     )
     expected = [
-        "orders: INVALID_ARGUMENT BAD_THINGS: bad request",
+        "orders: INVALID_ARGUMENT BAD_THINGS: invalid request",
         "  quantity: must be 1-10000, got 0",
         "  sku: too long",
     ]
