@@ -11,7 +11,9 @@
     orders-admin retry NAME ORDER_ID       apply an order's parked events again, in order
 
 Tables by default, `--json` for scripts. The address comes from ORDERS_ADMIN_ADDRESS
-(or --admin-address), as for the sync worker that serves the API.
+(or --admin-address), as for the sync worker that serves the API. A secured API (docs/security.md)
+needs --tls-ca-file (mutual TLS: also --tls-cert-file, --tls-key-file) and --auth-token with the
+`admin` scope, or their variables (ORDERS_TLS_CA_FILE, ..., ORDERS_AUTH_TOKEN).
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ import grpc
 from google.protobuf.json_format import MessageToJson
 
 from orders import config
+from orders.client import TlsConfig, bearer_metadata
 from orders.v1 import admin_pb2 as pb
 from orders.v1 import admin_pb2_grpc
 
 DEFAULT_ADMIN_ADDRESS = "127.0.0.1:50053"
+Metadata = tuple[tuple[str, str], ...]
 COLUMNS = ("PROJECTION", "STATE", "CHECKPOINT", "LAG", "LAG AGE", "APPLIED", "WORKER", "NOTE")
 
 
@@ -73,12 +77,13 @@ def show(statuses: Sequence[pb.ProjectionStatus], as_json: bool) -> None:
         print(table(statuses))
 
 
-def wait_for_rebuild(stub: admin_pb2_grpc.ProjectionAdminStub, name: str, as_json: bool) -> None:
+def wait_for_rebuild(
+    stub: admin_pb2_grpc.ProjectionAdminStub, name: str, as_json: bool, metadata: Metadata = ()
+) -> None:
     """Prints progress until the projection runs again (or stops on an error)."""
     while True:
-        statuses = [
-            s for s in stub.ListProjections(pb.ListProjectionsRequest(), timeout=10).projections if s.name == name
-        ]
+        reply = stub.ListProjections(pb.ListProjectionsRequest(), timeout=10, metadata=metadata)
+        statuses = [s for s in reply.projections if s.name == name]
         status = statuses[0]
         if not as_json:
             print(f"{name}: {state_name(status.state)}; {progress(status) or 'caught up'}", flush=True)
@@ -99,6 +104,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=DEFAULT_ADMIN_ADDRESS,
         parse=config.address,
     )
+    config.add_client_security_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="show every projection")
@@ -131,20 +137,31 @@ def show_parked(reply: pb.ListParkedOrdersResponse, as_json: bool) -> None:
         print("no parked orders")
 
 
+def open_channel(address: str, tls: TlsConfig | None) -> grpc.Channel:
+    if tls is None:
+        return grpc.insecure_channel(address)
+    options = [("grpc.ssl_target_name_override", tls.server_name)] if tls.server_name else []
+    return grpc.secure_channel(address, tls.credentials(), options=options)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     command, name, as_json = args.command, getattr(args, "projection", ""), args.json
-    with grpc.insecure_channel(args.admin_address) as channel:
+    metadata = bearer_metadata(args.auth_token)
+    with open_channel(args.admin_address, args.tls) as channel:
         stub = admin_pb2_grpc.ProjectionAdminStub(channel)
         try:
             if command == "list":
-                show(stub.ListProjections(pb.ListProjectionsRequest(), timeout=10).projections, as_json)
+                reply = stub.ListProjections(pb.ListProjectionsRequest(), timeout=10, metadata=metadata)
+                show(reply.projections, as_json)
                 return
             if command == "parked":
-                show_parked(stub.ListParkedOrders(pb.ListParkedOrdersRequest(name=name), timeout=10), as_json)
+                parked = pb.ListParkedOrdersRequest(name=name)
+                show_parked(stub.ListParkedOrders(parked, timeout=10, metadata=metadata), as_json)
                 return
             if command == "retry":
-                stub.RetryParkedOrder(pb.RetryParkedOrderRequest(name=name, order_id=args.order_id), timeout=10)
+                retry = pb.RetryParkedOrderRequest(name=name, order_id=args.order_id)
+                stub.RetryParkedOrder(retry, timeout=10, metadata=metadata)
                 print(f"retry of {args.order_id!r} queued; `orders-admin parked {name}` shows the outcome")
                 return
             call = {"pause": stub.PauseProjection, "resume": stub.ResumeProjection, "rebuild": stub.RebuildProjection}
@@ -155,9 +172,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             }[command](name=name)
             if command == "rebuild":
                 request = pb.RebuildProjectionRequest(name=name, in_place=args.in_place)
-            reply = call[command](request, timeout=30)
+            reply = call[command](request, timeout=30, metadata=metadata)
             if command == "rebuild" and args.wait:
-                wait_for_rebuild(stub, name, as_json)
+                wait_for_rebuild(stub, name, as_json, metadata)
             else:
                 show([reply.projection], as_json)
         except grpc.RpcError as error:

@@ -18,6 +18,9 @@ Queries go to OrderQueries (the read service, ORDERS_READ_ADDRESS):
 Queries read views that follow the commands within moments. To read your own write at once,
 pass the token that the command printed: `orders get ORDER_ID --token TOKEN`.
 
+Services with TLS or token authentication (docs/security.md): --tls-ca-file (mutual TLS: also
+--tls-cert-file and --tls-key-file) and --auth-token, or their variables (ORDERS_TLS_CA_FILE, ...).
+
 Tables for people, --json for scripts (protobuf JSON, one document per result). The options
 above the subcommands may also follow a subcommand. Exit status: 0 done, 1 refused or failed
 call, 2 bad command line, 130 interrupted.
@@ -300,6 +303,10 @@ def add_global_options(parser: argparse.ArgumentParser, *, timeout: bool = True)
     parser.add_argument("--json", action="store_true", default=hidden, help=JSON_HELP)
     parser.add_argument("--write-address", type=checked(config.address), default=hidden, help=hidden)
     parser.add_argument("--read-address", type=checked(config.address), default=hidden, help=hidden)
+    for flag in ("tls-ca-file", "tls-server-name", "auth-token"):
+        parser.add_argument(f"--{flag}", default=hidden, help=hidden)
+    for flag in ("tls-cert-file", "tls-key-file"):
+        parser.add_argument(f"--{flag}", type=config.optional_path, default=hidden, help=hidden)
     if timeout:
         parser.add_argument("--timeout", type=checked(config.positive_float), default=hidden, help=hidden)
 
@@ -414,6 +421,7 @@ def build_parser() -> config.SettingsParser:
     config.add_setting(
         parser, "timeout", "seconds each call may take", default=str(DEFAULT_TIMEOUT), parse=config.positive_float
     )
+    config.add_client_security_arguments(parser)
     parser.add_argument("--json", action="store_true", help=JSON_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_command_parsers(commands)
@@ -424,7 +432,10 @@ def build_parser() -> config.SettingsParser:
 async def run(args: argparse.Namespace) -> int:
     if args.side == "write" and args.command_id is None:
         args.command_id = new_command_id()  # made here so that an error can name it
-    async with OrdersClient(args.write_address, args.read_address, timeout=args.timeout) as client:
+    client = OrdersClient(
+        args.write_address, args.read_address, timeout=args.timeout, tls=args.tls, token=args.auth_token or None
+    )
+    async with client:
         try:
             await args.handler(client, args)
         except OrdersRpcError as error:

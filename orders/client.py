@@ -296,7 +296,8 @@ class OrdersClient:
 
     Use it as an async context manager, or call `close()`. `timeout` is the default deadline
     of every unary call, in seconds; each method takes its own `timeout` too. Watch streams
-    have no deadline unless given one.
+    have no deadline unless given one. `tls` connects with TLS (mutual TLS with a client
+    certificate), and `token` is sent as `authorization: Bearer <token>` with every call.
     """
 
     def __init__(
@@ -307,15 +308,18 @@ class OrdersClient:
         timeout: float = DEFAULT_TIMEOUT,
         retry: RetryPolicy = RetryPolicy(),  # frozen, so one default instance is safe
         tls: TlsConfig | None = None,
+        token: str | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
+        if token and any(key.lower() == "authorization" for key, _ in metadata):
+            raise ValueError("OrdersClient: pass the token as token= or as authorization metadata, not both")
         self._channels = _Channels(
             _open_channel(write_address, tls, retry, channel_options),
             _open_channel(read_address, tls, retry, channel_options),
         )
         self._timeout = timeout
-        self._metadata = tuple(metadata)
+        self._metadata = (*metadata, *bearer_metadata(token))
         self._session: _Session | None = None
         self._owns_channels = True
 
@@ -598,6 +602,11 @@ class OrdersClient:
 
     def _token(self, explicit: str | None) -> str:
         return explicit if explicit is not None else self.consistency_token
+
+
+def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The call metadata that authenticates a call with `token` (none without a token)."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
 
 
 def new_command_id() -> str:

@@ -12,8 +12,12 @@ import math
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
+
+from orders import security
+from orders.client import TlsConfig
 
 DEFAULT_WRITE_ADDRESS = "127.0.0.1:50051"
 DEFAULT_READ_ADDRESS = "127.0.0.1:50052"
@@ -29,12 +33,19 @@ class SettingsParser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.required_settings: dict[str, str] = {}  # dest -> "--flag (or ORDERS_FLAG): help"
+        # Checks of several settings together, run after parsing; a ValueError is the error line.
+        self.finishers: list[Callable[[argparse.Namespace], None]] = []
 
     def parse_args(self, args: Sequence[str] | None = None, namespace: None = None) -> argparse.Namespace:  # type: ignore[override]
         parsed = super().parse_args(args)
         missing = [description for dest, description in self.required_settings.items() if getattr(parsed, dest) is None]
         if missing:
             self.error("missing setting " + "; missing setting ".join(missing))
+        for finish in self.finishers:
+            try:
+                finish(parsed)
+            except ValueError as error:
+                self.error(str(error))
         return parsed
 
     def error(self, message: str) -> NoReturn:
@@ -49,13 +60,17 @@ def add_setting(
     *,
     default: Any = None,
     parse: Callable[[str], Any] = str,
+    secret: bool = False,
 ) -> None:
-    """Adds `--flag`, defaulting to $ORDERS_FLAG, then to `default`; required if neither exists."""
+    """Adds `--flag`, defaulting to $ORDERS_FLAG, then to `default`; required if neither exists.
+    The value of a `secret` setting is never shown (--help says only whether it is set)."""
     env = env_name(flag)
     value = os.environ.get(env, default)
     if value is None:
         parser.required_settings[flag.replace("-", "_")] = f"--{flag} (or {env}): {help}"
     shown = "required" if value is None else f"default: {value}"
+    if secret and value is not None:
+        shown = "set" if value else "not set"
     parser.add_argument(f"--{flag}", default=value, type=_named(env, parse), help=f"{help} [env {env}; {shown}]")
 
 
@@ -141,6 +156,140 @@ def add_server_arguments(parser: SettingsParser, flag: str, default_address: str
 
 def add_log_argument(parser: SettingsParser) -> None:
     add_setting(parser, "log-level", "DEBUG, INFO, WARNING or ERROR", default="INFO", parse=log_level)
+
+
+def optional_path(text: str) -> Path | None:
+    return Path(text) if text else None
+
+
+def add_security_arguments(parser: SettingsParser) -> None:
+    """TLS, mutual TLS and token authentication of a gRPC server (docs/security.md). After parsing,
+    the five settings are one, `security`: an orders.security.ServerSecurity whose files were read
+    and checked, or None (plaintext, no tokens)."""
+    add_setting(
+        parser,
+        "tls-cert-file",
+        "PEM certificate chain this server presents; with --tls-key-file turns on TLS (empty: plaintext)",
+        default="",
+        parse=optional_path,
+    )
+    add_setting(
+        parser, "tls-key-file", "PEM private key of --tls-cert-file (unencrypted)", default="", parse=optional_path
+    )
+    add_setting(
+        parser,
+        "tls-client-ca-file",
+        "PEM CA certificate(s); turns on mutual TLS: every client needs a certificate signed by one of them",
+        default="",
+        parse=optional_path,
+    )
+    add_setting(
+        parser,
+        "auth-tokens-file",
+        "TOML file of callers with their token's SHA-256 and scopes; turns on token authentication",
+        default="",
+        parse=optional_path,
+    )
+    add_setting(
+        parser,
+        "open-services",
+        "comma-separated services callable without a token, of: health, reflection (empty: none)",
+        default="health,reflection",
+        parse=security.open_service_names,
+    )
+    parser.finishers.append(_server_security)
+
+
+def _in_setting(flag: str, check: Callable[[], Any]) -> Any:
+    """`check()`, with its ValueError's message prefixed by the setting's flag and variable."""
+    try:
+        return check()
+    except ValueError as error:
+        raise ValueError(f"--{flag} ({env_name(flag)}): {error}") from None
+
+
+def _pop(namespace: argparse.Namespace, *flags: str) -> list[Any]:
+    return [vars(namespace).pop(flag.replace("-", "_"), None) for flag in flags]
+
+
+def _both_or_neither(cert: Path | None, key: Path | None, purpose: str) -> None:
+    if (cert is None) != (key is None):
+        given, missing = ("tls-cert-file", "tls-key-file") if key is None else ("tls-key-file", "tls-cert-file")
+        raise ValueError(
+            f"--{given} ({env_name(given)}) is set but --{missing} ({env_name(missing)}) is not: "
+            f"set both for {purpose}, or neither"
+        )
+
+
+def _server_security(namespace: argparse.Namespace) -> None:
+    cert, key, client_ca, tokens_file, open_services = _pop(
+        namespace, "tls-cert-file", "tls-key-file", "tls-client-ca-file", "auth-tokens-file", "open-services"
+    )
+    _both_or_neither(cert, key, "TLS")
+    tls = None
+    if client_ca is not None and cert is None:
+        raise ValueError(
+            "--tls-client-ca-file (ORDERS_TLS_CLIENT_CA_FILE): mutual TLS needs TLS: "
+            "set --tls-cert-file and --tls-key-file too"
+        )
+    if cert is not None and key is not None:
+        _in_setting("tls-cert-file", lambda: security.read_pem(cert, "certificate"))
+        _in_setting("tls-key-file", lambda: security.read_pem(key, "private key"))
+        if client_ca is not None:
+            _in_setting("tls-client-ca-file", lambda: security.read_pem(client_ca, "certificate"))
+            _in_setting("tls-client-ca-file", lambda: security.check_ca(client_ca))
+        tls = _in_setting("tls-key-file", lambda: security.load_server_tls(cert, key, client_ca))
+    tokens = None
+    if tokens_file is not None:
+        tokens = _in_setting("auth-tokens-file", lambda: security.load_token_table(tokens_file))
+    configured = tls is not None or tokens is not None
+    namespace.security = security.ServerSecurity(tls, tokens, open_services) if configured else None
+
+
+def add_client_security_arguments(parser: SettingsParser) -> None:
+    """TLS and the bearer token of a client of our servers (the same variables as the servers'
+    where they mean the same). After parsing, the TLS settings are one, `tls`: an
+    orders.client.TlsConfig whose files were checked, or None (plaintext); `auth_token` stays."""
+    add_setting(
+        parser,
+        "tls-ca-file",
+        "PEM CA certificate(s) that signed the servers' certificates; turns on TLS "
+        "('system': the system's trusted roots; empty: plaintext)",
+        default="",
+    )
+    add_setting(
+        parser,
+        "tls-cert-file",
+        "PEM certificate of this client, for mutual TLS (with --tls-key-file)",
+        default="",
+        parse=optional_path,
+    )
+    add_setting(parser, "tls-key-file", "PEM private key of --tls-cert-file", default="", parse=optional_path)
+    add_setting(
+        parser,
+        "tls-server-name",
+        "name to check the servers' certificates against, when not the host of the address",
+        default="",
+    )
+    add_setting(parser, "auth-token", "bearer token sent with every call (docs/security.md)", default="", secret=True)
+    parser.finishers.append(_client_tls)
+
+
+def _client_tls(namespace: argparse.Namespace) -> None:
+    ca_setting, cert, key, server_name = _pop(
+        namespace, "tls-ca-file", "tls-cert-file", "tls-key-file", "tls-server-name"
+    )
+    _both_or_neither(cert, key, "mutual TLS")
+    ca = None if ca_setting in ("", "system", None) else Path(ca_setting)
+    if ca is not None:
+        _in_setting("tls-ca-file", lambda: security.read_pem(ca, "certificate"))
+        _in_setting("tls-ca-file", lambda: security.check_ca(ca))
+    if cert is not None and key is not None:
+        _in_setting("tls-cert-file", lambda: security.read_pem(cert, "certificate"))
+        _in_setting("tls-key-file", lambda: security.read_pem(key, "private key"))
+        _in_setting("tls-key-file", lambda: security.check_key_pair(cert, key))
+    enabled = bool(ca_setting) or cert is not None or bool(server_name)
+    namespace.tls = TlsConfig(ca, cert, key, server_name or None) if enabled else None
 
 
 def setup_logging(level: str = "INFO") -> None:

@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from orders.errors import FieldViolation, InvalidCommand
 from orders.rpc_errors import ErrorTable, to_status
+from orders.security import ServerSecurity
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +112,20 @@ class RunningServer:
 
 
 async def start_server(
-    address: str, services: dict[ServiceDescriptor, object], max_concurrent_rpcs: int = 1000
+    address: str,
+    services: dict[ServiceDescriptor, object],
+    max_concurrent_rpcs: int = 1000,
+    security: ServerSecurity | None = None,
 ) -> RunningServer:
-    """Starts a server with our services plus health and reflection; port 0 picks a free port."""
-    server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=max_concurrent_rpcs)
+    """Starts a server with our services plus health and reflection; port 0 picks a free port.
+    `security` adds TLS and token authentication (orders.security); None serves plaintext to anyone."""
+    security = security or ServerSecurity()
+    security.check_services(service.full_name for service in services)
+    server = grpc.aio.server(
+        options=SERVER_OPTIONS,
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
+        interceptors=security.interceptors(),
+    )
     for service, servicer in services.items():
         add_service(server, servicer, service)
     service_names = [service.full_name for service in services]
@@ -122,9 +133,10 @@ async def start_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     reflection.enable_server_reflection([*service_names, health_name, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(address)
+    port = security.add_port(server, address)
     if port == 0:
         raise OSError(f"cannot listen on {address}")
+    security.log_summary(address)
     await server.start()
     for name in ["", *service_names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

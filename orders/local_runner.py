@@ -138,6 +138,11 @@ async def _spawn(settings: LocalSettings) -> dict[str, asyncio.subprocess.Proces
         "ORDERS_ADMIN_ADDRESS": settings.admin_address,
         "ORDERS_SHUTDOWN_GRACE": str(settings.shutdown_grace),
         "ORDERS_LOG_LEVEL": settings.log_level,
+        # A local system is plaintext without tokens, even where these name a client's certificate.
+        "ORDERS_TLS_CERT_FILE": "",
+        "ORDERS_TLS_KEY_FILE": "",
+        "ORDERS_TLS_CLIENT_CA_FILE": "",
+        "ORDERS_AUTH_TOKENS_FILE": "",
     }
     # Own sessions: Ctrl-C reaches only this runner, which then stops each child exactly once.
     return {

@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 
 from orders import config
 from orders.grpc_server import RunningServer, run, start_server, stop_on_signals
+from orders.security import ServerSecurity
 from orders.views import PROJECTIONS, ViewKeys, redis_client
 from read_service.freshness import CheckpointWatcher
 from read_service.projection_health import ProjectionHealth
@@ -29,6 +30,7 @@ class ReadSettings:
     max_consistency_wait: float
     heartbeat_timeout: float
     log_level: str
+    security: ServerSecurity | None = None
 
 
 def parse_settings(argv: Sequence[str] | None = None) -> ReadSettings:
@@ -53,6 +55,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> ReadSettings:
         parse=config.positive_float,
     )
     config.add_log_argument(parser)
+    config.add_security_arguments(parser)
     return ReadSettings(**vars(parser.parse_args(argv)))
 
 
@@ -84,6 +87,7 @@ async def start_read_service(
     max_concurrent_rpcs: int = 1000,
     heartbeat_timeout: float = 5.0,
     max_watch_pending: int = MAX_PENDING,
+    security: ServerSecurity | None = None,
 ) -> ReadService:
     watchers = {name: CheckpointWatcher(redis, keys.of(name)) for name in PROJECTIONS}
     for watcher in watchers.values():
@@ -92,7 +96,7 @@ async def start_read_service(
     feed = ChangeFeed(redis, keys, max_pending=max_watch_pending, max_streams=max(1, max_concurrent_rpcs // 2))
     feed.start()
     servicer = OrderQueriesServicer(redis, keys, watchers, max_wait, feed)
-    server = await start_server(address, {SERVICE: servicer}, max_concurrent_rpcs)
+    server = await start_server(address, {SERVICE: servicer}, max_concurrent_rpcs, security)
     health = ProjectionHealth(redis, keys, server.health, SERVICE.full_name, heartbeat_timeout)
     await health.check()
     health.start()
@@ -110,6 +114,7 @@ async def serve(settings: ReadSettings) -> None:
         max_wait=settings.max_consistency_wait,
         max_concurrent_rpcs=settings.max_concurrent_rpcs,
         heartbeat_timeout=settings.heartbeat_timeout,
+        security=settings.security,
     )
     log.info("OrderQueries listening on %s (port %d)", settings.read_address, service.server.port)
     await stop.wait()

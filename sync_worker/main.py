@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from orders import config
 from orders.event_store import connect
 from orders.grpc_server import RunningServer, run, start_server, stop_on_signals
+from orders.security import ServerSecurity
 from orders.views import PROJECTION, SUMMARY_PROJECTION, ViewKeys, redis_client
 from sync_worker.admin import SERVICE as ADMIN_SERVICE
 from sync_worker.admin import ProjectionAdminServicer
@@ -38,6 +39,7 @@ class SyncSettings:
     poison_policy: str
     admin_address: str
     log_level: str
+    security: ServerSecurity | None = None  # of the ProjectionAdmin server
 
 
 def parse_settings(argv: Sequence[str] | None = None) -> SyncSettings:
@@ -90,6 +92,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> SyncSettings:
         parse=lambda text: config.address(text) if text else "",
     )
     config.add_log_argument(parser)
+    config.add_security_arguments(parser)  # for the ProjectionAdmin server
     return SyncSettings(**vars(parser.parse_args(argv)))
 
 
@@ -114,9 +117,11 @@ def build_workers(
     return [SyncWorker(settings, PROJECTORS[n](redis, ViewKeys(prefix, n)), worker_id=worker_id) for n in names]
 
 
-async def start_admin(address: str, pool: asyncpg.Pool, redis: Redis, prefix: str) -> RunningServer:
+async def start_admin(
+    address: str, pool: asyncpg.Pool, redis: Redis, prefix: str, security: ServerSecurity | None = None
+) -> RunningServer:
     servicer = ProjectionAdminServicer(pool, redis, prefix)
-    server = await start_server(address, {ADMIN_SERVICE: servicer}, max_concurrent_rpcs=20)
+    server = await start_server(address, {ADMIN_SERVICE: servicer}, max_concurrent_rpcs=20, security=security)
     log.info("ProjectionAdmin listening on %s (port %d)", address, server.port)
     return server
 
@@ -134,7 +139,7 @@ async def serve(settings: SyncSettings) -> None:
     workers = build_workers(worker_settings, redis, settings.redis_prefix, settings.projections, settings.worker_id)
     pool = await connect(settings.postgres_url, max_size=2)
     admin = (
-        await start_admin(settings.admin_address, pool, redis, settings.redis_prefix)
+        await start_admin(settings.admin_address, pool, redis, settings.redis_prefix, settings.security)
         if settings.admin_address
         else None
     )

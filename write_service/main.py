@@ -11,6 +11,7 @@ import asyncpg
 from orders import config
 from orders.event_store import EventStore, connect
 from orders.grpc_server import RunningServer, run, start_server, stop_on_signals
+from orders.security import ServerSecurity
 from write_service.command_bus import CommandBus
 from write_service.servicer import SERVICE, OrderCommandsServicer
 
@@ -25,6 +26,7 @@ class WriteSettings:
     max_concurrent_rpcs: int
     pool_size: int
     log_level: str
+    security: ServerSecurity | None = None
 
 
 def parse_settings(argv: Sequence[str] | None = None) -> WriteSettings:
@@ -36,18 +38,21 @@ def parse_settings(argv: Sequence[str] | None = None) -> WriteSettings:
     config.add_server_arguments(parser, "write-address", config.DEFAULT_WRITE_ADDRESS)
     config.add_setting(parser, "pool-size", "PostgreSQL connections at most", default="20", parse=config.positive_int)
     config.add_log_argument(parser)
+    config.add_security_arguments(parser)
     return WriteSettings(**vars(parser.parse_args(argv)))
 
 
-async def start_write_service(pool: asyncpg.Pool, address: str, max_concurrent_rpcs: int = 1000) -> RunningServer:
+async def start_write_service(
+    pool: asyncpg.Pool, address: str, max_concurrent_rpcs: int = 1000, security: ServerSecurity | None = None
+) -> RunningServer:
     servicer = OrderCommandsServicer(CommandBus(EventStore(pool)))
-    return await start_server(address, {SERVICE: servicer}, max_concurrent_rpcs)
+    return await start_server(address, {SERVICE: servicer}, max_concurrent_rpcs, security)
 
 
 async def serve(settings: WriteSettings) -> None:
     stop = stop_on_signals()
     pool = await connect(settings.postgres_url, max_size=settings.pool_size)
-    running = await start_write_service(pool, settings.write_address, settings.max_concurrent_rpcs)
+    running = await start_write_service(pool, settings.write_address, settings.max_concurrent_rpcs, settings.security)
     log.info("OrderCommands listening on %s (port %d)", settings.write_address, running.port)
     await stop.wait()
     await running.stop(settings.shutdown_grace)
