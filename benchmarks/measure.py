@@ -115,7 +115,7 @@ async def _measured(bench: Bench, job: Job) -> tuple[JobResult, Figures]:
     finally:
         stop_watching.set()
         foreign = await watching
-    cpu = meter.stop()
+        cpu = await meter.stop()
     if bench.services is not None:
         bench.services.check_running()
     figures: Figures = {"errors": float(result.errors), "foreign_tx_max_ms": foreign, **cpu}
@@ -217,12 +217,12 @@ async def rebuild(bench: Bench, round_no: int) -> Figures:
             timeout=REBUILD_TIMEOUT,
             progress=bench.progress,
         )
-        cpu = meter.stop()
-        # The worker started inside the span, so the meter counted it as someone else's load.
-        cpu["cpu_other_pct"] = max(0.0, cpu.get("cpu_other_pct", 0.0) - figures.get("cpu_sync_worker_pct", 0.0))
-        return {**cpu, **figures}
     finally:
+        cpu = await meter.stop()
         await delete_keys(bench.redis_url, prefix)
+    # The worker started inside the span, so the meter counted it as someone else's load.
+    cpu["cpu_other_pct"] = max(0.0, cpu.get("cpu_other_pct", 0.0) - figures.get("cpu_sync_worker_pct", 0.0))
+    return {**cpu, **figures}
 
 
 async def foreign_transactions(bench: Bench, stop: asyncio.Event) -> float:

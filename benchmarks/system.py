@@ -26,6 +26,7 @@ from orders.views import redis_client
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
 LAZY_FREE_TRIES = 600  # 0.1 s apart
+SAMPLE_EVERY = 0.25  # seconds between samples of the servers' CPU
 SERVICES = ("write_service", "read_service", "sync_worker")
 
 
@@ -275,24 +276,38 @@ def server_cpu(marker: str) -> dict[int, tuple[str, float]]:
 class CpuMeter:
     """CPU use over a span (100 = one core busy) of named processes, of the servers' processes that
     work for the benchmark (their database names contain `marker`), of everything else on the host
-    ("other": someone else's load, which skews the figures), and of the whole host (100 = all cores)."""
+    ("other": someone else's load, which skews the figures), and of the whole host (100 = all cores).
+
+    Server processes are sampled every SAMPLE_EVERY seconds, so that a backend that ends within the
+    span (a pool closed at the end of a job) still counts, up to its last sample."""
 
     def __init__(self, pids: Mapping[str, int], marker: str) -> None:
         self.pids, self.marker = dict(pids), marker
         self.started = asyncio.get_running_loop().time()
         self.cpu = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
-        self.servers = server_cpu(marker)
+        self.first = server_cpu(marker)
+        self.last = dict(self.first)
         self.host = host_ticks()
+        self._sampler = asyncio.create_task(self._sample())
 
-    def stop(self) -> dict[str, float]:
+    async def _sample(self) -> None:
+        while True:
+            await asyncio.sleep(SAMPLE_EVERY)
+            self.last.update(server_cpu(self.marker))
+
+    async def stop(self) -> dict[str, float]:
+        self._sampler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._sampler
+        self.last.update(server_cpu(self.marker))
         elapsed = max(1e-9, asyncio.get_running_loop().time() - self.started)
         used: dict[str, float] = {}
         for name, pid in self.pids.items():
             before, after = self.cpu[name], cpu_seconds(pid)
             if before is not None and after is not None:
                 used[f"cpu_{name}_pct"] = 100 * (after - before) / elapsed
-        for pid, (kind, seconds) in server_cpu(self.marker).items():
-            before = self.servers.get(pid, (kind, 0.0))[1]  # processes born during the span count from zero
+        for pid, (kind, seconds) in self.last.items():
+            before = self.first.get(pid, (kind, 0.0))[1]  # processes born during the span count from zero
             key = f"cpu_{kind}_pct"
             used[key] = used.get(key, 0.0) + 100 * (seconds - before) / elapsed
         host = host_ticks()
