@@ -375,7 +375,7 @@ def _notes(name: str, figures: dict[str, Spread]) -> str:
         notes.append(f"ack p50/p99 {med('ack_p50_ms'):.1f}/{med('ack_p99_ms'):.1f} ms")
         if "missing" in figures and figures["missing"].max:
             notes.append(f"missing up to {figures['missing'].max:.0f}")
-    if med("foreign_tx_max_ms") > 10:
+    if name == "lag" and med("foreign_tx_max_ms") > 10:  # they hold the sync worker back
         notes.append(f"other databases' transactions up to {med('foreign_tx_max_ms'):.0f} ms old")
     cpu = [f"{_short(k)} {v.median:.0f}%" for k, v in _cpu(figures).items() if v.median >= 5]
     if cpu:
