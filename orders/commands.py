@@ -70,3 +70,4 @@ class CommandEnvelope:
     command_id: str | None = None  # idempotency key
     expected_version: int | None = None  # optimistic concurrency check
     correlation_id: str | None = None  # carried into the events' metadata
+    caller: str | None = None  # the authenticated caller (orders.security), carried into the events' metadata

@@ -7,16 +7,14 @@ missing one stops it with one line naming the setting and what it expects.
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import os
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
-from orders import security
+from orders import logs, security, tracing
 from orders.client import TlsConfig
 
 DEFAULT_WRITE_ADDRESS = "127.0.0.1:50051"
@@ -156,6 +154,24 @@ def add_server_arguments(parser: SettingsParser, flag: str, default_address: str
 
 def add_log_argument(parser: SettingsParser) -> None:
     add_setting(parser, "log-level", "DEBUG, INFO, WARNING or ERROR", default="INFO", parse=log_level)
+    add_setting(
+        parser,
+        "log-format",
+        "json (one object per line), text, or auto: text on a terminal, json otherwise",
+        default="auto",
+        parse=logs.log_format,
+    )
+
+
+def add_tracing_argument(parser: SettingsParser) -> None:
+    add_setting(
+        parser,
+        "tracing",
+        "OpenTelemetry tracing: otlp, console, off, or auto: on when OTEL_EXPORTER_OTLP_ENDPOINT or "
+        "OTEL_TRACES_EXPORTER is set (needs the tracing extra)",
+        default="auto",
+        parse=tracing.tracing_mode,
+    )
 
 
 def optional_path(text: str) -> Path | None:
@@ -292,9 +308,6 @@ def _client_tls(namespace: argparse.Namespace) -> None:
     namespace.tls = TlsConfig(ca, cert, key, server_name or None) if enabled else None
 
 
-def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
+def setup_logging(level: str = "INFO", fmt: str = "auto") -> None:
+    """Structured logs on stderr (orders.logs): JSON lines, or text on a terminal."""
+    logs.setup_logging(level, fmt)

@@ -23,6 +23,7 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from orders.correlation import CorrelationInterceptor
 from orders.errors import FieldViolation, InvalidCommand
 from orders.rpc_errors import ErrorTable, to_status
 from orders.security import ServerSecurity
@@ -124,7 +125,8 @@ async def start_server(
     server = grpc.aio.server(
         options=SERVER_OPTIONS,
         maximum_concurrent_rpcs=max_concurrent_rpcs,
-        interceptors=security.interceptors(),
+        # The correlation id first, so that every later interceptor's log lines (a refused token) carry it.
+        interceptors=[CorrelationInterceptor(), *security.interceptors()],
     )
     for service, servicer in services.items():
         add_service(server, servicer, service)

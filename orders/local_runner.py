@@ -45,6 +45,8 @@ class LocalSettings:
     admin_address: str
     shutdown_grace: float
     log_level: str
+    log_format: str
+    tracing: str
     stops: list[Callable[[], None]] = field(default_factory=list)
 
 
@@ -96,6 +98,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> LocalSettings:
         parse=config.positive_float,
     )
     config.add_log_argument(parser)
+    config.add_tracing_argument(parser)  # for the services
     return LocalSettings(**vars(parser.parse_args(argv)))
 
 
@@ -138,6 +141,8 @@ async def _spawn(settings: LocalSettings) -> dict[str, asyncio.subprocess.Proces
         "ORDERS_ADMIN_ADDRESS": settings.admin_address,
         "ORDERS_SHUTDOWN_GRACE": str(settings.shutdown_grace),
         "ORDERS_LOG_LEVEL": settings.log_level,
+        "ORDERS_LOG_FORMAT": settings.log_format,
+        "ORDERS_TRACING": settings.tracing,
         # A local system is plaintext without tokens, even where these name a client's certificate.
         "ORDERS_TLS_CERT_FILE": "",
         "ORDERS_TLS_KEY_FILE": "",
@@ -225,7 +230,7 @@ async def orchestrate(settings: LocalSettings) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
     settings = parse_settings(argv)
-    config.setup_logging(settings.log_level)
+    config.setup_logging(settings.log_level, settings.log_format)
     code = 1
     try:
         start_embedded_servers(settings)

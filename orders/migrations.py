@@ -63,6 +63,6 @@ def main() -> None:
     add_postgres_argument(parser)
     add_log_argument(parser)
     args = parser.parse_args()
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     applied = asyncio.run(migrate_url(args.postgres_url))
     log.info("migrations applied: %s", ", ".join(applied) if applied else "none, schema is up to date")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from orders import config
+from orders import config, tracing
 from orders.grpc_server import RunningServer, run, start_server, stop_on_signals
 from orders.security import ServerSecurity
 from orders.views import PROJECTIONS, ViewKeys, redis_client
@@ -31,6 +31,8 @@ class ReadSettings:
     heartbeat_timeout: float
     log_level: str
     security: ServerSecurity | None = None
+    log_format: str = "auto"
+    tracing: str = "auto"
 
 
 def parse_settings(argv: Sequence[str] | None = None) -> ReadSettings:
@@ -55,6 +57,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> ReadSettings:
         parse=config.positive_float,
     )
     config.add_log_argument(parser)
+    config.add_tracing_argument(parser)
     config.add_security_arguments(parser)
     return ReadSettings(**vars(parser.parse_args(argv)))
 
@@ -125,7 +128,8 @@ async def serve(settings: ReadSettings) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     settings = parse_settings(argv)
-    config.setup_logging(settings.log_level)
+    config.setup_logging(settings.log_level, settings.log_format)
+    tracing.setup_tracing(settings.tracing, "orders-read-service")
     run(lambda: serve(settings))
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import asyncpg
 from redis.asyncio import Redis
 
-from orders import config
+from orders import config, tracing
 from orders.event_store import connect
 from orders.grpc_server import RunningServer, run, start_server, stop_on_signals
 from orders.security import ServerSecurity
@@ -40,6 +40,8 @@ class SyncSettings:
     admin_address: str
     log_level: str
     security: ServerSecurity | None = None  # of the ProjectionAdmin server
+    log_format: str = "auto"
+    tracing: str = "auto"
 
 
 def parse_settings(argv: Sequence[str] | None = None) -> SyncSettings:
@@ -92,6 +94,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> SyncSettings:
         parse=lambda text: config.address(text) if text else "",
     )
     config.add_log_argument(parser)
+    config.add_tracing_argument(parser)
     config.add_security_arguments(parser)  # for the ProjectionAdmin server
     return SyncSettings(**vars(parser.parse_args(argv)))
 
@@ -153,7 +156,8 @@ async def serve(settings: SyncSettings) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     settings = parse_settings(argv)
-    config.setup_logging(settings.log_level)
+    config.setup_logging(settings.log_level, settings.log_format)
+    tracing.setup_tracing(settings.tracing, "orders-sync-worker")
     run(lambda: serve(settings))
 
 

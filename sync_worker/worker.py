@@ -22,11 +22,13 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import redis.exceptions
 
+from orders import tracing
 from orders.consistency import START, LogPosition
 from orders.errors import PoisonEvent
 from orders.event_store import (
@@ -39,7 +41,7 @@ from orders.event_store import (
     read_batch,
     read_positions,
 )
-from orders.events import RecordedEvent
+from orders.events import RecordedEvent, event_type
 from orders.views import parse_generation
 from sync_worker.lease import Lease
 from sync_worker.projector import CheckpointMoved, LeaseLost, Projector, delete_views
@@ -243,9 +245,10 @@ class SyncWorker:
     ) -> LogPosition:
         """Applies a batch; under the park policy, parks each order whose event fails and tries again."""
         park: dict[str, str] = {}
+        started_ns = time.time_ns()
         while True:
             try:
-                return await projector.apply(checkpoint, events, holder=self.worker_id, park=park, live=live)
+                applied = await projector.apply(checkpoint, events, holder=self.worker_id, park=park, live=live)
             except PoisonEvent as poison:
                 if self._settings.poison_policy != "park" or poison.stream_id in park:
                     raise
@@ -256,6 +259,57 @@ class SyncWorker:
                     poison,
                 )
                 park[poison.stream_id] = str(poison)
+            else:
+                self._log_batch(projector, events, park, live)
+                tracing.record_projection(self.projection, events, started_ns, live)
+                return applied
+
+    def _log_batch(self, projector: Projector, events: list[RecordedEvent], park: dict[str, str], live: bool) -> None:
+        """One DEBUG line per event of an applied batch, with the correlation id of the command that
+        wrote it (a field of the record: JSON logs carry it), and one INFO line for the batch."""
+        name, generation = self.projection, projector.keys.generation
+        if log.isEnabledFor(logging.DEBUG):
+            for recorded in events:
+                what = "parked" if recorded.stream_id in park else "applied"
+                kind = event_type(recorded.event)
+                fields = {
+                    "projection": name,
+                    "position": recorded.position,
+                    "order_id": recorded.stream_id,
+                    "event_type": kind,
+                    "correlation_id": recorded.metadata.get("correlation_id"),
+                }
+                log.debug(
+                    "projection %s: %s %s of order %r at position %d",
+                    name,
+                    what,
+                    kind,
+                    recorded.stream_id,
+                    recorded.position,
+                    extra=fields,
+                )
+        if log.isEnabledFor(logging.INFO):
+            first, last = events[0], events[-1]
+            lag = (datetime.now(UTC) - last.recorded_at).total_seconds()  # age of the newest event applied
+            fields = {
+                "projection": name,
+                "count": len(events),
+                "first_position": first.position,
+                "last_position": last.position,
+                "lag_seconds": round(lag, 3),
+                "generation": generation,
+                "live": live,
+            }
+            log.info(
+                "projection %s: applied %d events, positions %d to %d, lag %.3fs%s",
+                name,
+                len(events),
+                first.position,
+                last.position,
+                lag,
+                "" if live else f" (building generation {generation})",
+                extra=fields,
+            )
 
     async def _serve_parked_requests(self, conn: Connection, live: Projector) -> None:
         """Runs operators' requests (from ProjectionAdmin) to retry an order's parked events."""

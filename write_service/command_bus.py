@@ -16,6 +16,7 @@ from orders.commands import CommandEnvelope
 from orders.domain import decide, replay, validate
 from orders.event_store import AppendRequest, AppendResult, EventStore
 from orders.events import Event
+from orders.tracing import current_traceparent
 
 
 def fingerprint(envelope: CommandEnvelope) -> str:
@@ -39,16 +40,22 @@ class CommandBus:
         def decide_on(history: list[Event]) -> list[Event]:
             return decide(replay(order_id, history), command)
 
+        metadata = {
+            "command": type(command).__name__,
+            "command_id": envelope.command_id,
+            "correlation_id": envelope.correlation_id,
+        }
+        if envelope.caller is not None:
+            metadata["caller"] = envelope.caller
+        traceparent = current_traceparent()  # None unless tracing is on (orders.tracing)
+        if traceparent is not None:
+            metadata["traceparent"] = traceparent
         request = AppendRequest(
             stream_id=order_id,
             decide=decide_on,
             command_id=envelope.command_id,
             fingerprint=fingerprint(envelope),
             expected_version=envelope.expected_version,
-            metadata={
-                "command": type(command).__name__,
-                "command_id": envelope.command_id,
-                "correlation_id": envelope.correlation_id,
-            },
+            metadata=metadata,
         )
         return await self._store.execute(request, timeout)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from orders import config
+from orders import config, tracing
 from orders.event_store import EventStore, connect
 from orders.grpc_server import RunningServer, run, start_server, stop_on_signals
 from orders.security import ServerSecurity
@@ -27,6 +27,8 @@ class WriteSettings:
     pool_size: int
     log_level: str
     security: ServerSecurity | None = None
+    log_format: str = "auto"
+    tracing: str = "auto"
 
 
 def parse_settings(argv: Sequence[str] | None = None) -> WriteSettings:
@@ -38,6 +40,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> WriteSettings:
     config.add_server_arguments(parser, "write-address", config.DEFAULT_WRITE_ADDRESS)
     config.add_setting(parser, "pool-size", "PostgreSQL connections at most", default="20", parse=config.positive_int)
     config.add_log_argument(parser)
+    config.add_tracing_argument(parser)
     config.add_security_arguments(parser)
     return WriteSettings(**vars(parser.parse_args(argv)))
 
@@ -62,7 +65,8 @@ async def serve(settings: WriteSettings) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     settings = parse_settings(argv)
-    config.setup_logging(settings.log_level)
+    config.setup_logging(settings.log_level, settings.log_format)
+    tracing.setup_tracing(settings.tracing, "orders-write-service")
     run(lambda: serve(settings))
 
 

@@ -29,14 +29,15 @@ from orders.errors import (
 )
 from orders.event_store import AppendResult
 from orders.events import Address
+from orders.logs import correlation_id, correlation_id_from
 from orders.rpc_errors import ErrorTable, translate_errors
+from orders.security import current_caller
 from orders.v1 import commands_pb2 as pb
 from orders.v1 import commands_pb2_grpc, types_pb2
 from write_service.command_bus import CommandBus
 
 SERVICE = pb.DESCRIPTOR.services_by_name["OrderCommands"]
 DEFAULT_TIMEOUT = 10.0  # seconds, when the client sets no deadline
-CORRELATION_HEADERS = ("x-correlation-id", "x-request-id")
 # Order ids generated for a CreateOrder with a command id derive from it, so a retry gets the same id.
 ORDER_ID_NAMESPACE = uuid.UUID("0c1f7b52-6c55-4a8e-9a43-1f3f5b0e2d11")
 
@@ -90,7 +91,9 @@ class OrderCommandsServicer(commands_pb2_grpc.OrderCommandsServicer):
             command,
             command_id=request.command_id or None,
             expected_version=request.expected_version if request.HasField("expected_version") else None,
-            correlation_id=_correlation_id(context),
+            # Set for the call by orders.correlation.CorrelationInterceptor (start_server installs it).
+            correlation_id=correlation_id.get() or correlation_id_from(context.invocation_metadata()),
+            caller=current_caller.get(),
         )
         remaining = context.time_remaining()
         result = await self._bus.dispatch(envelope, DEFAULT_TIMEOUT if remaining is None else remaining)
@@ -161,10 +164,3 @@ def _result(result: AppendResult) -> pb.CommandResult:
         position=result.last.position,
         consistency_token=result.last.token(),
     )
-
-
-def _correlation_id(context: grpc.aio.ServicerContext) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key in CORRELATION_HEADERS and value:
-            return str(value)[:128]
-    return uuid.uuid4().hex

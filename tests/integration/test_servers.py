@@ -417,7 +417,7 @@ async def test_write_service_process_finishes_the_command_in_flight_on_sigterm(s
         await conn.close()
     assert child.reader is not None
     await asyncio.wait_for(child.reader, 5)
-    assert "write_service: stopped" in child.log
+    assert '"logger":"write_service","message":"stopped"' in child.log  # stderr is a pipe: JSON lines
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -443,7 +443,7 @@ async def test_read_service_process_stops_gracefully_on_signal(
     assert code == 0, child.log
     assert time.monotonic() - started < 4
     assert f"{sig.name} received: shutting down gracefully" in child.log
-    assert "read_service: stopped" in child.log
+    assert '"logger":"read_service","message":"stopped"' in child.log  # stderr is a pipe: JSON lines
     assert "Traceback" not in child.log
 
 
