@@ -174,6 +174,21 @@ def add_tracing_argument(parser: SettingsParser) -> None:
     )
 
 
+def optional_address(text: str) -> str:
+    """HOST:PORT, or "" for "off"."""
+    return address(text) if text else ""
+
+
+def add_metrics_argument(parser: SettingsParser) -> None:
+    add_setting(
+        parser,
+        "metrics-address",
+        "HOST:PORT of the ops HTTP endpoint: /metrics (Prometheus), /livez, /readyz; empty: do not serve it",
+        default="",
+        parse=optional_address,
+    )
+
+
 def optional_path(text: str) -> Path | None:
     return Path(text) if text else None
 

@@ -31,6 +31,7 @@ from asyncpg.pool import PoolConnectionProxy
 from orders.consistency import LogPosition
 from orders.errors import CommandIdReused, ConcurrencyConflict, DeadlineExceeded, PoisonEvent, Unavailable
 from orders.events import Event, RecordedEvent, event_type, from_payload, to_payload
+from orders.metrics import count_events_appended, count_store_error
 
 log = logging.getLogger(__name__)
 Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
@@ -63,6 +64,7 @@ class AppendResult:
     stream_id: str
     version: int
     last: LogPosition
+    appended: tuple[str, ...] = ()  # types of the events this call appended; none for a repeated command
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,7 @@ async def unavailable_on_connection_errors(what: str) -> AsyncIterator[None]:
     try:
         yield
     except _UNAVAILABLE_ERRORS as error:
+        count_store_error("postgres", what)
         raise Unavailable(f"PostgreSQL is unavailable ({what}): {type(error).__name__}: {error}") from error
 
 
@@ -144,9 +147,12 @@ class EventStore:
             async with asyncio.timeout(timeout), unavailable_on_connection_errors("append"):
                 for _ in range(CONFLICT_RETRIES):
                     try:
-                        return await self._attempt(request)
+                        result = await self._attempt(request)
                     except asyncpg.UniqueViolationError:
                         log.debug("conflict appending to %s; retrying", request.stream_id)
+                    else:
+                        count_events_appended(result.appended)  # committed: _attempt's transaction ended
+                        return result
                 raise ConcurrencyConflict(f"order {request.stream_id!r} kept changing under concurrent writers; retry")
         except TimeoutError as error:  # from asyncio.timeout: driver time-outs became Unavailable inside
             raise DeadlineExceeded(f"the command did not finish within its deadline of {timeout:.3g}s") from error
@@ -238,7 +244,7 @@ class EventStore:
             [to_payload(e) for e in events],
         )
         last = max(LogPosition(r["tx_id"], r["position"]) for r in rows)
-        return AppendResult(stream_id, version + len(events), last)
+        return AppendResult(stream_id, version + len(events), last, tuple(event_type(e) for e in events))
 
 
 async def read_batch(conn: Connection, after: LogPosition, limit: int) -> Batch:

@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from orders.correlation import CorrelationInterceptor
 from orders.errors import FieldViolation, InvalidCommand
+from orders.metrics import GrpcMetricsInterceptor
 from orders.rpc_errors import ErrorTable, to_status
 from orders.security import ServerSecurity
 
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 MALFORMED: ErrorTable = {InvalidCommand: (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST")}
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+LIVENESS = "liveness"  # health service that is SERVING while the process runs (readiness: "")
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -126,7 +128,7 @@ async def start_server(
         options=SERVER_OPTIONS,
         maximum_concurrent_rpcs=max_concurrent_rpcs,
         # The correlation id first, so that every later interceptor's log lines (a refused token) carry it.
-        interceptors=[CorrelationInterceptor(), *security.interceptors()],
+        interceptors=[CorrelationInterceptor(), GrpcMetricsInterceptor(), *security.interceptors()],
     )
     for service, servicer in services.items():
         add_service(server, servicer, service)
@@ -140,7 +142,7 @@ async def start_server(
         raise OSError(f"cannot listen on {address}")
     security.log_summary(address)
     await server.start()
-    for name in ["", *service_names]:
+    for name in ["", *service_names, LIVENESS]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(server, health_servicer, port)
 

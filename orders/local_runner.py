@@ -139,6 +139,7 @@ async def _spawn(settings: LocalSettings) -> dict[str, asyncio.subprocess.Proces
         "ORDERS_WRITE_ADDRESS": settings.write_address,
         "ORDERS_READ_ADDRESS": settings.read_address,
         "ORDERS_ADMIN_ADDRESS": settings.admin_address,
+        "ORDERS_METRICS_ADDRESS": "",  # one address for three processes would clash; off locally
         "ORDERS_SHUTDOWN_GRACE": str(settings.shutdown_grace),
         "ORDERS_LOG_LEVEL": settings.log_level,
         "ORDERS_LOG_FORMAT": settings.log_format,

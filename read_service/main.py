@@ -10,6 +10,8 @@ from redis.asyncio import Redis
 
 from orders import config, tracing
 from orders.grpc_server import RunningServer, run, start_server, stop_on_signals
+from orders.ops_server import start_ops_server
+from orders.readiness import Readiness
 from orders.security import ServerSecurity
 from orders.views import PROJECTIONS, ViewKeys, redis_client
 from read_service.freshness import CheckpointWatcher
@@ -30,6 +32,7 @@ class ReadSettings:
     max_consistency_wait: float
     heartbeat_timeout: float
     log_level: str
+    metrics_address: str = ""
     security: ServerSecurity | None = None
     log_format: str = "auto"
     tracing: str = "auto"
@@ -42,6 +45,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> ReadSettings:
     )
     config.add_redis_arguments(parser)
     config.add_server_arguments(parser, "read-address", config.DEFAULT_READ_ADDRESS)
+    config.add_metrics_argument(parser)
     config.add_setting(
         parser,
         "max-consistency-wait",
@@ -68,8 +72,10 @@ class ReadService:
     watchers: list[CheckpointWatcher]
     health: ProjectionHealth
     feed: ChangeFeed
+    readiness: Readiness  # "" and OrderQueries in gRPC health, and /readyz: is Redis reachable
 
     async def stop(self, grace: float) -> None:
+        self.readiness.stopping()
         await self.health.stop()
         await self.server.health.enter_graceful_shutdown()
         # Watch streams never finish by themselves: end them now (UNAVAILABLE, reconnect) rather
@@ -91,6 +97,7 @@ async def start_read_service(
     heartbeat_timeout: float = 5.0,
     max_watch_pending: int = MAX_PENDING,
     security: ServerSecurity | None = None,
+    readiness: Readiness | None = None,
 ) -> ReadService:
     watchers = {name: CheckpointWatcher(redis, keys.of(name)) for name in PROJECTIONS}
     for watcher in watchers.values():
@@ -100,16 +107,20 @@ async def start_read_service(
     feed.start()
     servicer = OrderQueriesServicer(redis, keys, watchers, max_wait, feed)
     server = await start_server(address, {SERVICE: servicer}, max_concurrent_rpcs, security)
-    health = ProjectionHealth(redis, keys, server.health, SERVICE.full_name, heartbeat_timeout)
+    readiness = readiness or Readiness()
+    await readiness.attach(server.health, ["", SERVICE.full_name])
+    health = ProjectionHealth(redis, keys, server.health, readiness, heartbeat_timeout)
     await health.check()
     health.start()
-    return ReadService(server, list(watchers.values()), health, feed)
+    return ReadService(server, list(watchers.values()), health, feed, readiness)
 
 
 async def serve(settings: ReadSettings) -> None:
     stop = stop_on_signals()
     redis = redis_client(settings.redis_url)
     keys = ViewKeys(settings.redis_prefix)
+    readiness = Readiness()
+    ops = await start_ops_server(settings.metrics_address, readiness) if settings.metrics_address else None
     service = await start_read_service(
         redis,
         keys,
@@ -118,11 +129,14 @@ async def serve(settings: ReadSettings) -> None:
         max_concurrent_rpcs=settings.max_concurrent_rpcs,
         heartbeat_timeout=settings.heartbeat_timeout,
         security=settings.security,
+        readiness=readiness,
     )
     log.info("OrderQueries listening on %s (port %d)", settings.read_address, service.server.port)
     await stop.wait()
     await service.stop(settings.shutdown_grace)
     await redis.aclose()
+    if ops is not None:
+        await ops.stop()
     log.info("stopped")
 
 

@@ -3,7 +3,9 @@
 A worker's liveness is judged from its heartbeat (sync_worker.lease), not from
 lag: lag reads 0 when the worker is dead and nothing is written. The health
 service reports:
-    ""  and  orders.v1.OrderQueries   NOT_SERVING while Redis is unreachable
+    ""  and  orders.v1.OrderQueries   NOT_SERVING while Redis is unreachable or does not answer within
+                                      CHECK_TIMEOUT (through the process's orders.readiness.Readiness,
+                                      which /readyz of the ops endpoint reports as well)
     orders.projection.NAME            NOT_SERVING while no worker of projection NAME has renewed
                                       its heartbeat within the heartbeat timeout, or while that
                                       projection is stopped on an error
@@ -13,13 +15,13 @@ service reports:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 import redis.exceptions
 from grpc_health.v1 import health, health_pb2
 from redis.asyncio import Redis
 
+from orders.readiness import Readiness
 from orders.views import PROJECTIONS, ViewKeys
 from sync_worker.lease import read_heartbeat
 
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 
 PROJECTION_SERVICE = "orders.projection"
 CHECK_EVERY = 1.0
+CHECK_TIMEOUT = 2.0  # seconds Redis has to answer a check
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -37,12 +40,12 @@ def projection_services() -> list[str]:
 
 class ProjectionHealth:
     def __init__(
-        self, redis: Redis, keys: ViewKeys, servicer: health.aio.HealthServicer, query_service: str, timeout: float
+        self, redis: Redis, keys: ViewKeys, servicer: health.aio.HealthServicer, readiness: Readiness, timeout: float
     ) -> None:
         self._redis = redis
         self._keys = keys
         self._servicer = servicer
-        self._query_service = query_service
+        self._readiness = readiness
         self._timeout = timeout
         self._status: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
@@ -61,11 +64,9 @@ class ProjectionHealth:
         try:
             beats = {name: await read_heartbeat(self._redis, self._keys.of(name)) for name in PROJECTIONS}
         except (redis.exceptions.RedisError, OSError) as error:
-            for service in ["", self._query_service, PROJECTION_SERVICE, *projection_services()]:
-                await self._set(service, NOT_SERVING, f"Redis unreachable: {error}")
+            await self._unreachable(f"Redis unreachable: {type(error).__name__}: {error}")
             return
-        await self._set("", SERVING, "Redis reachable")
-        await self._set(self._query_service, SERVING, "Redis reachable")
+        await self._readiness.set("redis", "")
         problems = {name: self._problem(beat, age) for name, (beat, age) in beats.items()}
         for name, problem in problems.items():
             await self._set(f"{PROJECTION_SERVICE}.{name}", NOT_SERVING if problem else SERVING, problem or "alive")
@@ -80,6 +81,11 @@ class ProjectionHealth:
         if beat is not None and beat.get("state") == "failed":
             return f"stopped on an error: {beat.get('error')}"
         return ""
+
+    async def _unreachable(self, why: str) -> None:
+        await self._readiness.set("redis", why)
+        for service in [PROJECTION_SERVICE, *projection_services()]:
+            await self._set(service, NOT_SERVING, why)
 
     async def _set(self, service: str, status: int, why: str) -> None:
         if self._status.get(service) == status:
@@ -97,6 +103,8 @@ class ProjectionHealth:
 
     async def _watch(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.check(), CHECK_EVERY * 5)
+            try:
+                await asyncio.wait_for(self.check(), CHECK_TIMEOUT)
+            except TimeoutError:
+                await self._unreachable(f"Redis did not answer within {CHECK_TIMEOUT:g}s")
             await asyncio.sleep(CHECK_EVERY)

@@ -28,6 +28,7 @@ from orders.errors import (
     Unavailable,
     ViewsNotReady,
 )
+from orders.metrics import count_store_error
 from orders.rpc_errors import ErrorTable, to_status, translate_errors
 from orders.v1 import queries_pb2 as pb
 from orders.v1 import queries_pb2_grpc, types_pb2
@@ -96,6 +97,7 @@ async def bounded_redis_call(context: grpc.aio.ServicerContext) -> AsyncIterator
     except TimeoutError as error:
         raise DeadlineExceeded("Redis did not answer within the deadline") from error
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as error:
+        count_store_error("redis", "query")
         raise Unavailable(f"Redis is unavailable: {error}") from error
 
 

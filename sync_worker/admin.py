@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 
 from orders.consistency import START, LogPosition
 from orders.errors import FieldViolation, InvalidQuery, OrderNotParked, Unavailable
+from orders.metrics import count_store_error
 from orders.rpc_errors import ErrorTable, translate_errors
 from orders.v1 import admin_pb2 as pb
 from orders.v1 import admin_pb2_grpc
@@ -238,4 +239,5 @@ async def _stores() -> AsyncIterator[None]:
     try:
         yield
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, redis.exceptions.RedisError) as error:
+        count_store_error("redis" if isinstance(error, redis.exceptions.RedisError) else "postgres", "admin")
         raise Unavailable(f"store unavailable: {error}") from error

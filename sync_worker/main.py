@@ -13,11 +13,14 @@ from redis.asyncio import Redis
 from orders import config, tracing
 from orders.event_store import connect
 from orders.grpc_server import RunningServer, run, start_server, stop_on_signals
+from orders.ops_server import start_ops_server
+from orders.readiness import Readiness
 from orders.security import ServerSecurity
 from orders.views import PROJECTION, SUMMARY_PROJECTION, ViewKeys, redis_client
 from sync_worker.admin import SERVICE as ADMIN_SERVICE
 from sync_worker.admin import ProjectionAdminServicer
 from sync_worker.customer_summary import CustomerSummaryProjector
+from sync_worker.health import DEFAULT_STUCK_AFTER, WORKER_SERVICE, WorkerHealth
 from sync_worker.projector import OrdersProjector, Projector
 from sync_worker.worker import SyncWorker, WorkerSettings, default_worker_id
 
@@ -39,6 +42,8 @@ class SyncSettings:
     poison_policy: str
     admin_address: str
     log_level: str
+    metrics_address: str = ""
+    projection_stuck_after: float = DEFAULT_STUCK_AFTER
     security: ServerSecurity | None = None  # of the ProjectionAdmin server
     log_format: str = "auto"
     tracing: str = "auto"
@@ -93,6 +98,15 @@ def parse_settings(argv: Sequence[str] | None = None) -> SyncSettings:
         default="",
         parse=lambda text: config.address(text) if text else "",
     )
+    config.add_metrics_argument(parser)
+    config.add_setting(
+        parser,
+        "projection-stuck-after",
+        "seconds a projection may go without applying a batch or being caught up before the worker reports "
+        "NOT_SERVING (stuck)",
+        default=f"{DEFAULT_STUCK_AFTER:g}",
+        parse=config.positive_float,
+    )
     config.add_log_argument(parser)
     config.add_tracing_argument(parser)
     config.add_security_arguments(parser)  # for the ProjectionAdmin server
@@ -141,16 +155,27 @@ async def serve(settings: SyncSettings) -> None:
     )
     workers = build_workers(worker_settings, redis, settings.redis_prefix, settings.projections, settings.worker_id)
     pool = await connect(settings.postgres_url, max_size=2)
+    readiness = Readiness()
+    ops = await start_ops_server(settings.metrics_address, readiness) if settings.metrics_address else None
+    health = WorkerHealth(readiness, workers, redis, pool, settings.projection_stuck_after)
+    await health.check()
     admin = (
         await start_admin(settings.admin_address, pool, redis, settings.redis_prefix, settings.security)
         if settings.admin_address
         else None
     )
+    if admin is not None:
+        await readiness.attach(admin.health, ["", WORKER_SERVICE])
+    health.start()
     await asyncio.gather(*(worker.run(stop) for worker in workers))
+    readiness.stopping()
+    await health.stop()
     if admin is not None:
         await admin.stop(2)
     await pool.close()
     await redis.aclose()
+    if ops is not None:
+        await ops.stop()
     log.info("stopped after applying %s", ", ".join(f"{w.applied_events} events to {w.projection}" for w in workers))
 
 

@@ -42,6 +42,7 @@ from orders.event_store import (
     read_positions,
 )
 from orders.events import RecordedEvent, event_type
+from orders.metrics import ProjectionMetrics, count_store_error
 from orders.views import parse_generation
 from sync_worker.lease import Lease
 from sync_worker.projector import CheckpointMoved, LeaseLost, Projector, delete_views
@@ -60,6 +61,15 @@ RETRYABLE = (
 HELD_BACK_REPORT_AFTER = 2.0  # seconds held back before the cause is looked up and logged
 HELD_BACK_REPORT_EVERY = 10.0
 RETIRE_CHUNK = 1000  # keys of a retired generation deleted per loop turn
+
+
+def _store_of(error: BaseException) -> str | None:
+    """Which store a retryable failure came from, for orders_store_errors_total; None for a lost race."""
+    if isinstance(error, redis.exceptions.RedisError):
+        return "redis"
+    if isinstance(error, OSError | asyncpg.PostgresError | asyncpg.InterfaceError | asyncpg.InternalClientError):
+        return "postgres"
+    return None
 
 
 def default_worker_id() -> str:
@@ -99,6 +109,11 @@ class SyncWorker:
         self.failure: PoisonEvent | None = None
         self._retry_at = 0.0
         self._generations: dict[int, Projector] = {projector.keys.generation: projector}
+        self._metrics = ProjectionMetrics(projector.name)
+        self._metrics.state(self.state)
+        self._notified_at: float | None = None  # when a NOTIFY came that no batch has started on yet
+        self.progress_at = time.monotonic()  # when the loop last applied a batch or found itself caught up
+        self.lag_events = 0  # after the last read; estimated from positions
 
     @property
     def worker_id(self) -> str:
@@ -115,6 +130,9 @@ class SyncWorker:
             try:
                 await self._tail(stop)
             except RETRYABLE as error:
+                store = _store_of(error)
+                if store is not None:
+                    count_store_error(store, "tail")
                 failures += 1
                 delay = min(self._settings.max_backoff, 0.1 * 2**failures)
                 log.warning("sync failed (%s: %s); retrying in %.1fs", type(error).__name__, error, delay)
@@ -129,7 +147,7 @@ class SyncWorker:
     async def _tail(self, stop: asyncio.Event) -> None:
         conn = await open_connection(self._settings.postgres_url)
         try:
-            await conn.add_listener(NOTIFY_CHANNEL, lambda *_: self._wake.set())
+            await conn.add_listener(NOTIFY_CHANNEL, self._notified)
             log.info(
                 "projection %s: tailing the event log into %s as %s",
                 self._projector.name,
@@ -155,6 +173,8 @@ class SyncWorker:
                     self._stop_on(poison)
                     continue
                 self._recovered()
+                if batch.events or not batch.held_back:
+                    self.progress_at = time.monotonic()
                 if not busy:
                     # Held-back rows wait for a transaction that may not notify: look again soon.
                     await self._idle(stop, 0.02 if batch.held_back else self._idle_timeout)
@@ -174,6 +194,9 @@ class SyncWorker:
     async def _step(self, conn: Connection) -> tuple[Batch, bool]:
         """One live batch, then one step of a zero-downtime rebuild or of deleting a retired
         generation; returns the live batch and whether anything was done."""
+        if self._notified_at is not None:
+            self._metrics.wakeup.observe(time.monotonic() - self._notified_at)
+            self._notified_at = None
         redis, keys = self._projector.redis, self._projector.keys
         pointer, building = await redis.mget(keys.generation_pointer, keys.next_generation)
         live = self._at(parse_generation(pointer))
@@ -186,8 +209,10 @@ class SyncWorker:
         if batch.events:
             checkpoint = await self._apply(live, checkpoint, batch.events)
             self.applied_events += len(batch.events)
+            self._metrics.batch_applied(len(batch.events))
         elif checkpoint is None and not batch.held_back:
             await live.mark_empty_log()
+        await self._measure_lag(conn, batch, checkpoint)
         busy = bool(batch.events)
         if building is not None and checkpoint is not None:
             busy = await self._build_step(conn, live, int(building), checkpoint) or busy
@@ -397,6 +422,33 @@ class SyncWorker:
         if state != self.state:
             log.info("projection %s: worker %s is now %s", self._projector.name, self.worker_id, state)
             self.state = state
+            self._metrics.state(state)
+            self._notified_at = None
+            self.progress_at = time.monotonic()
+            if state == "standby":  # the active worker reports the lag
+                self._metrics.lag(0, 0.0)
+
+    def _notified(self, *_: object) -> None:
+        """A NOTIFY of an append: wake the loop, and time how long until a batch starts on it."""
+        self._wake.set()
+        if self._notified_at is None and self.state == "active":
+            self._notified_at = time.monotonic()
+
+    async def _measure_lag(self, conn: Connection, batch: Batch, checkpoint: LogPosition | None) -> None:
+        """Sets the lag gauges from what the read found. Caught up (a short batch, nothing held back) is
+        0 at no cost; behind (a full batch, or rows held back) costs one index lookup of the log's head."""
+        if len(batch.events) < self._settings.batch_size and not batch.held_back:
+            self.lag_events = 0
+            self._metrics.lag(0, 0.0)
+            return
+        last = await head(conn)
+        self.lag_events = max(0, last.position - (checkpoint.position if checkpoint else 0)) if last else 0
+        seconds = 0.0
+        if batch.events:  # the age of the newest event applied: how far behind the views are
+            seconds = time.time() - batch.events[-1].recorded_at.timestamp()
+        if self._held_back is not None:
+            seconds = max(seconds, time.monotonic() - self._held_back.since)
+        self._metrics.lag(self.lag_events, max(0.0, seconds))
 
     async def _idle(self, stop: asyncio.Event, timeout: float) -> None:
         waits = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -11,6 +11,8 @@ import asyncpg
 from orders import config, tracing
 from orders.event_store import EventStore, connect
 from orders.grpc_server import RunningServer, run, start_server, stop_on_signals
+from orders.ops_server import start_ops_server
+from orders.readiness import Readiness, StoreProbe, postgres_probe
 from orders.security import ServerSecurity
 from write_service.command_bus import CommandBus
 from write_service.servicer import SERVICE, OrderCommandsServicer
@@ -26,6 +28,7 @@ class WriteSettings:
     max_concurrent_rpcs: int
     pool_size: int
     log_level: str
+    metrics_address: str = ""
     security: ServerSecurity | None = None
     log_format: str = "auto"
     tracing: str = "auto"
@@ -38,6 +41,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> WriteSettings:
     )
     config.add_postgres_argument(parser)
     config.add_server_arguments(parser, "write-address", config.DEFAULT_WRITE_ADDRESS)
+    config.add_metrics_argument(parser)
     config.add_setting(parser, "pool-size", "PostgreSQL connections at most", default="20", parse=config.positive_int)
     config.add_log_argument(parser)
     config.add_tracing_argument(parser)
@@ -46,20 +50,37 @@ def parse_settings(argv: Sequence[str] | None = None) -> WriteSettings:
 
 
 async def start_write_service(
-    pool: asyncpg.Pool, address: str, max_concurrent_rpcs: int = 1000, security: ServerSecurity | None = None
+    pool: asyncpg.Pool,
+    address: str,
+    max_concurrent_rpcs: int = 1000,
+    security: ServerSecurity | None = None,
+    on_unavailable: Callable[[str], None] | None = None,
 ) -> RunningServer:
-    servicer = OrderCommandsServicer(CommandBus(EventStore(pool)))
+    servicer = OrderCommandsServicer(CommandBus(EventStore(pool)), on_unavailable)
     return await start_server(address, {SERVICE: servicer}, max_concurrent_rpcs, security)
 
 
 async def serve(settings: WriteSettings) -> None:
     stop = stop_on_signals()
     pool = await connect(settings.postgres_url, max_size=settings.pool_size)
-    running = await start_write_service(pool, settings.write_address, settings.max_concurrent_rpcs, settings.security)
+    # Ready while PostgreSQL answers: probed every second, and at once when a command finds it unreachable.
+    readiness = Readiness()
+    postgres = StoreProbe(readiness, "postgres", "PostgreSQL", postgres_probe(pool))
+    ops = await start_ops_server(settings.metrics_address, readiness) if settings.metrics_address else None
+    await postgres.check()
+    running = await start_write_service(
+        pool, settings.write_address, settings.max_concurrent_rpcs, settings.security, postgres.report
+    )
+    await readiness.attach(running.health, ["", SERVICE.full_name])
+    postgres.start()
     log.info("OrderCommands listening on %s (port %d)", settings.write_address, running.port)
     await stop.wait()
+    readiness.stopping()
     await running.stop(settings.shutdown_grace)
+    await postgres.stop()
     await pool.close()
+    if ops is not None:
+        await ops.stop()
     log.info("stopped")
 
 

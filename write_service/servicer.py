@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 
 import grpc
 
@@ -30,6 +31,7 @@ from orders.errors import (
 from orders.event_store import AppendResult
 from orders.events import Address
 from orders.logs import correlation_id, correlation_id_from
+from orders.metrics import count_command
 from orders.rpc_errors import ErrorTable, translate_errors
 from orders.security import current_caller
 from orders.v1 import commands_pb2 as pb
@@ -50,6 +52,17 @@ ERRORS: ErrorTable = {
     ConcurrencyConflict: (grpc.StatusCode.ABORTED, "VERSION_CONFLICT"),
     DeadlineExceeded: (grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED"),
     Unavailable: (grpc.StatusCode.UNAVAILABLE, "EVENT_STORE_UNAVAILABLE"),
+}
+# The outcome label of orders_commands_total (orders.metrics) for each refusal; any other error is "error".
+OUTCOMES: dict[type[Exception], str] = {
+    InvalidCommand: "invalid",
+    OrderNotFound: "refused",
+    OrderAlreadyExists: "refused",
+    CommandIdReused: "refused",
+    RuleViolation: "refused",
+    ConcurrencyConflict: "conflict",
+    DeadlineExceeded: "deadline_exceeded",
+    Unavailable: "unavailable",
 }
 
 
@@ -81,8 +94,10 @@ def new_order_id(command_id: str) -> str:
 
 
 class OrderCommandsServicer(commands_pb2_grpc.OrderCommandsServicer):
-    def __init__(self, bus: CommandBus) -> None:
+    def __init__(self, bus: CommandBus, on_unavailable: Callable[[str], None] | None = None) -> None:
         self._bus = bus
+        # Told when a command found PostgreSQL unreachable, so health turns NOT_SERVING at once.
+        self._on_unavailable = on_unavailable
 
     async def _run(
         self, request: CommandRequest, command: Command, context: grpc.aio.ServicerContext
@@ -96,7 +111,16 @@ class OrderCommandsServicer(commands_pb2_grpc.OrderCommandsServicer):
             caller=current_caller.get(),
         )
         remaining = context.time_remaining()
-        result = await self._bus.dispatch(envelope, DEFAULT_TIMEOUT if remaining is None else remaining)
+        name = type(command).__name__
+        try:
+            result = await self._bus.dispatch(envelope, DEFAULT_TIMEOUT if remaining is None else remaining)
+        except Exception as error:
+            count_command(name, next((OUTCOMES[c] for c in type(error).__mro__ if c in OUTCOMES), "error"))
+            if isinstance(error, Unavailable) and self._on_unavailable is not None:
+                self._on_unavailable(str(error))
+            raise
+        # An earlier result of the same command id appends nothing: the command was repeated.
+        count_command(name, "accepted" if result.appended else "repeated")
         return _result(result)
 
     @translate_errors(ERRORS)
