@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import sys
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -228,3 +229,12 @@ def test_a_call_without_a_valid_id_gets_a_new_one(metadata: tuple[tuple[str, str
     made = correlation_id_from(metadata)
     assert re.fullmatch(r"[0-9a-f]{32}", made)
     assert correlation_id_from(metadata) != made
+
+
+def test_a_new_id_is_a_random_uuid_in_hex() -> None:
+    made = {logs.new_correlation_id() for _ in range(1000)}
+    assert len(made) == 1000
+    for value in made:
+        assert uuid.UUID(hex=value).version == 4
+        assert uuid.UUID(hex=value).variant == uuid.RFC_4122
+        assert uuid.UUID(hex=value).hex == value
