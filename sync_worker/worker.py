@@ -114,6 +114,7 @@ class SyncWorker:
         self._notified_at: float | None = None  # when a NOTIFY came that no batch has started on yet
         self.progress_at = time.monotonic()  # when the loop last applied a batch or found itself caught up
         self.lag_events = 0  # after the last read; estimated from positions
+        self._summary = _Summary()
 
     @property
     def worker_id(self) -> str:
@@ -291,7 +292,8 @@ class SyncWorker:
 
     def _log_batch(self, projector: Projector, events: list[RecordedEvent], park: dict[str, str], live: bool) -> None:
         """One DEBUG line per event of an applied batch, with the correlation id of the command that
-        wrote it (a field of the record: JSON logs carry it), and one INFO line for the batch."""
+        wrote it (a field of the record: JSON logs carry it), one DEBUG line for the batch, and an
+        INFO summary at most every SUMMARY_EVERY seconds (a line per batch would flood busy logs)."""
         name, generation = self.projection, projector.keys.generation
         if log.isEnabledFor(logging.DEBUG):
             for recorded in events:
@@ -313,7 +315,16 @@ class SyncWorker:
                     recorded.position,
                     extra=fields,
                 )
-        if log.isEnabledFor(logging.INFO):
+        self._summary.add(len(events))
+        if self._summary.due():
+            log.info(
+                "projection %s: applied %d events in %.0fs, up to position %d",
+                name,
+                *self._summary.take(),
+                events[-1].position,
+                extra={"projection": name, "last_position": events[-1].position},
+            )
+        if log.isEnabledFor(logging.DEBUG):
             first, last = events[0], events[-1]
             lag = (datetime.now(UTC) - last.recorded_at).total_seconds()  # age of the newest event applied
             fields = {
@@ -325,7 +336,7 @@ class SyncWorker:
                 "generation": generation,
                 "live": live,
             }
-            log.info(
+            log.debug(
                 "projection %s: applied %d events, positions %d to %d, lag %.3fs%s",
                 name,
                 len(events),
@@ -457,3 +468,26 @@ class SyncWorker:
         finally:
             for task in waits:
                 task.cancel()
+
+
+SUMMARY_EVERY = 10.0  # seconds between INFO summaries of applied events
+
+
+class _Summary:
+    """Events applied since the last INFO summary line."""
+
+    def __init__(self) -> None:
+        self.events = 0
+        self.since = time.monotonic()
+
+    def add(self, count: int) -> None:
+        self.events += count
+
+    def due(self) -> bool:
+        return time.monotonic() - self.since >= SUMMARY_EVERY
+
+    def take(self) -> tuple[int, float]:
+        now = time.monotonic()
+        events, seconds = self.events, now - self.since
+        self.events, self.since = 0, now
+        return events, seconds

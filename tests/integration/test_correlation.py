@@ -28,6 +28,7 @@ from orders.logs import ContextFilter, correlation_id
 from orders.security import ServerSecurity, load_token_table, token_sha256
 from orders.v1 import commands_pb2, commands_pb2_grpc, queries_pb2
 from orders.views import ViewKeys
+from sync_worker import worker as worker_module
 from tests.conftest import Servers
 from tests.helpers import create_request, eventually
 from tests.integration.conftest import System
@@ -74,7 +75,7 @@ async def test_a_correlation_id_goes_from_the_command_into_the_events_and_the_wo
         assert record.correlation_id == "test-corr-123"  # type: ignore[attr-defined]
         assert record.event_type == "OrderCreated"  # type: ignore[attr-defined]
         assert record.position > 0  # type: ignore[attr-defined]
-    batches = [r for r in caplog.records if r.name == WORKER_LOGGER and r.levelno == logging.INFO]
+    batches = [r for r in caplog.records if r.name == WORKER_LOGGER and hasattr(r, "first_position")]
     assert any(r.getMessage().startswith("projection orders: applied") for r in batches)
     assert all(r.first_position <= r.last_position and r.lag_seconds >= 0 for r in batches)  # type: ignore[attr-defined]
 
@@ -313,3 +314,18 @@ async def test_the_sync_worker_process_logs_the_id_as_json(database_url: str, se
     assert found["ts"].endswith("Z")
     assert all(isinstance(json.loads(line), dict) for line in lines if line)
     assert any("stopped after applying" in json.loads(line)["message"] for line in lines if line)
+
+
+async def test_the_worker_sums_up_applied_events_at_info_level(
+    system: System, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """INFO gets a periodic summary of applied events instead of a line per batch."""
+    monkeypatch.setattr(worker_module, "SUMMARY_EVERY", 0.0)
+    caplog.set_level(logging.INFO, logger=WORKER_LOGGER)
+    result = (await system.commands.CreateOrder(create_request(), timeout=10)).result
+
+    async def summed_up() -> None:
+        summaries = [r.getMessage() for r in caplog.records if r.name == WORKER_LOGGER and r.levelno == logging.INFO]
+        assert any(f"up to position {result.position}" in message for message in summaries)
+
+    await eventually(summed_up)
