@@ -179,20 +179,7 @@ class EventStore:
             if expected is not None and expected != len(history):
                 raise ConcurrencyConflict(f"order {stream_id!r} is at version {len(history)}, expected {expected}")
             past = [from_payload(r["event_type"], r["schema_version"], r["payload"]) for r in history]
-            result = await self._append(conn, stream_id, len(history), request.decide(past), request.metadata)
-            if command_id is not None:
-                await conn.execute(
-                    "INSERT INTO processed_commands (command_id, fingerprint, stream_id, version, position, tx_id)"
-                    " VALUES ($1, $2, $3, $4, $5, $6)",
-                    command_id,
-                    request.fingerprint,
-                    stream_id,
-                    result.version,
-                    result.last.position,
-                    result.last.tx_id,
-                )
-            await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
-            return result
+            return await self._append(conn, request, len(history), request.decide(past))
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[Connection]:
@@ -232,26 +219,42 @@ class EventStore:
         return AppendResult(row["stream_id"], row["version"], LogPosition(row["tx_id"], row["position"]))
 
     @staticmethod
-    async def _append(
-        conn: Connection,
-        stream_id: str,
-        version: int,
-        events: list[Event],
-        metadata: dict[str, Any],
-    ) -> AppendResult:
+    async def _append(conn: Connection, request: AppendRequest, version: int, events: list[Event]) -> AppendResult:
+        """Appends `events`, records the command id (if any) and notifies the sync workers, in one
+        statement: one round trip instead of three on every command's hot path."""
         rows = await conn.fetch(
-            "INSERT INTO events (stream_id, version, event_type, schema_version, payload, metadata)"
-            " SELECT $1, v, t, s, p, $5 FROM unnest($2::int[], $3::text[], $4::smallint[], $6::jsonb[])"
-            " AS u(v, t, s, p) ORDER BY v RETURNING position, tx_id",
-            stream_id,
+            _APPEND,
+            request.stream_id,
             list(range(version + 1, version + 1 + len(events))),
             [event_type(e) for e in events],
             [e.schema_version for e in events],
-            metadata,
+            request.metadata,
             [to_payload(e) for e in events],
+            request.command_id,
+            request.fingerprint,
+            NOTIFY_CHANNEL,
         )
         last = max(LogPosition(r["tx_id"], r["position"]) for r in rows)
-        return AppendResult(stream_id, version + len(events), last, tuple(event_type(e) for e in events))
+        return AppendResult(request.stream_id, version + len(events), last, tuple(event_type(e) for e in events))
+
+
+# The events, then the command id with the last of them (when there is one), then the NOTIFY
+# (delivered at commit). Data-modifying CTEs always run, whether or not the SELECT reads them.
+_APPEND = """
+WITH appended AS (
+    INSERT INTO events (stream_id, version, event_type, schema_version, payload, metadata)
+    SELECT $1, v, t, s, p, $5 FROM unnest($2::int[], $3::text[], $4::smallint[], $6::jsonb[]) AS u(v, t, s, p)
+    ORDER BY v
+    RETURNING version, position, tx_id
+), recorded AS (
+    INSERT INTO processed_commands (command_id, fingerprint, stream_id, version, position, tx_id)
+    SELECT $7, $8, $1, version, position, tx_id FROM appended
+    WHERE $7::text IS NOT NULL
+    ORDER BY version DESC
+    LIMIT 1
+)
+SELECT position, tx_id, (SELECT pg_notify($9, '')) AS notified FROM appended
+"""
 
 
 async def read_batch(conn: Connection, after: LogPosition, limit: int) -> Batch:
