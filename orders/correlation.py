@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 
 from orders import tracing
+from orders.handlers import behaviour_of, rebuilt
 from orders.logs import correlation_id, correlation_id_from, rpc_method
 from orders.security import current_caller
 
@@ -54,13 +55,7 @@ class CorrelationInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc] 
 
 def _wrapped(handler: grpc.RpcMethodHandler, call_id: str, method: str, metadata: Any) -> grpc.RpcMethodHandler:
     """A handler of the same kind as `handler` that runs it with the call's context around it."""
-    kind = (bool(handler.request_streaming), bool(handler.response_streaming))
-    builder, inner = {
-        (False, False): (grpc.unary_unary_rpc_method_handler, handler.unary_unary),
-        (False, True): (grpc.unary_stream_rpc_method_handler, handler.unary_stream),
-        (True, False): (grpc.stream_unary_rpc_method_handler, handler.stream_unary),
-        (True, True): (grpc.stream_stream_rpc_method_handler, handler.stream_stream),
-    }[kind]
+    inner = behaviour_of(handler)
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
         tokens = correlation_id.set(call_id), rpc_method.set(method)
@@ -88,11 +83,7 @@ def _wrapped(handler: grpc.RpcMethodHandler, call_id: str, method: str, metadata
             correlation_id.reset(tokens[0])
             rpc_method.reset(tokens[1])
 
-    return builder(
-        streaming if handler.response_streaming else unary,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+    return rebuilt(handler, streaming if handler.response_streaming else unary)
 
 
 class _Echoing:

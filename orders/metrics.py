@@ -23,6 +23,8 @@ import grpc
 import prometheus_client
 from prometheus_client import Counter, Gauge, Histogram
 
+from orders.handlers import behaviour_of, rebuilt
+
 # `*_created` series double the series count and say nothing we need.
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
@@ -248,17 +250,7 @@ def _instrumented(behaviour: Callable[..., Any], metrics: _MethodMetrics) -> Cal
 
 
 def _instrumented_handler(handler: grpc.RpcMethodHandler, metrics: _MethodMetrics) -> grpc.RpcMethodHandler:
-    kwargs = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(_instrumented(handler.unary_unary, metrics), **kwargs)
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(_instrumented(handler.unary_stream, metrics), **kwargs)
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(_instrumented(handler.stream_unary, metrics), **kwargs)
-    return grpc.stream_stream_rpc_method_handler(_instrumented(handler.stream_stream, metrics), **kwargs)
+    return rebuilt(handler, _instrumented(behaviour_of(handler), metrics))
 
 
 class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc has no type hints

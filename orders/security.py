@@ -29,6 +29,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from orders.handlers import rebuilt
 from orders.rpc_errors import ERROR_DOMAIN
 
 log = logging.getLogger(__name__)
@@ -263,13 +264,6 @@ _INVALID = _refusal_status(
     "to the server's tokens file",
 )
 
-_HANDLER_BUILDERS: Mapping[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler]] = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
-
 
 def _refusing(handler: grpc.RpcMethodHandler, status: grpc.Status) -> grpc.RpcMethodHandler:
     """A handler of the same kind as `handler` that ends the call with `status`, without decoding
@@ -278,8 +272,7 @@ def _refusing(handler: grpc.RpcMethodHandler, status: grpc.Status) -> grpc.RpcMe
     async def refuse(_request: Any, context: grpc.aio.ServicerContext) -> None:
         await context.abort_with_status(status)
 
-    build = _HANDLER_BUILDERS[(bool(handler.request_streaming), bool(handler.response_streaming))]
-    return build(refuse, request_deserializer=None, response_serializer=handler.response_serializer)
+    return rebuilt(handler, refuse, decode=False)
 
 
 def _bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
