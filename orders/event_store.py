@@ -1,10 +1,11 @@
 """The event store: an append-only PostgreSQL table, accessed with asyncpg.
 
-Writing: `EventStore.execute` runs one command in one transaction: look up its
-idempotency key, load the order's events, decide, append, record the key, and
-NOTIFY the sync workers. `UNIQUE (stream_id, version)` makes racing writers
-conflict; a conflict is retried from the start a few times (a retry may find
-that the racing writer was this same command, and return its result).
+Writing: `EventStore.append` writes one command's events in one statement (its
+own transaction): the events, the command's idempotency key and a NOTIFY for
+the sync workers, or, when the key was recorded before, nothing but that
+earlier result. `UNIQUE (stream_id, version)` makes racing writers conflict
+(VersionTaken); the write service then decides again on fresh events
+(write_service/command_bus.py).
 
 Reading in commit order: positions come from an identity column, handed out at
 INSERT but visible at COMMIT, so a reader that saw position 11 may later find
@@ -20,7 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeAlias
@@ -29,7 +30,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from orders.consistency import LogPosition
-from orders.errors import CommandIdReused, ConcurrencyConflict, DeadlineExceeded, PoisonEvent, Unavailable
+from orders.errors import CommandIdReused, DeadlineExceeded, PoisonEvent, Unavailable
 from orders.events import Event, RecordedEvent, event_type, from_payload, to_payload
 from orders.metrics import count_events_appended, count_store_error
 
@@ -37,7 +38,6 @@ log = logging.getLogger(__name__)
 Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
 
 NOTIFY_CHANNEL = "orders_events"
-CONFLICT_RETRIES = 5
 _COLUMNS = "position, tx_id, stream_id, version, event_type, schema_version, payload, metadata, recorded_at"
 
 # Driver errors that mean "PostgreSQL is unreachable or restarting". If the connection broke during
@@ -69,14 +69,16 @@ class AppendResult:
 
 @dataclass(frozen=True)
 class AppendRequest:
-    """One command's write: `decide` maps the stream's events to the events to append."""
+    """What one command writes besides its events: where, under which idempotency key, with what metadata."""
 
     stream_id: str
-    decide: Callable[[list[Event]], list[Event]]
     command_id: str | None  # idempotency key
     fingerprint: str  # identifies the request, to refuse a reused command id
-    expected_version: int | None
     metadata: dict[str, Any]
+
+
+class VersionTaken(Exception):
+    """Another writer appended to the stream (or recorded the command id) first: decide again on fresh events."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,19 @@ async def open_connection(url: str) -> asyncpg.Connection:
 
 
 @asynccontextmanager
+async def command_deadline(timeout: float) -> AsyncIterator[None]:
+    """Bounds a command's work with the store by its deadline (DeadlineExceeded); driver failures
+    inside become Unavailable."""
+    if timeout <= 0:
+        raise DeadlineExceeded("the deadline had passed before the command started")
+    try:
+        async with asyncio.timeout(timeout), unavailable_on_connection_errors("append"):
+            yield
+    except TimeoutError as error:  # from asyncio.timeout: driver time-outs became Unavailable inside
+        raise DeadlineExceeded(f"the command did not finish within its deadline of {timeout:.3g}s") from error
+
+
+@asynccontextmanager
 async def unavailable_on_connection_errors(what: str) -> AsyncIterator[None]:
     try:
         yield
@@ -143,43 +158,53 @@ class EventStore:
         self._pool = pool
         self._reaping: set[asyncio.Task[None]] = set()
 
-    async def execute(self, request: AppendRequest, timeout: float) -> AppendResult:
-        """Runs `request.decide` on the stream's events and appends what it returns, atomically.
-
-        Raises CommandIdReused, ConcurrencyConflict, Unavailable, or whatever `decide` raises.
-        """
-        if timeout <= 0:
-            raise DeadlineExceeded("the deadline had passed before the command started")
-        try:
-            async with asyncio.timeout(timeout), unavailable_on_connection_errors("append"):
-                for _ in range(CONFLICT_RETRIES):
-                    try:
-                        result = await self._attempt(request)
-                    except asyncpg.UniqueViolationError:
-                        log.debug("conflict appending to %s; retrying", request.stream_id)
-                    else:
-                        count_events_appended(result.appended)  # committed: _attempt's transaction ended
-                        return result
-                raise ConcurrencyConflict(f"order {request.stream_id!r} kept changing under concurrent writers; retry")
-        except TimeoutError as error:  # from asyncio.timeout: driver time-outs became Unavailable inside
-            raise DeadlineExceeded(f"the command did not finish within its deadline of {timeout:.3g}s") from error
-
-    async def _attempt(self, request: AppendRequest) -> AppendResult:
-        stream_id, command_id = request.stream_id, request.command_id
-        async with self._connection() as conn, conn.transaction():
-            if command_id is not None:
-                earlier = await self._earlier_result(conn, command_id, request.fingerprint)
-                if earlier is not None:
-                    return earlier
-            history = await conn.fetch(
+    async def read_stream(self, stream_id: str) -> list[Event]:
+        """The stream's events in version order (its version is their number)."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(
                 "SELECT event_type, schema_version, payload FROM events WHERE stream_id = $1 ORDER BY version",
                 stream_id,
             )
-            expected = request.expected_version
-            if expected is not None and expected != len(history):
-                raise ConcurrencyConflict(f"order {stream_id!r} is at version {len(history)}, expected {expected}")
-            past = [from_payload(r["event_type"], r["schema_version"], r["payload"]) for r in history]
-            return await self._append(conn, request, len(history), request.decide(past))
+        return [from_payload(r["event_type"], r["schema_version"], r["payload"]) for r in rows]
+
+    async def append(self, request: AppendRequest, version: int, events: list[Event]) -> AppendResult:
+        """Appends `events` after `version`, records the command id and notifies the sync workers, in one
+        statement (its own transaction). If the command id was recorded before, appends nothing and
+        returns that earlier result. Raises VersionTaken when another writer got there first, and
+        CommandIdReused when the id was recorded for another request."""
+        try:
+            async with self._connection() as conn:
+                rows = await conn.fetch(
+                    _APPEND,
+                    request.stream_id,
+                    list(range(version + 1, version + 1 + len(events))),
+                    [event_type(e) for e in events],
+                    [e.schema_version for e in events],
+                    request.metadata,
+                    [to_payload(e) for e in events],
+                    request.command_id,
+                    request.fingerprint,
+                    NOTIFY_CHANNEL,
+                )
+        except asyncpg.UniqueViolationError as error:
+            raise VersionTaken(request.stream_id) from error
+        if rows and rows[0]["fingerprint"] is not None:  # the command id's earlier result
+            return _earlier(request, rows[0])
+        appended = tuple(event_type(e) for e in events)
+        count_events_appended(appended)
+        last = max(LogPosition(r["tx_id"], r["position"]) for r in rows)
+        return AppendResult(request.stream_id, version + len(events), last, appended)
+
+    async def earlier_result(self, request: AppendRequest) -> AppendResult | None:
+        """The result of the request's command id when it was applied before, else None."""
+        if request.command_id is None:
+            return None
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                "SELECT fingerprint, stream_id, version, position, tx_id FROM processed_commands WHERE command_id = $1",
+                request.command_id,
+            )
+        return None if row is None else _earlier(request, row)
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[Connection]:
@@ -206,44 +231,24 @@ class EventStore:
         self._reaping.add(task)
         task.add_done_callback(self._reaping.discard)
 
-    @staticmethod
-    async def _earlier_result(conn: Connection, command_id: str, fingerprint: str) -> AppendResult | None:
-        row = await conn.fetchrow(
-            "SELECT fingerprint, stream_id, version, position, tx_id FROM processed_commands WHERE command_id = $1",
-            command_id,
-        )
-        if row is None:
-            return None
-        if row["fingerprint"] != fingerprint:
-            raise CommandIdReused(command_id)
-        return AppendResult(row["stream_id"], row["version"], LogPosition(row["tx_id"], row["position"]))
 
-    @staticmethod
-    async def _append(conn: Connection, request: AppendRequest, version: int, events: list[Event]) -> AppendResult:
-        """Appends `events`, records the command id (if any) and notifies the sync workers, in one
-        statement: one round trip instead of three on every command's hot path."""
-        rows = await conn.fetch(
-            _APPEND,
-            request.stream_id,
-            list(range(version + 1, version + 1 + len(events))),
-            [event_type(e) for e in events],
-            [e.schema_version for e in events],
-            request.metadata,
-            [to_payload(e) for e in events],
-            request.command_id,
-            request.fingerprint,
-            NOTIFY_CHANNEL,
-        )
-        last = max(LogPosition(r["tx_id"], r["position"]) for r in rows)
-        return AppendResult(request.stream_id, version + len(events), last, tuple(event_type(e) for e in events))
+def _earlier(request: AppendRequest, row: asyncpg.Record) -> AppendResult:
+    if row["fingerprint"] != request.fingerprint:
+        raise CommandIdReused(str(request.command_id))
+    return AppendResult(row["stream_id"], row["version"], LogPosition(row["tx_id"], row["position"]))
 
 
-# The events, then the command id with the last of them (when there is one), then the NOTIFY
-# (delivered at commit). Data-modifying CTEs always run, whether or not the SELECT reads them.
+# Unless the command id was recorded before: the events, the command id with the last of them
+# (when there is one), then the NOTIFY (delivered at commit); or else that earlier result, with
+# nothing written. Data-modifying CTEs always run, whether or not the SELECT reads them. Racing
+# writers of one version or one command id meet on a unique key (VersionTaken).
 _APPEND = """
-WITH appended AS (
+WITH earlier AS (
+    SELECT fingerprint, stream_id, version, position, tx_id FROM processed_commands WHERE command_id = $7
+), appended AS (
     INSERT INTO events (stream_id, version, event_type, schema_version, payload, metadata)
     SELECT $1, v, t, s, p, $5 FROM unnest($2::int[], $3::text[], $4::smallint[], $6::jsonb[]) AS u(v, t, s, p)
+    WHERE NOT EXISTS (SELECT FROM earlier)
     ORDER BY v
     RETURNING version, position, tx_id
 ), recorded AS (
@@ -253,7 +258,11 @@ WITH appended AS (
     ORDER BY version DESC
     LIMIT 1
 )
-SELECT position, tx_id, (SELECT pg_notify($9, '')) AS notified FROM appended
+SELECT NULL::text AS fingerprint, NULL::text AS stream_id, version, position, tx_id,
+       (SELECT pg_notify($9, '')) AS notified
+FROM appended
+UNION ALL
+SELECT fingerprint, stream_id, version, position, tx_id, NULL FROM earlier
 """
 
 
