@@ -46,6 +46,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import orjson
 from redis.asyncio import Redis
 
 from orders.events import Address
@@ -86,11 +87,13 @@ class OrderView:
         return f"{self.created_at_us:016d}:{self.order_id}"
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        # orjson: several times faster than json on the worker's and the read service's hot paths;
+        # every integer of an order view is bounded well inside its 64-bit range (orders.domain).
+        return orjson.dumps(self).decode()
 
     @classmethod
     def from_json(cls, text: str | bytes) -> OrderView:
-        data: dict[str, Any] = json.loads(text)
+        data: dict[str, Any] = orjson.loads(text)
         address = data.pop("shipping_address")
         lines = tuple(ViewLine(**line) for line in data.pop("lines"))
         view = cls(**data, lines=lines)
@@ -107,6 +110,7 @@ class CustomerSummaryView:
     last_order_us: int = 0
 
     def to_json(self) -> str:
+        # json, not orjson: lifetime spend is a sum without bound, and orjson stops at 64 bits.
         return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
 
     @classmethod

@@ -204,6 +204,9 @@ def events() -> st.SearchStrategy[Event]:
     )
 
 
+INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+
+
 def order_views(
     *,
     text: st.SearchStrategy[str] | None = None,
@@ -211,11 +214,12 @@ def order_views(
     prices: st.SearchStrategy[int] | None = None,
     times: st.SearchStrategy[int] | None = None,
 ) -> st.SearchStrategy[OrderView]:
-    """Order views; arbitrary by default, narrowed by the arguments where a format needs it (protobuf)."""
+    """Order views; any text and any 64-bit number by default (the stored JSON's range), narrowed by
+    the arguments where a format needs it (protobuf)."""
     text = st.text() if text is None else text
-    quantities = st.integers() if quantities is None else quantities
-    prices = st.integers() if prices is None else prices
-    times = st.integers() if times is None else times
+    quantities = INT64 if quantities is None else quantities
+    prices = INT64 if prices is None else prices
+    times = INT64 if times is None else times
     lines = st.lists(
         st.builds(ViewLine, sku=text, name=text, quantity=quantities, unit_price_minor=prices), max_size=5
     ).map(tuple)

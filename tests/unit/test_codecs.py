@@ -107,6 +107,12 @@ def test_order_view_json_shape() -> None:
     )
 
 
+def test_order_view_json_refuses_numbers_beyond_64_bits() -> None:
+    """Beyond the stored JSON's range a view fails loudly; it is never stored rounded."""
+    with pytest.raises(TypeError):
+        dataclasses.replace(VIEW, version=2**64).to_json()
+
+
 @pytest.mark.parametrize("address", [None, ADDRESS])
 def test_order_view_from_json_accepts_bytes(address: Address | None) -> None:
     """Redis may hand back bytes; they decode to the same view, with or without an address."""
