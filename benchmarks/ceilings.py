@@ -3,13 +3,17 @@
 - echo: a bare grpc.aio unary server in a process of its own, with our SERVER_OPTIONS and uvloop,
   that returns the request bytes; the client builds and sends the same CreateOrderRequest as the
   CreateOrder workload. What gRPC on this machine can do at that concurrency.
+- stack: in the same process, our own server (orders.grpc_server: interceptors, protobuf decoding
+  and encoding, health, reflection) serving CreateOrder and GetOrder with a response made in
+  advance: no storage at all. Between echo and the real services, it shows how much of the gap
+  is the server stack and how much the work behind it.
 - pg-insert: single-row INSERT transactions (autocommit) into a scratch table of the benchmark's
   database, from an asyncpg pool as large as the write service's.
 - redis-get: GET of a key holding an order view's JSON.
 - redis-multi: MULTI/EXEC transactions of 100 SETs of order-view JSON, pipelined; a unit is one
   SET, so the rate compares with events applied per second.
 
-Run as `python -m benchmarks.ceilings echo HOST:PORT` it serves the echo server.
+Run as `python -m benchmarks.ceilings echo HOST:PORT STACK_HOST:PORT` it serves both.
 """
 
 from __future__ import annotations
@@ -25,9 +29,12 @@ from redis.asyncio import Redis
 from benchmarks.load import Job, JobResult
 from benchmarks.ops import create_request
 from orders.events import Address, OrderCreated, to_payload
-from orders.grpc_server import SERVER_OPTIONS, run, stop_on_signals
-from orders.v1 import commands_pb2
+from orders.grpc_server import SERVER_OPTIONS, run, start_server, stop_on_signals
+from orders.v1 import commands_pb2, commands_pb2_grpc, queries_pb2, queries_pb2_grpc
 from orders.views import OrderView, ViewLine, redis_client
+from read_service.servicer import SERVICE as QUERIES
+from read_service.servicer import order_message
+from write_service.servicer import SERVICE as COMMANDS
 
 ECHO_METHOD = "/bench.Echo/Echo"
 SCRATCH_TABLE = "bench_insert_ceiling"
@@ -36,12 +43,15 @@ MULTI_SETS = 100
 MULTI_KEYS = 100_000  # SET keys cycle through this many, so memory stays bounded
 
 
-def sample_view_json() -> str:
+def sample_view() -> OrderView:
     """An order view as the orders projection stores it: two lines and an address."""
     lines = (ViewLine("SKU-1", "Bench item", 2, 250), ViewLine("SKU-2", "Bench item", 1, 990))
     address = Address("Ada Lovelace", "Main St 1", "Berlin", "10115", "DE")
-    view = OrderView("bench-order", "bench-customer", "EUR", "CONFIRMED", 1, 2, 4, lines, address)
-    return view.to_json()
+    return OrderView("bench-order", "bench-customer", "EUR", "CONFIRMED", 1, 2, 4, lines, address)
+
+
+def sample_view_json() -> str:
+    return sample_view().to_json()
 
 
 def sample_payload_json() -> str:
@@ -49,10 +59,33 @@ def sample_payload_json() -> str:
     return json.dumps(to_payload(OrderCreated("bench-customer", "EUR", address)))
 
 
-# ------------------------------------------------------------------------------ echo server
+# ------------------------------------------------------------------------------ echo and stack servers
 
 
-async def serve_echo(address: str) -> None:
+class MemoryCommands(commands_pb2_grpc.OrderCommandsServicer):
+    """CreateOrder answered at once: what our server stack costs without the command's work."""
+
+    async def CreateOrder(
+        self, request: commands_pb2.CreateOrderRequest, context: grpc.aio.ServicerContext
+    ) -> commands_pb2.CreateOrderResponse:
+        result = commands_pb2.CommandResult(order_id=request.order_id, version=1, position=1, consistency_token="1-1")
+        return commands_pb2.CreateOrderResponse(result=result)
+
+
+class MemoryQueries(queries_pb2_grpc.OrderQueriesServicer):
+    """GetOrder answered with an order made in advance: our server stack without Redis."""
+
+    def __init__(self) -> None:
+        consistency = queries_pb2.ReadConsistency(view_token="1-1")
+        self.response = queries_pb2.GetOrderResponse(order=order_message(sample_view()), consistency=consistency)
+
+    async def GetOrder(
+        self, request: queries_pb2.GetOrderRequest, context: grpc.aio.ServicerContext
+    ) -> queries_pb2.GetOrderResponse:
+        return self.response
+
+
+async def serve_echo(address: str, stack_address: str) -> None:
     async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return request
 
@@ -62,8 +95,12 @@ async def serve_echo(address: str) -> None:
     if server.add_insecure_port(address) == 0:
         raise OSError(f"cannot listen on {address}")
     await server.start()
+    # The RPCs not measured keep the generated UNIMPLEMENTED defaults (abstract in the typing stubs).
+    servicers = {COMMANDS: MemoryCommands(), QUERIES: MemoryQueries()}  # type: ignore[abstract]
+    stack = await start_server(stack_address, servicers)
     print("ready", flush=True)
     await stop_on_signals().wait()
+    await stack.stop(1)
     await server.stop(1)
 
 
@@ -175,9 +212,9 @@ class RedisMulti(_Redis):
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2 or args[0] != "echo":
-        sys.exit("usage: python -m benchmarks.ceilings echo HOST:PORT")
-    run(lambda: serve_echo(args[1]))
+    if len(args) != 3 or args[0] != "echo":
+        sys.exit("usage: python -m benchmarks.ceilings echo HOST:PORT STACK_HOST:PORT")
+    run(lambda: serve_echo(args[1], args[2]))
 
 
 if __name__ == "__main__":

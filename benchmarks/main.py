@@ -52,13 +52,15 @@ read service and sync worker as separate processes, and measures in rounds: Crea
 mixed lifecycle (create, add item, confirm, ship) at a fixed number of calls in flight; CreateOrder
 ack latency at a fixed offered rate (open loop); GetOrder and ListOrders; the lag from a command's
 ack to its order showing on a WatchCustomerOrders stream; and a sync worker's rebuild of a large
-history. Ceilings, measured the same way in the same run: a bare gRPC echo server, raw asyncpg
-inserts, raw Redis GETs and MULTI/EXEC batches of SETs. Progress goes to stderr; the table of
+history. Ceilings, measured the same way in the same run: a bare gRPC echo server, our own server
+stack answering CreateOrder and GetOrder from memory, raw asyncpg inserts, raw Redis GETs and
+MULTI/EXEC batches of SETs. Progress goes to stderr; the table of
 medians (min–max over rounds) and the targets go to stdout; everything goes to JSON."""
 
 EPILOG = """\
 measurements (--only takes these, or the groups ceilings, write, read):
-  echo, pg-insert, redis-get, redis-multi     ceilings
+  echo, stack-create, stack-get               ceilings: bare gRPC; our server stack, no storage
+  pg-insert, redis-get, redis-multi           ceilings: the stores
   create, lifecycle, ack                      write (ack: latency at --rate, open loop)
   get, list                                   read
   lag, rebuild
@@ -83,6 +85,8 @@ class Measurement:
 
 MEASUREMENTS = [
     Measurement("echo", "gRPC echo (ceiling)", "calls/s", measure.echo, "echo"),
+    Measurement("stack-create", "our stack, CreateOrder from memory", "cmd/s", measure.stack_create, "echo"),
+    Measurement("stack-get", "our stack, GetOrder from memory", "q/s", measure.stack_get, "echo"),
     Measurement("pg-insert", "asyncpg INSERT (ceiling)", "tx/s", measure.pg_insert, "scratch"),
     Measurement("redis-get", "Redis GET (ceiling)", "GETs/s", measure.redis_get, "keys"),
     Measurement("redis-multi", "Redis MULTI 100 SETs (ceiling)", "SETs/s", measure.redis_multi),
@@ -97,7 +101,7 @@ MEASUREMENTS = [
 ]
 BY_NAME = {m.name: m for m in MEASUREMENTS}
 GROUPS = {
-    "ceilings": ["echo", "pg-insert", "redis-get", "redis-multi"],
+    "ceilings": ["echo", "stack-create", "stack-get", "pg-insert", "redis-get", "redis-multi"],
     "write": ["create", "lifecycle", "ack"],
     "read": ["get", "list"],
 }
@@ -112,6 +116,10 @@ def checks(rate: float) -> list[Check]:
     return [
         Check("CreateOrder / echo", Figure("create"), Figure("echo"), ">=", 0.6),
         Check("GetOrder / echo", Figure("get"), Figure("echo"), ">=", 0.8),
+        Check("stack CreateOrder / echo", Figure("stack-create"), Figure("echo")),
+        Check("CreateOrder / stack CreateOrder", Figure("create"), Figure("stack-create")),
+        Check("stack GetOrder / echo", Figure("stack-get"), Figure("echo")),
+        Check("GetOrder / stack GetOrder", Figure("get"), Figure("stack-get")),
         Check("lifecycle / echo", Figure("lifecycle"), Figure("echo")),
         Check("ListOrders / echo", Figure("list"), Figure("echo")),
         Check("rebuild / MULTI ceiling", Figure("rebuild"), Figure("redis-multi"), ">=", 0.6),
@@ -217,7 +225,7 @@ async def prepare(bench: Bench, chosen: list[Measurement], servers: Servers) -> 
         bench.services = await start_services(bench.database_url, bench.redis_url, bench.prefix, bench.log_dir)
         bench.progress(f"services up: {', '.join(f'{n} pid {p}' for n, p in bench.services.pids.items())}")
     if "echo" in needs:
-        bench.echo, bench.echo_address = await start_echo_server(bench.log_dir)
+        bench.echo, bench.echo_address, bench.stack_address = await start_echo_server(bench.log_dir)
         bench.progress(f"echo server up: pid {bench.echo.pid}")
     if "scratch" in needs:
         await prepare_scratch_table(bench.database_url)

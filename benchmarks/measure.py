@@ -68,6 +68,7 @@ class Bench:
     progress: Callable[[str], None]
     services: Services | None = None
     echo_address: str = ""
+    stack_address: str = ""  # our server stack answering from memory (benchmarks.ceilings)
     echo: asyncio.subprocess.Process | None = None
     read_orders: list[str] = field(default_factory=list)
     read_customers: list[str] = field(default_factory=list)
@@ -142,6 +143,14 @@ async def _open(bench: Bench, workload: str, params: dict[str, Any]) -> tuple[Jo
 
 async def echo(bench: Bench, round_no: int) -> Figures:
     return await closed(bench, "echo", {"echo": bench.echo_address})
+
+
+async def stack_create(bench: Bench, round_no: int) -> Figures:
+    return await closed(bench, "create", {"write": bench.stack_address})
+
+
+async def stack_get(bench: Bench, round_no: int) -> Figures:
+    return await closed(bench, "get", {"read": bench.stack_address, "order_ids": ["any"]})
 
 
 async def pg_insert(bench: Bench, round_no: int) -> Figures:

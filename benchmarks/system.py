@@ -211,16 +211,18 @@ async def start_services(database: str, redis_url: str, prefix: str, log_dir: Pa
     return services
 
 
-async def start_echo_server(log_dir: Path) -> tuple[asyncio.subprocess.Process, str]:
-    address = f"127.0.0.1:{free_port()}"
-    process = await spawn("benchmarks.ceilings", {}, log_dir / "echo.log", "echo", address)
-    async with grpc.aio.insecure_channel(address) as channel:
-        try:
+async def start_echo_server(log_dir: Path) -> tuple[asyncio.subprocess.Process, str, str]:
+    """The ceilings' process (benchmarks.ceilings): the bare echo server and our stack's, by address."""
+    address, stack_address = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    process = await spawn("benchmarks.ceilings", {}, log_dir / "echo.log", "echo", address, stack_address)
+    try:
+        await wait_serving(stack_address, "", {"echo_server": process})
+        async with grpc.aio.insecure_channel(address) as channel:
             await asyncio.wait_for(channel.channel_ready(), READY_TIMEOUT)
-        except TimeoutError:
-            await stop_process(process)
-            raise RuntimeError(f"the echo server did not start:\n{log_tail(log_dir / 'echo.log')}") from None
-    return process, address
+    except (TimeoutError, RuntimeError):
+        await stop_process(process)
+        raise RuntimeError(f"the echo server did not start:\n{log_tail(log_dir / 'echo.log')}") from None
+    return process, address, stack_address
 
 
 # ------------------------------------------------------------------------------ CPU accounting

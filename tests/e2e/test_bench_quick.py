@@ -21,7 +21,7 @@ from tests.conftest import Servers
 pytestmark = pytest.mark.slow
 
 DEFAULT = [m.name for m in MEASUREMENTS if m.default]
-LATENCY = {"echo", "pg-insert", "redis-get", "redis-multi", "create", "lifecycle", "ack", "get", "list", "lag"}
+LATENCY = {"echo", "stack-create", "stack-get", "pg-insert", "redis-get", "redis-multi", "create", "lifecycle", "ack", "get", "list", "lag"}
 
 
 def run_bench(servers: Servers, json_out: Path) -> subprocess.CompletedProcess[str]:
@@ -63,7 +63,8 @@ def test_quick_bench_measures_everything_and_cleans_up(servers: Servers, tmp_pat
     assert rebuild["peak_rss_mb"] > 0
     assert results["measurements"]["lag"]["rounds"][0]["missing"] == 0
     assert results["machine"]["cpu_count"] >= 1
-    assert {c["label"] for c in results["checks"]} >= {"CreateOrder / echo", "rebuild / MULTI ceiling"}
+    labels = {c["label"] for c in results["checks"]}
+    assert labels >= {"CreateOrder / echo", "GetOrder / stack GetOrder", "rebuild / MULTI ceiling"}
 
     for name in DEFAULT:
         assert BY_NAME[name].label in done.stdout
