@@ -14,7 +14,7 @@ from orders.grpc_server import RunningServer, run, start_server, stop_on_signals
 from orders.ops_server import start_ops_server
 from orders.readiness import Readiness, StoreProbe, postgres_probe
 from orders.security import ServerSecurity
-from write_service.command_bus import CommandBus
+from write_service.command_bus import DEFAULT_CACHE_SIZE, CommandBus
 from write_service.servicer import SERVICE, OrderCommandsServicer
 
 log = logging.getLogger("write_service")
@@ -27,6 +27,7 @@ class WriteSettings:
     shutdown_grace: float
     max_concurrent_rpcs: int
     pool_size: int
+    state_cache_size: int
     log_level: str
     metrics_address: str = ""
     security: ServerSecurity | None = None
@@ -43,6 +44,13 @@ def parse_settings(argv: Sequence[str] | None = None) -> WriteSettings:
     config.add_server_arguments(parser, "write-address", config.DEFAULT_WRITE_ADDRESS)
     config.add_metrics_argument(parser)
     config.add_setting(parser, "pool-size", "PostgreSQL connections at most", default="20", parse=config.positive_int)
+    config.add_setting(
+        parser,
+        "state-cache-size",
+        "order states kept to decide commands without reading their events (0: read every time)",
+        default=str(DEFAULT_CACHE_SIZE),
+        parse=config.non_negative_int,
+    )
     config.add_log_argument(parser)
     config.add_tracing_argument(parser)
     config.add_security_arguments(parser)
@@ -55,8 +63,10 @@ async def start_write_service(
     max_concurrent_rpcs: int = 1000,
     security: ServerSecurity | None = None,
     on_unavailable: Callable[[str], None] | None = None,
+    *,
+    state_cache_size: int = DEFAULT_CACHE_SIZE,
 ) -> RunningServer:
-    servicer = OrderCommandsServicer(CommandBus(EventStore(pool)), on_unavailable)
+    servicer = OrderCommandsServicer(CommandBus(EventStore(pool), state_cache_size), on_unavailable)
     return await start_server(address, {SERVICE: servicer}, max_concurrent_rpcs, security)
 
 
@@ -69,7 +79,12 @@ async def serve(settings: WriteSettings) -> None:
     ops = await start_ops_server(settings.metrics_address, readiness) if settings.metrics_address else None
     await postgres.check()
     running = await start_write_service(
-        pool, settings.write_address, settings.max_concurrent_rpcs, settings.security, postgres.report
+        pool,
+        settings.write_address,
+        settings.max_concurrent_rpcs,
+        settings.security,
+        postgres.report,
+        state_cache_size=settings.state_cache_size,
     )
     await readiness.attach(running.health, ["", SERVICE.full_name])
     postgres.start()

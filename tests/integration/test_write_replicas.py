@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import asyncpg
 import grpc
 import pytest
 from asyncpg.connection import LoggedQuery
@@ -129,10 +128,12 @@ async def test_creating_an_existing_order_on_a_replica_that_never_saw_it(system:
     assert await versions(system, order_id) == [(1, "OrderCreated")]
 
 
-async def statements_of(system: System, action: Callable[[Commands], Awaitable[object]]) -> list[str]:
+async def statements_of(
+    system: System, action: Callable[[Commands], Awaitable[object]], state_cache_size: int = 10_000
+) -> list[str]:
     """The SQL statements a write service with a one-connection pool sends while `action` runs."""
     pool = await connect(system.database_url, min_size=1, max_size=1)
-    server = await start_write_service(pool, "127.0.0.1:0")
+    server = await start_write_service(pool, "127.0.0.1:0", state_cache_size=state_cache_size)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     sent: list[str] = []
 
@@ -142,7 +143,6 @@ async def statements_of(system: System, action: Callable[[Commands], Awaitable[o
     try:
         commands = Commands(channel)
         await commands.CreateOrder(create_request(order_id="warm-up"))  # type introspection happens once
-        conn: asyncpg.Connection
         async with pool.acquire() as conn:
             conn.add_query_logger(log)
         await action(commands)
@@ -153,18 +153,26 @@ async def statements_of(system: System, action: Callable[[Commands], Awaitable[o
     return sent
 
 
+async def lifecycle(commands: Commands) -> None:
+    order_id = (await commands.CreateOrder(create_request(shipping_address=an_address()))).result.order_id
+    await commands.AddItem(add_item_request(order_id))
+    await commands.ConfirmOrder(cmd.ConfirmOrderRequest(order_id=order_id))
+
+
 async def test_the_common_path_is_one_statement_per_command(system: System) -> None:
     """A create, then commands on the order this replica knows: one statement each (the append)."""
-
-    async def lifecycle(commands: Commands) -> None:
-        order_id = (await commands.CreateOrder(create_request(shipping_address=an_address()))).result.order_id
-        await commands.AddItem(add_item_request(order_id))
-        await commands.ConfirmOrder(cmd.ConfirmOrderRequest(order_id=order_id))
-
     sent = await statements_of(system, lifecycle)
 
     assert len(sent) == 3, sent
     assert all("INSERT INTO events" in statement for statement in sent)
+
+
+async def test_without_a_cache_every_command_on_an_order_reads_it_first(system: System) -> None:
+    """ORDERS_STATE_CACHE_SIZE=0: the create still assumes a new order; the others read, then append."""
+    sent = await statements_of(system, lifecycle, state_cache_size=0)
+
+    kinds = ["INSERT" if "INSERT INTO events" in statement else "SELECT" for statement in sent]
+    assert kinds == ["INSERT", "SELECT", "INSERT", "SELECT", "INSERT"]
 
 
 async def test_an_order_this_replica_never_saw_is_read_once(system: System) -> None:
@@ -173,4 +181,5 @@ async def test_an_order_this_replica_never_saw_is_read_once(system: System) -> N
     sent = await statements_of(system, lambda commands: commands.AddItem(add_item_request(order_id)))
 
     assert len(sent) == 2, sent
-    assert "FROM events WHERE stream_id" in sent[0] and "INSERT INTO events" in sent[1]
+    assert "FROM events WHERE stream_id" in sent[0]
+    assert "INSERT INTO events" in sent[1]

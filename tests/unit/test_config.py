@@ -60,7 +60,7 @@ def error_lines(stderr: str) -> list[str]:
 @pytest.mark.parametrize(
     ("service", "expected"),
     [
-        ("write", WriteSettings(PG, "127.0.0.1:50051", 10.0, 1000, 20, "INFO")),
+        ("write", WriteSettings(PG, "127.0.0.1:50051", 10.0, 1000, 20, 10_000, "INFO")),
         ("read", ReadSettings(REDIS, "orders:", "127.0.0.1:50052", 10.0, 1000, 5.0, 5.0, "INFO")),
         (
             "sync",
@@ -98,6 +98,7 @@ PRECEDENCE = [
     Precedence("write", "shutdown-grace", "2.5", "0.5", 2.5, 0.5),
     Precedence("write", "max-concurrent-rpcs", "10", "20", 10, 20),
     Precedence("write", "pool-size", "5", "7", 5, 7),
+    Precedence("write", "state-cache-size", "0", "500", 0, 500),
     Precedence("write", "log-level", "debug", "Warning", "DEBUG", "WARNING"),
     Precedence("read", "redis-url", "rediss://a:1/0", "unix:///tmp/r.sock", "rediss://a:1/0", "unix:///tmp/r.sock"),
     Precedence("read", "redis-prefix", "a:", "b:", "a:", "b:"),
@@ -188,6 +189,7 @@ BAD_VALUES = [
     ("write", "max-concurrent-rpcs", "0"),
     ("write", "max-concurrent-rpcs", "1.5"),
     ("write", "pool-size", "-3"),
+    ("write", "state-cache-size", "-1"),
     ("write", "log-level", "TRACE"),
     ("read", "redis-url", "http://cache:6379"),
     ("read", "read-address", "localhost"),
