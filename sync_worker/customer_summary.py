@@ -4,20 +4,27 @@ last order time, per customer.
 It keeps its own copy of each order's view (under its own keys) so that it can
 replace an order's old contribution by its new one; everything else about
 batching, checkpoints and exactly-once comes from sync_worker.projector.
+
+Which customers' summaries a batch needs depends on its orders' views, which
+are read in the same round trip. So the projector remembers each order's
+customer (it never changes) as a hint, and reads a summary it did not foresee
+in a second round trip.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
+from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
 from orders.errors import PoisonEvent
-from orders.events import RecordedEvent
-from orders.views import CustomerSummaryView, OrderView
-from sync_worker.projector import Projector, Writes, fold_new, load_order_views
+from orders.events import OrderCreated, RecordedEvent
+from orders.views import CustomerSummaryView, OrderView, ViewKeys
+from sync_worker.projector import Projector, Values, Writes, fold_new, order_ids, order_views
 
 SPENDING = {"CONFIRMED", "SHIPPED"}  # statuses whose order total counts as spent
+CUSTOMER_HINTS = 50_000  # orders whose customer the projector remembers (about 10 MB)
 
 
 def _add(counts: dict[str, int], key: str, amount: int) -> dict[str, int]:
@@ -47,16 +54,26 @@ def summarize(summary: CustomerSummaryView, before: OrderView | None, after: Ord
 
 
 class CustomerSummaryProjector(Projector):
-    async def stage(self, pipe: Pipeline, events: list[RecordedEvent], announce: bool = True) -> Writes:
-        before = await load_order_views(pipe, self.keys.summary_order, {e.stream_id for e in events})
+    def __init__(self, redis: Redis, keys: ViewKeys) -> None:
+        super().__init__(redis, keys)
+        self._customer_of: dict[str, str] = {}  # order id -> customer id, oldest first
+
+    def reads(self, events: list[RecordedEvent]) -> list[str]:
+        ids = order_ids(events)
+        created = {e.event.customer_id for e in events if isinstance(e.event, OrderCreated)}
+        customers = created | {self._customer_of[i] for i in ids if i in self._customer_of}
+        return [self.keys.summary_order(i) for i in ids] + [self.keys.summary_customer(c) for c in sorted(customers)]
+
+    async def stage(self, pipe: Pipeline, events: list[RecordedEvent], values: Values, announce: bool = True) -> Writes:
+        before = order_views(values, self.keys.summary_order, order_ids(events))
         after = fold_new(before, events)
         changed = {i: view for i, view in after.items() if view is not None and view != before[i]}
-        customers = sorted({view.customer_id for view in changed.values()})
-        raws = await pipe.mget([self.keys.summary_customer(c) for c in customers])
-        summaries = {
-            c: CustomerSummaryView(c) if raw is None else CustomerSummaryView.from_json(raw)
-            for c, raw in zip(customers, raws, strict=True)
-        }
+        self._remember({i: view.customer_id for i, view in after.items() if view is not None})
+        keys = {c: self.keys.summary_customer(c) for c in sorted({view.customer_id for view in changed.values()})}
+        unforeseen = [key for key in keys.values() if key not in values]
+        if unforeseen:
+            values = {**values, **dict(zip(unforeseen, await pipe.mget(unforeseen), strict=True))}
+        summaries = {c: _summary(c, values[key]) for c, key in keys.items()}
         last_event = {e.stream_id: e for e in events}
         for order_id, view in changed.items():
             try:
@@ -71,3 +88,13 @@ class CustomerSummaryProjector(Projector):
                 queue.set(self.keys.summary_customer(customer_id), summary.to_json())
 
         return writes
+
+    def _remember(self, customers: dict[str, str]) -> None:
+        """Bounded: a forgotten hint only costs a second round trip."""
+        self._customer_of.update(customers)
+        while len(self._customer_of) > CUSTOMER_HINTS:
+            del self._customer_of[next(iter(self._customer_of))]
+
+
+def _summary(customer_id: str, raw: str | bytes | None) -> CustomerSummaryView:
+    return CustomerSummaryView(customer_id) if raw is None else CustomerSummaryView.from_json(raw)

@@ -8,18 +8,25 @@ lease since they were read. Each projection also skips events its views
 already have (by version), so a replayed batch changes nothing.
 
 `Projector` holds that protocol; a projection subclasses it and says, in
-`stage`, what to read before the transaction and what to write inside it.
+`reads`, which keys it needs and, in `stage`, what to write inside the
+transaction given their values.
+
+Round trips per batch: WATCH, then one read-only script that reads the guard
+keys, the batch's parked orders and the keys the projection needs (atomically,
+on the WATCHing connection), then MULTI/EXEC.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import cast
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
-from redis.exceptions import WatchError
+from redis.exceptions import NoScriptError, WatchError
 
 from orders.consistency import LogPosition
 from orders.errors import PoisonEvent
@@ -28,6 +35,24 @@ from orders.views import OrderView, ViewKeys, parse_generation
 from sync_worker.projection import project
 
 Writes = Callable[[Pipeline], None]  # queues a batch's writes inside MULTI
+Raw = str | bytes | None  # a string key's value as read
+Values = Mapping[str, Raw]  # key -> value, of the keys a projection `reads`
+
+# KEYS[1]: the parked-orders set; KEYS[2..]: string keys. ARGV: order ids. Returns {the values of
+# KEYS[2..], the scores of ARGV in KEYS[1]}, read in one atomic step. Reads only, so it runs on a
+# WATCHing connection without touching the watched keys. In chunks: unpack() has a stack limit.
+_READ = """
+local values, scores = {}, {}
+for i = 2, #KEYS, 1000 do
+  for _, v in ipairs(redis.call('MGET', unpack(KEYS, i, math.min(i + 999, #KEYS)))) do values[#values + 1] = v end
+end
+for i = 1, #ARGV, 1000 do
+  local part = redis.call('ZMSCORE', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+  for _, v in ipairs(part) do scores[#scores + 1] = v end
+end
+return {values, scores}
+"""
+_READ_SHA = hashlib.sha1(_READ.encode()).hexdigest()
 
 
 class CheckpointMoved(Exception):
@@ -83,27 +108,27 @@ class Projector(ABC):
         names the one before it and the rebuild request names it); nothing is announced.
         """
         new_checkpoint = max(LogPosition(e.tx_id, e.position) for e in events)
-        keys = self.keys
+        keys, park = self.keys, park or {}
+        guards = [keys.checkpoint, keys.lease, keys.rebuild_target, keys.generation_pointer, keys.next_generation]
+        ids = sorted({e.stream_id for e in events} - set(park))
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
-                await pipe.watch(
-                    keys.checkpoint, keys.lease, keys.rebuild_target, keys.generation_pointer, keys.next_generation
-                )
-                current, lease, rebuild, pointer, building = await pipe.mget(
-                    keys.checkpoint, keys.lease, keys.rebuild_target, keys.generation_pointer, keys.next_generation
+                await pipe.watch(*guards)
+                (current, lease, rebuild, pointer, building), values, scores = await self._read(
+                    pipe, guards, self.reads(events), ids
                 )
                 if holder is not None and lease != holder:
                     raise LeaseLost(f"the lease is held by {lease!r}")
                 self._check_generation(pointer, building, live)
                 if (None if current is None else LogPosition.parse(current)) != after:
                     raise CheckpointMoved(f"checkpoint is {current!r}, batch follows {after}")
-                parked = await self._parked_orders(pipe, events, park or {})
+                parked = {i for i, score in zip(ids, scores, strict=True) if score is not None} | set(park)
                 batch = [e for e in events if e.stream_id not in parked]
-                writes = await self.stage(pipe, batch, announce=live) if batch else None
+                writes = await self.stage(pipe, batch, values, announce=live) if batch else None
                 pipe.multi()  # type: ignore[no-untyped-call]
                 if writes is not None:
                     writes(pipe)
-                self._queue_parking(pipe, [e for e in events if e.stream_id in parked], park or {})
+                self._queue_parking(pipe, [e for e in events if e.stream_id in parked], park)
                 token = new_checkpoint.token()
                 pipe.set(keys.checkpoint, token)
                 pipe.incrby(keys.applied, len(batch))  # parked events count when they are released
@@ -115,6 +140,19 @@ class Projector(ABC):
         except WatchError as error:
             raise CheckpointMoved("checkpoint, lease, rebuild mark or generation changed during the batch") from error
         return new_checkpoint
+
+    async def _read(
+        self, pipe: Pipeline, guards: list[str], needs: list[str], ids: list[str]
+    ) -> tuple[list[Raw], dict[str, Raw], list[Raw]]:
+        """In one round trip on the WATCHing connection: the values of `guards` and of `needs` (key ->
+        value) and the scores of order `ids` in the parked set (None: not parked)."""
+        args = [self.keys.parked, *guards, *needs, *ids]
+        try:
+            reply = await pipe.evalsha(_READ_SHA, 1 + len(guards) + len(needs), *args)
+        except NoScriptError:  # a restarted or flushed server: EVAL caches the script again
+            reply = await pipe.eval(_READ, 1 + len(guards) + len(needs), *args)
+        values, scores = cast(tuple[list[Raw], list[Raw]], reply)
+        return values[: len(guards)], dict(zip(needs, values[len(guards) :], strict=True)), scores
 
     def _check_generation(self, pointer: str | bytes | None, building: str | bytes | None, live: bool) -> None:
         generation = self.keys.generation
@@ -147,11 +185,6 @@ class Projector(ABC):
         except WatchError as error:
             raise CheckpointMoved("the generations moved during the switch") from error
 
-    async def _parked_orders(self, pipe: Pipeline, events: list[RecordedEvent], park: dict[str, str]) -> set[str]:
-        ids = sorted({e.stream_id for e in events})
-        scores = await pipe.zmscore(self.keys.parked, ids)
-        return {i for i, score in zip(ids, scores, strict=True) if score is not None} | set(park)
-
     def _queue_parking(self, pipe: Pipeline, events: list[RecordedEvent], park: dict[str, str]) -> None:
         for recorded in events:
             pipe.zadd(self.keys.parked, {recorded.stream_id: recorded.position}, nx=True)
@@ -164,12 +197,13 @@ class Projector(ABC):
         Raises PoisonEvent (and changes nothing) if one of them still fails."""
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
-                await pipe.watch(self.keys.lease, self.keys.parked_events(order_id), self.keys.generation_pointer)
-                lease, pointer = await pipe.mget(self.keys.lease, self.keys.generation_pointer)
+                guards = [self.keys.lease, self.keys.generation_pointer]
+                await pipe.watch(*guards, self.keys.parked_events(order_id))
+                (lease, pointer), values, _ = await self._read(pipe, guards, self.reads(events), [])
                 if lease != holder:
                     raise LeaseLost("the lease moved")
                 self._check_generation(pointer, None, live=True)
-                writes = await self.stage(pipe, events)
+                writes = await self.stage(pipe, events, values)
                 pipe.multi()  # type: ignore[no-untyped-call]
                 writes(pipe)
                 pipe.zrem(self.keys.parked, order_id)
@@ -181,16 +215,24 @@ class Projector(ABC):
             raise CheckpointMoved("the lease, the parked events or the generation changed meanwhile") from error
 
     @abstractmethod
-    async def stage(self, pipe: Pipeline, events: list[RecordedEvent], announce: bool = True) -> Writes:
-        """Reads what the batch needs (the pipeline is in WATCH mode, so reads run at once) and
-        returns the function that queues the batch's writes (announcing them to readers if `announce`)."""
+    def reads(self, events: list[RecordedEvent]) -> list[str]:
+        """The (string) keys that staging `events` needs, read in the same round trip as the guard keys."""
+
+    @abstractmethod
+    async def stage(self, pipe: Pipeline, events: list[RecordedEvent], values: Values, announce: bool = True) -> Writes:
+        """Returns the function that queues the batch's writes (announcing them to readers if
+        `announce`), from `values`: the keys `reads` named, possibly for more events than `events`.
+        A key found missing there may still be read through `pipe` (in WATCH mode: reads run at once)."""
 
 
 class OrdersProjector(Projector):
     """The order views, the listing indexes and the change notifications for live watches (orders.views)."""
 
-    async def stage(self, pipe: Pipeline, events: list[RecordedEvent], announce: bool = True) -> Writes:
-        before = await load_order_views(pipe, self.keys.order, {e.stream_id for e in events})
+    def reads(self, events: list[RecordedEvent]) -> list[str]:
+        return [self.keys.order(i) for i in order_ids(events)]
+
+    async def stage(self, pipe: Pipeline, events: list[RecordedEvent], values: Values, announce: bool = True) -> Writes:
+        before = order_views(values, self.keys.order, order_ids(events))
         after = fold_new(before, events)
         return lambda queue: self._queue_writes(queue, before, after, announce)
 
@@ -220,12 +262,14 @@ class OrdersProjector(Projector):
             pipe.publish(self.keys.changes_channel, json.dumps(changed, separators=(",", ":")))
 
 
-async def load_order_views(
-    pipe: Pipeline, key_of: Callable[[str], str], order_ids: set[str]
-) -> dict[str, OrderView | None]:
-    ids = sorted(order_ids)
-    raws = await pipe.mget([key_of(i) for i in ids])
-    return {i: None if raw is None else OrderView.from_json(raw) for i, raw in zip(ids, raws, strict=True)}
+def order_ids(events: list[RecordedEvent]) -> list[str]:
+    return sorted({e.stream_id for e in events})
+
+
+def order_views(values: Values, key_of: Callable[[str], str], ids: list[str]) -> dict[str, OrderView | None]:
+    """The views of `ids` from the values read (under `key_of(id)`); None for an order not there yet."""
+    raws = {i: values[key_of(i)] for i in ids}
+    return {i: None if raw is None else OrderView.from_json(raw) for i, raw in raws.items()}
 
 
 def fold_new(before: dict[str, OrderView | None], events: list[RecordedEvent]) -> dict[str, OrderView | None]:

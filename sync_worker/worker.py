@@ -9,6 +9,12 @@ Redis and rebuilds the views from the start of the log.
 
 Only the holder of the projection's lease applies batches (sync_worker.lease);
 other workers stand by and take over within the lease's ttl.
+
+A step reads what it needs from Redis in one pipelined round trip (generation
+pointers, checkpoint, whether operators' requests or retired generations wait)
+and does the follow-up work only when there is some; applying a batch adds
+three (sync_worker.projector). The PostgreSQL head is only looked up while the
+projection is behind (`_measure_lag`).
 """
 
 from __future__ import annotations
@@ -88,6 +94,15 @@ class WorkerSettings:
     # are set aside in a dead-letter list while the other orders go on
 
 
+@dataclass(frozen=True)
+class _StepState:
+    """What a step found besides the live checkpoint; the follow-up work runs only when there is some."""
+
+    building: str | bytes | None  # the generation a zero-downtime rebuild builds
+    parked_requests: bool  # operators asked to retry parked orders
+    retired: str | bytes | None  # a generation whose keys are left to delete
+
+
 @dataclass
 class HeldBack:
     """Since when the projection waits for an older transaction, and which one, for the heartbeat."""
@@ -109,6 +124,7 @@ class SyncWorker:
         self.failure: PoisonEvent | None = None
         self._retry_at = 0.0
         self._generations: dict[int, Projector] = {projector.keys.generation: projector}
+        self._live = projector  # the live generation at the last step
         self._metrics = ProjectionMetrics(projector.name)
         self._metrics.state(self.state)
         self._notified_at: float | None = None  # when a NOTIFY came that no batch has started on yet
@@ -198,11 +214,9 @@ class SyncWorker:
         if self._notified_at is not None:
             self._metrics.wakeup.observe(time.monotonic() - self._notified_at)
             self._notified_at = None
-        redis, keys = self._projector.redis, self._projector.keys
-        pointer, building = await redis.mget(keys.generation_pointer, keys.next_generation)
-        live = self._at(parse_generation(pointer))
-        await self._serve_parked_requests(conn, live)
-        checkpoint = await live.checkpoint()
+        live, checkpoint, state = await self._read_state()
+        if state.parked_requests:
+            await self._serve_parked_requests(conn, live)
         if checkpoint is None:
             await self._start_from_scratch(conn, live)
         batch = await read_batch(conn, checkpoint or START, self._settings.batch_size)
@@ -215,10 +229,28 @@ class SyncWorker:
             await live.mark_empty_log()
         await self._measure_lag(conn, batch, checkpoint)
         busy = bool(batch.events)
-        if building is not None and checkpoint is not None:
-            busy = await self._build_step(conn, live, int(building), checkpoint) or busy
-        busy = await self._retire_step() or busy
+        if state.building is not None and checkpoint is not None:
+            busy = await self._build_step(conn, live, int(state.building), checkpoint) or busy
+        if state.retired is not None:
+            busy = await self._retire_step(state.retired) or busy
         return batch, busy
+
+    async def _read_state(self) -> tuple[Projector, LogPosition | None, _StepState]:
+        """The live generation, its checkpoint and what else there is to do, in one round trip: the
+        checkpoint is read from the generation live at the last step, and again only if that changed.
+        The apply's WATCH still checks both, so a switch or a flush between steps is never missed."""
+        redis, keys = self._projector.redis, self._projector.keys
+        guess = self._live
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.mget(keys.generation_pointer, keys.next_generation, guess.keys.checkpoint)
+            pipe.exists(keys.parked_requests)  # a list exists while it holds a request
+            pipe.srandmember(keys.retired)
+            (pointer, building, raw), requests, retired = await pipe.execute()
+        live = self._live = self._at(parse_generation(pointer))
+        if live is not guess:
+            raw = await redis.get(live.keys.checkpoint)
+        checkpoint = None if raw is None else LogPosition.parse(raw)
+        return live, checkpoint, _StepState(building, bool(requests), retired)
 
     async def _build_step(self, conn: Connection, live: Projector, building: int, live_checkpoint: LogPosition) -> bool:
         """One batch of a zero-downtime rebuild: generation `building` replays the log from the start,
@@ -250,12 +282,9 @@ class SyncWorker:
             return True
         return False
 
-    async def _retire_step(self) -> bool:
-        """Deletes a chunk of a generation retired by a switch; forgets it once nothing is left."""
+    async def _retire_step(self, raw: str | bytes) -> bool:
+        """Deletes a chunk of generation `raw`, retired by a switch; forgets it once nothing is left."""
         redis, keys = self._projector.redis, self._projector.keys
-        raw = await redis.srandmember(keys.retired)
-        if not isinstance(raw, str | bytes):
-            return False
         retired = keys.at(int(raw))
         # Read now, not at the start of the step (which may have switched): never delete the live one.
         if retired.generation != parse_generation(await redis.get(keys.generation_pointer)):

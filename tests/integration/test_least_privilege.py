@@ -781,7 +781,7 @@ def script_commands(*sources: str) -> set[str]:
 def test_every_command_in_a_script_is_granted() -> None:
     """Each user may run every command its Lua scripts call (the end-to-end tests above cover the
     commands sent directly): the read service's scripts and the heartbeat read it shares with the
-    worker, and the worker's lease scripts."""
+    worker, and the worker's lease scripts and batch read."""
     reader = script_commands(
         *(str(path.relative_to(ROOT)) for path in sorted((ROOT / "read_service").glob("*.py"))),
         "orders/views.py",
@@ -791,7 +791,10 @@ def test_every_command_in_a_script_is_granted() -> None:
 
     assert reader - set(REDIS_READER_COMMANDS) == set()
     assert worker - set(REDIS_WORKER_COMMANDS) == set()
-    assert (reader, worker) == ({"get", "exists", "zrevrangebylex", "time"}, {"get", "set", "exists", "del", "time"})
+    assert (reader, worker) == (
+        {"get", "exists", "zrevrangebylex", "time"},
+        {"get", "mget", "zmscore", "set", "exists", "del", "time"},  # mget, zmscore: the projector's batch read
+    )
 
 
 def test_the_security_doc_lists_the_exact_rules() -> None:

@@ -1,0 +1,231 @@
+"""The sync worker's cost per step in Redis round trips, and the guarantees its batched reads keep.
+
+A quiet step (nothing to apply, nothing parked, rebuilt or retired) is one round trip; a small batch
+adds three (WATCH, one read of the guard keys, parked orders and views, MULTI/EXEC). Round trips are
+counted on the client's connections, so other users of the Redis server do not disturb the count.
+A guard key moved between that read and the MULTI still fails the batch, which is then retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+
+import pytest
+from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.client import Pipeline
+from redis.asyncio.connection import Connection
+
+from orders.consistency import LogPosition
+from orders.event_store import open_connection, read_batch
+from orders.events import RecordedEvent
+from orders.v1 import commands_pb2 as cmd
+from orders.views import PROJECTION, SUMMARY_PROJECTION, CustomerSummaryView, ViewKeys
+from sync_worker import projector as projector_module
+from sync_worker.main import build_workers
+from sync_worker.projector import CheckpointMoved, OrdersProjector, Values, Writes
+from sync_worker.worker import SyncWorker, WorkerSettings
+from tests.helpers import add_item_request, assert_views_match_events, create_request, eventually, views_in_redis
+from tests.integration.conftest import System
+
+
+@dataclass
+class Counting:
+    """A Redis client whose connections count their writes: one per command or pipeline sent."""
+
+    redis: Redis
+    sends: list[int]
+
+    @property
+    def round_trips(self) -> int:
+        return self.sends[0]
+
+
+@pytest.fixture
+async def counting(system: System) -> AsyncIterator[Counting]:
+    sends = [0]
+
+    class CountingConnection(Connection):
+        async def send_packed_command(self, command: bytes | str | Iterable[bytes], check_health: bool = True) -> None:
+            sends[0] += 1
+            await super().send_packed_command(command, check_health)
+
+    pool = ConnectionPool.from_url(system.redis_url, connection_class=CountingConnection, decode_responses=True)
+    client = Redis.from_pool(pool)  # closes the pool with the client
+    yield Counting(client, sends)
+    await client.aclose()
+
+
+@pytest.fixture
+async def workers(system: System, counting: Counting) -> dict[str, SyncWorker]:
+    """Both projections' loops on the counting client, stepped by hand (the system's worker stopped)."""
+    await system.stop_worker()
+    built = build_workers(
+        WorkerSettings(system.database_url), counting.redis, system.keys.prefix, [PROJECTION, SUMMARY_PROJECTION]
+    )
+    return {worker.projection: worker for worker in built}
+
+
+async def round_trips_of_a_step(worker: SyncWorker, counting: Counting, database_url: str) -> tuple[int, bool]:
+    """Redis round trips of one step of `worker`'s loop, and whether it did anything."""
+    conn = await open_connection(database_url)
+    try:
+        await worker._lease.hold(worker._status())  # renewed by the loop every ttl/5, not per step
+        before = counting.round_trips
+        _, busy = await worker._step(conn)
+        return counting.round_trips - before, busy
+    finally:
+        await conn.close()
+
+
+async def test_a_quiet_step_is_one_round_trip(
+    system: System, workers: dict[str, SyncWorker], counting: Counting
+) -> None:
+    """Caught up, nothing parked, rebuilt or retired: generation pointers, checkpoint, parked requests
+    and retired generations come in one pipeline (it was 4 round trips)."""
+    await system.commands.CreateOrder(create_request("quiet"))
+    for worker in workers.values():
+        while (await round_trips_of_a_step(worker, counting, system.database_url))[1]:
+            pass
+
+    for worker in workers.values():
+        assert await round_trips_of_a_step(worker, counting, system.database_url) == (1, False)
+
+
+async def test_a_small_batch_is_four_round_trips(
+    system: System, workers: dict[str, SyncWorker], counting: Counting
+) -> None:
+    """One for the step's reads, then WATCH, one read of the guard keys, parked orders and views, and
+    MULTI/EXEC (it was 9 for the orders, 10 for the customer summary). The summary foresees which
+    customer an order's event touches from the OrderCreated it has seen."""
+    for worker in workers.values():  # the empty log's checkpoint
+        await round_trips_of_a_step(worker, counting, system.database_url)
+    order_id = (await system.commands.CreateOrder(create_request("small"))).result.order_id
+    for name, worker in workers.items():
+        assert await round_trips_of_a_step(worker, counting, system.database_url) == (4, True), name
+
+    await system.commands.AddItem(add_item_request(order_id, price=700))
+    for name, worker in workers.items():
+        assert await round_trips_of_a_step(worker, counting, system.database_url) == (4, True), name
+
+
+async def test_a_summary_it_did_not_foresee_is_read_in_a_second_round_trip(
+    system: System, workers: dict[str, SyncWorker], counting: Counting
+) -> None:
+    """A worker that never saw the order's OrderCreated (a restart) reads the customer's summary once
+    it has read the order's view: one round trip more, and the same summary."""
+    order_id = (await system.commands.CreateOrder(create_request("restarted"))).result.order_id
+    await system.commands.AddItem(add_item_request(order_id, price=700))
+    summary = workers[SUMMARY_PROJECTION]
+    while (await round_trips_of_a_step(summary, counting, system.database_url))[1]:
+        pass
+    await system.commands.ConfirmOrder(cmd.ConfirmOrderRequest(order_id=order_id))
+    settings = WorkerSettings(system.database_url)
+    (fresh,) = build_workers(settings, counting.redis, system.keys.prefix, [SUMMARY_PROJECTION], summary.worker_id)
+
+    assert await round_trips_of_a_step(fresh, counting, system.database_url) == (5, True)
+    raw = await system.redis.get(system.keys.of(SUMMARY_PROJECTION).summary_customer("restarted"))
+    assert raw is not None
+    view = CustomerSummaryView.from_json(raw)
+    assert (view.order_count, view.by_status, view.spend_minor) == (1, {"CONFIRMED": 1}, {"EUR": 700})
+
+
+GUARDS = ["checkpoint", "lease", "rebuild_target", "generation_pointer", "next_generation"]
+
+
+class Interfering(OrdersProjector):
+    """Touches one guard key (writing its own value back) after the batch's read, before the MULTI,
+    the first `times` times it stages a batch."""
+
+    def __init__(self, redis: Redis, keys: ViewKeys, other: Redis, guard: str, times: int = 1) -> None:
+        super().__init__(redis, keys)
+        self.other, self.guard, self.times = other, guard, times
+
+    def at(self, generation: int) -> OrdersProjector:
+        return Interfering(self.redis, self.keys.at(generation), self.other, self.guard, self.times)
+
+    async def stage(self, pipe: Pipeline, events: list[RecordedEvent], values: Values, announce: bool = True) -> Writes:
+        if self.times > 0:
+            self.times -= 1
+            key = getattr(self.keys, self.guard)
+            raw = await self.other.get(key)
+            if raw is None:
+                await self.other.set(key, "x")
+                await self.other.delete(key)
+            else:
+                await self.other.set(key, raw, keepttl=True)
+        return await super().stage(pipe, events, values, announce)
+
+
+@pytest.mark.parametrize("guard", GUARDS)
+async def test_a_guard_key_moved_between_the_read_and_the_multi_fails_the_batch(system: System, guard: str) -> None:
+    """Checkpoint, lease, rebuild target, generation pointer or next generation: written by someone else
+    after the one-round-trip read, the MULTI/EXEC fails and writes nothing; applied again, it succeeds."""
+    await system.stop_worker()
+    await system.commands.CreateOrder(create_request("guarded"))
+    projector = Interfering(system.redis, system.keys, system.redis, guard)
+    checkpoint = await projector.checkpoint()
+    conn = await open_connection(system.database_url)
+    try:
+        events = (await read_batch(conn, checkpoint or LogPosition(0, 0), 100)).events
+    finally:
+        await conn.close()
+    assert events
+
+    with pytest.raises(CheckpointMoved):
+        await projector.apply(checkpoint, events)
+    assert await projector.checkpoint() == checkpoint
+    assert await views_in_redis(system.redis, system.keys) == {}
+
+    await projector.apply(checkpoint, events)
+    await assert_views_match_events(system.database_url, system.redis, system.keys)
+
+
+async def test_the_worker_retries_a_batch_whose_checkpoint_moved(system: System) -> None:
+    """The loop takes the failed batch for a lost race: it backs off, reads again and applies it once."""
+    await system.stop_worker()
+    for i in range(3):
+        await system.commands.CreateOrder(create_request(f"retried-{i}"))
+    projector = Interfering(system.redis, system.keys, system.redis, "checkpoint", times=2)
+    worker = SyncWorker(WorkerSettings(system.database_url), projector)
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        await eventually(lambda: assert_views_match_events(system.database_url, system.redis, system.keys))
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    assert projector.times == 0
+
+
+async def test_a_batch_wider_than_the_read_scripts_chunks(system: System) -> None:
+    """2,500 orders in one batch: more keys and order ids than the read script passes to one MGET or
+    ZMSCORE, so it reads them in chunks."""
+    await system.stop_worker()
+    await system.pool.execute(
+        "INSERT INTO events (stream_id, version, event_type, schema_version, payload)"
+        " SELECT 'wide-' || i, 1, 'OrderCreated', 1,"
+        " jsonb_build_object('customer_id', 'c' || (i % 7), 'currency_code', 'EUR', 'shipping_address', null)"
+        " FROM generate_series(1, 2500) AS i"
+    )
+    system.start_worker(batch_size=5000)
+
+    await eventually(lambda: assert_views_match_events(system.database_url, system.redis, system.keys))
+    summaries = system.keys.of(SUMMARY_PROJECTION)
+
+    async def summarised() -> None:
+        raws = await system.redis.mget([summaries.summary_customer(f"c{i}") for i in range(7)])
+        assert sum(CustomerSummaryView.from_json(raw).order_count for raw in raws if raw) == 2500
+
+    await eventually(summarised)
+
+
+async def test_a_server_without_the_read_script_gets_it_again(system: System, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NOSCRIPT (a restarted or flushed Redis) on the WATCHing connection: the read falls back to EVAL."""
+    await system.stop_worker()
+    monkeypatch.setattr(projector_module, "_READ_SHA", "0" * 40)
+    await system.commands.CreateOrder(create_request("noscript"))
+    system.start_worker()
+
+    await eventually(lambda: assert_views_match_events(system.database_url, system.redis, system.keys))
