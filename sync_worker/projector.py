@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
+from collections import defaultdict
 from collections.abc import Callable, Mapping
 from typing import cast
 
@@ -244,18 +245,27 @@ class OrdersProjector(Projector):
         announce: bool,
     ) -> None:
         changed: list[dict[str, str | int]] = []
+        # One ZREM / ZADD per index for the whole batch. A view and its index entries are only ever
+        # written together, and an order's index member (creation time, id) never changes, so only
+        # the indexes an order leaves or enters change.
+        leaving: dict[str, list[str]] = defaultdict(list)
+        entering: dict[str, dict[str, int]] = defaultdict(dict)
         for order_id, view in after.items():
             old = before[order_id]
             if view is None or view == old:
                 continue
             pipe.set(self.keys.order(order_id), view.to_json())
-            new_indexes = self.keys.indexes_of(view)
-            stale = [k for k in self.keys.indexes_of(old) if k not in new_indexes] if old else []
-            for key in stale:
-                pipe.zrem(key, view.index_member())
+            old_indexes, new_indexes = set(self.keys.indexes_of(old) if old else ()), self.keys.indexes_of(view)
+            for key in old_indexes.difference(new_indexes):
+                leaving[key].append(view.index_member())
             for key in new_indexes:
-                pipe.zadd(key, {view.index_member(): 0})
+                if key not in old_indexes:
+                    entering[key][view.index_member()] = 0
             changed.append({"order_id": order_id, "customer_id": view.customer_id, "version": view.version})
+        for key, members in leaving.items():
+            pipe.zrem(key, *members)
+        for key, scores in entering.items():
+            pipe.zadd(key, scores)
         if changed and announce:
             # Inside the MULTI with the views: no reader hears of a change before it can read it, and
             # a batch that fails announces nothing. Live watches re-read the views they are told of.

@@ -229,3 +229,33 @@ async def test_a_server_without_the_read_script_gets_it_again(system: System, mo
     system.start_worker()
 
     await eventually(lambda: assert_views_match_events(system.database_url, system.redis, system.keys))
+
+
+async def test_one_batch_moving_orders_between_indexes_leaves_exactly_their_indexes(system: System) -> None:
+    """The orders projection writes one ZREM / ZADD per index per batch, and none for an index an order
+    stays in: after a batch of creations, items and status changes, each index lists exactly the orders
+    whose view belongs in it."""
+    await system.stop_worker()
+    ids = [(await system.commands.CreateOrder(create_request(f"c{i % 2}"))).result.order_id for i in range(4)]
+    system.start_worker(batch_size=1000)
+    await eventually(lambda: assert_views_match_events(system.database_url, system.redis, system.keys))
+    await system.stop_worker()
+    for order_id in ids:
+        await system.commands.AddItem(add_item_request(order_id, price=100))
+    for order_id in ids[:3]:
+        await system.commands.ConfirmOrder(cmd.ConfirmOrderRequest(order_id=order_id))
+    await system.commands.CancelOrder(cmd.CancelOrderRequest(order_id=ids[0], reason="changed my mind"))
+    system.start_worker(batch_size=1000)
+    await eventually(lambda: assert_views_match_events(system.database_url, system.redis, system.keys))
+
+    views = await views_in_redis(system.redis, system.keys)
+    expected: dict[str, set[str]] = {}
+    for view in views.values():
+        for key in system.keys.indexes_of(view):
+            expected.setdefault(key, set()).add(view.index_member())
+    actual = {
+        key: set(await system.redis.zrange(key, 0, -1))
+        async for key in system.redis.scan_iter(match=f"{system.keys.gprefix}idx:*")
+    }
+    assert actual == expected
+    assert {key.rsplit(":", 1)[-1] for key in expected if ":status:" in key} == {"CANCELLED", "CONFIRMED", "PENDING"}
