@@ -104,8 +104,8 @@ REDIS_WORKER_COMMANDS = (
     *("zadd", "zrem", "zrange", "zscore", "zmscore", "rpush", "lpop", "lrange", "hset", "hget", "hdel"),
     *("sadd", "srem", "srandmember"),  # retired generations
     "scan",  # deleting a generation's views (MATCH under the prefix)
-    *("watch", "unwatch", "multi", "exec", "discard"),  # one MULTI/EXEC per batch, WATCHing the checkpoint
-    "publish",  # checkpoints and changes, inside the MULTI
+    *("watch", "unwatch", "multi", "exec", "discard"),  # switching generations, releasing parked orders
+    "publish",  # checkpoints and changes, inside the batch's write script
     "time",  # the Redis clock for heartbeats and rebuild progress
     *_SCRIPTS,
     *_CONNECTION,

@@ -16,7 +16,7 @@ Spans, when on:
 - the write path stores the `traceparent` of that span in the metadata of every event it appends;
 - the sync worker opens one CONSUMER span per event it applied (`project <projection>`), whose parent is
   the event's stored `traceparent`, so the command's trace shows when each projection applied its
-  events. The span covers the whole batch the event was applied in: one MULTI/EXEC applies them all.
+  events. The span covers the whole batch the event was applied in: one atomic write applies them all.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Live watch: one subscription per process to the orders the sync worker changed, fanned out to
 the open WatchOrder and WatchCustomerOrders streams.
 
-The orders projection publishes, inside each batch's MULTI/EXEC, which orders the batch changed,
+The orders projection publishes, inside each batch's atomic write, which orders the batch changed,
 with their customers and new versions (`changes:orders`, see orders.views). So no notification
 comes before its data. A notification only says "changed": a stream re-reads the view before it
 sends it, so a late, repeated or merged notification does no harm.

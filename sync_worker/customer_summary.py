@@ -64,7 +64,7 @@ class CustomerSummaryProjector(Projector):
         customers = created | {self._customer_of[i] for i in ids if i in self._customer_of}
         return [self.keys.summary_order(i) for i in ids] + [self.keys.summary_customer(c) for c in sorted(customers)]
 
-    async def stage(self, pipe: Pipeline, events: list[RecordedEvent], values: Values, announce: bool = True) -> Writes:
+    async def stage(self, events: list[RecordedEvent], values: Values, announce: bool = True) -> Writes:
         before = order_views(values, self.keys.summary_order, order_ids(events))
         after = fold_new(before, events)
         changed = {i: view for i, view in after.items() if view is not None and view != before[i]}
@@ -72,7 +72,7 @@ class CustomerSummaryProjector(Projector):
         keys = {c: self.keys.summary_customer(c) for c in sorted({view.customer_id for view in changed.values()})}
         unforeseen = [key for key in keys.values() if key not in values]
         if unforeseen:
-            values = {**values, **dict(zip(unforeseen, await pipe.mget(unforeseen), strict=True))}
+            values = {**values, **dict(zip(unforeseen, await self.redis.mget(unforeseen), strict=True))}
         summaries = {c: _summary(c, values[key]) for c, key in keys.items()}
         last_event = {e.stream_id: e for e in events}
         for order_id, view in changed.items():

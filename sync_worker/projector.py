@@ -1,19 +1,22 @@
 """Applies batches of events to Redis views, exactly once in effect.
 
-Each batch is one MULTI/EXEC transaction holding the view writes, the new
-checkpoint and the notification for waiting readers, so a crash leaves either
-all of it or none. WATCH on the checkpoint and the lease makes the transaction
-fail if anyone else moved the checkpoint (another worker, a flush) or took the
-lease since they were read. Each projection also skips events its views
-already have (by version), so a replayed batch changes nothing.
+Each batch is one Lua script holding the view writes, the new checkpoint and
+the notification for waiting readers, so a crash leaves either all of it or
+none. The script first compares the guard keys (checkpoint, lease, rebuild
+mark, generation pointers) with the values the batch was read with, and writes
+nothing if any moved: another worker took the lease, the views were flushed or
+reset, a rebuild switched generations. Comparing values, not watching keys, is
+enough because the views are a function of the checkpoint: whoever brought the
+guards back to the same values left the same views. Each projection also skips
+events its views already have (by version), so a replayed batch changes nothing.
 
 `Projector` holds that protocol; a projection subclasses it and says, in
-`reads`, which keys it needs and, in `stage`, what to write inside the
-transaction given their values.
+`reads`, which keys it needs and, in `stage`, what to write given their values.
 
-Round trips per batch: WATCH, then one read-only script that reads the guard
-keys, the batch's parked orders and the keys the projection needs (atomically,
-on the WATCHing connection), then MULTI/EXEC.
+Round trips per batch: one read-only script that reads the guard keys, the
+batch's parked orders and the keys the projection needs, atomically; then the
+guarded write script. (Releasing parked orders, rare, still uses WATCH and
+MULTI/EXEC.)
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from orders.events import RecordedEvent
 from orders.views import OrderView, ViewKeys, parse_generation
 from sync_worker.projection import project
 
-Writes = Callable[[Pipeline], None]  # queues a batch's writes inside MULTI
+Writes = Callable[[Pipeline], None]  # queues a batch's writes (collected into the guarded write script)
 Raw = str | bytes | None  # a string key's value as read
 Values = Mapping[str, Raw]  # key -> value, of the keys a projection `reads`
 
@@ -53,7 +56,26 @@ for i = 1, #ARGV, 1000 do
 end
 return {values, scores}
 """
-_READ_SHA = hashlib.sha1(_READ.encode()).hexdigest()
+# KEYS: the guard keys. ARGV: each guard's expected value ("=" and the value, or "!" for absent),
+# then the batch's writes, each as its argument count and its arguments. Writes nothing and returns
+# 0 if a guard differs; a script runs alone, so nothing can move between the check and the writes.
+_WRITE = """
+local WRITES = {SET=true, INCRBY=true, DEL=true, PUBLISH=true, ZADD=true, ZREM=true, RPUSH=true, HSET=true}
+for i, key in ipairs(KEYS) do
+  local value = redis.call('GET', key)
+  if (value and '=' .. value or '!') ~= ARGV[i] then return 0 end
+end
+local i = #KEYS + 1
+while i <= #ARGV do
+  local argc = tonumber(ARGV[i])
+  if not WRITES[string.upper(ARGV[i + 1])] then return redis.error_reply('not a batch write: ' .. ARGV[i + 1]) end
+  redis.call(unpack(ARGV, i + 1, i + argc))
+  i = i + argc + 1
+end
+return 1
+"""
+_SCRIPTS = {script: hashlib.sha1(script.encode()).hexdigest() for script in (_READ, _WRITE)}
+MAX_MEMBERS = 1000  # per ZADD / ZREM: Lua's unpack() has a stack limit
 
 
 class CheckpointMoved(Exception):
@@ -112,46 +134,54 @@ class Projector(ABC):
         keys, park = self.keys, park or {}
         guards = [keys.checkpoint, keys.lease, keys.rebuild_target, keys.generation_pointer, keys.next_generation]
         ids = sorted({e.stream_id for e in events} - set(park))
-        try:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                await pipe.watch(*guards)
-                (current, lease, rebuild, pointer, building), values, scores = await self._read(
-                    pipe, guards, self.reads(events), ids
-                )
-                if holder is not None and lease != holder:
-                    raise LeaseLost(f"the lease is held by {lease!r}")
-                self._check_generation(pointer, building, live)
-                if (None if current is None else LogPosition.parse(current)) != after:
-                    raise CheckpointMoved(f"checkpoint is {current!r}, batch follows {after}")
-                parked = {i for i, score in zip(ids, scores, strict=True) if score is not None} | set(park)
-                batch = [e for e in events if e.stream_id not in parked]
-                writes = await self.stage(pipe, batch, values, announce=live) if batch else None
-                pipe.multi()  # type: ignore[no-untyped-call]
-                if writes is not None:
-                    writes(pipe)
-                self._queue_parking(pipe, [e for e in events if e.stream_id in parked], park)
-                token = new_checkpoint.token()
-                pipe.set(keys.checkpoint, token)
-                pipe.incrby(keys.applied, len(batch))  # parked events count when they are released
-                if rebuild is not None and new_checkpoint >= LogPosition.parse(rebuild):
-                    pipe.delete(keys.rebuild_target)
-                if live:
-                    pipe.publish(keys.checkpoint_channel, token)
-                await pipe.execute()
-        except WatchError as error:
-            raise CheckpointMoved("checkpoint, lease, rebuild mark or generation changed during the batch") from error
+        seen, values, scores = await self._read(guards, self.reads(events), ids)
+        current, lease, rebuild, pointer, building = seen
+        if holder is not None and lease != holder:
+            raise LeaseLost(f"the lease is held by {lease!r}")
+        self._check_generation(pointer, building, live)
+        if (None if current is None else LogPosition.parse(current)) != after:
+            raise CheckpointMoved(f"checkpoint is {current!r}, batch follows {after}")
+        parked = {i for i, score in zip(ids, scores, strict=True) if score is not None} | set(park)
+        batch = [e for e in events if e.stream_id not in parked]
+        writes = await self.stage(batch, values, announce=live) if batch else None
+
+        def queue(pipe: Pipeline) -> None:
+            if writes is not None:
+                writes(pipe)
+            self._queue_parking(pipe, [e for e in events if e.stream_id in parked], park)
+            token = new_checkpoint.token()
+            pipe.set(keys.checkpoint, token)
+            pipe.incrby(keys.applied, len(batch))  # parked events count when they are released
+            if rebuild is not None and new_checkpoint >= LogPosition.parse(rebuild):
+                pipe.delete(keys.rebuild_target)
+            if live:
+                pipe.publish(keys.checkpoint_channel, token)
+
+        if not await self._write_if_unmoved(dict(zip(guards, seen, strict=True)), queue):
+            raise CheckpointMoved("checkpoint, lease, rebuild mark or generation changed during the batch")
         return new_checkpoint
 
-    async def _read(
-        self, pipe: Pipeline, guards: list[str], needs: list[str], ids: list[str]
-    ) -> tuple[list[Raw], dict[str, Raw], list[Raw]]:
-        """In one round trip on the WATCHing connection: the values of `guards` and of `needs` (key ->
-        value) and the scores of order `ids` in the parked set (None: not parked)."""
-        args = [self.keys.parked, *guards, *needs, *ids]
+    async def _write_if_unmoved(self, guards: dict[str, Raw], queue: Writes) -> bool:
+        """Runs the writes `queue` makes, in one step, if every guard key still has its value."""
+        recorder = self.redis.pipeline(transaction=False)  # never executed: it only collects the commands
+        queue(recorder)
+        args: list[str | bytes | int | float] = ["!" if v is None else f"={_text(v)}" for v in guards.values()]
+        for command, _options in recorder.command_stack:
+            args += [len(command), *command]
+        return bool(await self._script(_WRITE, list(guards), args))
+
+    async def _script(self, script: str, keys: list[str], args: list[str | bytes | int | float]) -> object:
         try:
-            reply = await pipe.evalsha(_READ_SHA, 1 + len(guards) + len(needs), *args)
+            return await self.redis.evalsha(_SCRIPTS[script], len(keys), *keys, *args)
         except NoScriptError:  # a restarted or flushed server: EVAL caches the script again
-            reply = await pipe.eval(_READ, 1 + len(guards) + len(needs), *args)
+            return await self.redis.eval(script, len(keys), *keys, *args)
+
+    async def _read(
+        self, guards: list[str], needs: list[str], ids: list[str]
+    ) -> tuple[list[Raw], dict[str, Raw], list[Raw]]:
+        """In one atomic round trip: the values of `guards` and of `needs` (key -> value) and the scores
+        of order `ids` in the parked set (None: not parked)."""
+        reply = await self._script(_READ, [self.keys.parked, *guards, *needs], list(ids))
         values, scores = cast(tuple[list[Raw], list[Raw]], reply)
         return values[: len(guards)], dict(zip(needs, values[len(guards) :], strict=True)), scores
 
@@ -200,11 +230,11 @@ class Projector(ABC):
             async with self.redis.pipeline(transaction=True) as pipe:
                 guards = [self.keys.lease, self.keys.generation_pointer]
                 await pipe.watch(*guards, self.keys.parked_events(order_id))
-                (lease, pointer), values, _ = await self._read(pipe, guards, self.reads(events), [])
+                (lease, pointer), values, _ = await self._read(guards, self.reads(events), [])
                 if lease != holder:
                     raise LeaseLost("the lease moved")
                 self._check_generation(pointer, None, live=True)
-                writes = await self.stage(pipe, events, values)
+                writes = await self.stage(events, values)
                 pipe.multi()  # type: ignore[no-untyped-call]
                 writes(pipe)
                 pipe.zrem(self.keys.parked, order_id)
@@ -220,10 +250,10 @@ class Projector(ABC):
         """The (string) keys that staging `events` needs, read in the same round trip as the guard keys."""
 
     @abstractmethod
-    async def stage(self, pipe: Pipeline, events: list[RecordedEvent], values: Values, announce: bool = True) -> Writes:
+    async def stage(self, events: list[RecordedEvent], values: Values, announce: bool = True) -> Writes:
         """Returns the function that queues the batch's writes (announcing them to readers if
         `announce`), from `values`: the keys `reads` named, possibly for more events than `events`.
-        A key found missing there may still be read through `pipe` (in WATCH mode: reads run at once)."""
+        A key found missing there may still be read (the lease keeps other writers away)."""
 
 
 class OrdersProjector(Projector):
@@ -232,7 +262,7 @@ class OrdersProjector(Projector):
     def reads(self, events: list[RecordedEvent]) -> list[str]:
         return [self.keys.order(i) for i in order_ids(events)]
 
-    async def stage(self, pipe: Pipeline, events: list[RecordedEvent], values: Values, announce: bool = True) -> Writes:
+    async def stage(self, events: list[RecordedEvent], values: Values, announce: bool = True) -> Writes:
         before = order_views(values, self.keys.order, order_ids(events))
         after = fold_new(before, events)
         return lambda queue: self._queue_writes(queue, before, after, announce)
@@ -263,13 +293,20 @@ class OrdersProjector(Projector):
                     entering[key][view.index_member()] = 0
             changed.append({"order_id": order_id, "customer_id": view.customer_id, "version": view.version})
         for key, members in leaving.items():
-            pipe.zrem(key, *members)
+            for start in range(0, len(members), MAX_MEMBERS):
+                pipe.zrem(key, *members[start : start + MAX_MEMBERS])
         for key, scores in entering.items():
-            pipe.zadd(key, scores)
+            entries = list(scores.items())
+            for start in range(0, len(entries), MAX_MEMBERS):
+                pipe.zadd(key, dict(entries[start : start + MAX_MEMBERS]))
         if changed and announce:
-            # Inside the MULTI with the views: no reader hears of a change before it can read it, and
+            # In the atomic write with the views: no reader hears of a change before it can read it, and
             # a batch that fails announces nothing. Live watches re-read the views they are told of.
             pipe.publish(self.keys.changes_channel, json.dumps(changed, separators=(",", ":")))
+
+
+def _text(value: str | bytes) -> str:
+    return value if isinstance(value, str) else value.decode()
 
 
 def order_ids(events: list[RecordedEvent]) -> list[str]:
