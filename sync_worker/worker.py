@@ -13,7 +13,9 @@ other workers stand by and take over within the lease's ttl.
 A step reads what it needs from Redis in one pipelined round trip (generation
 pointers, checkpoint, whether operators' requests or retired generations wait)
 and does the follow-up work only when there is some; applying a batch adds
-three (sync_worker.projector). The PostgreSQL head is only looked up while the
+two (sync_worker.projector). Under steady load a step takes that state from
+the step before, for at most STATE_REUSE seconds, as long as nothing special
+is under way: the batch's guarded write still catches any change. The PostgreSQL head is only looked up while the
 projection is behind (`_measure_lag`).
 """
 
@@ -102,6 +104,18 @@ class _StepState:
     parked_requests: bool  # operators asked to retry parked orders
     retired: str | bytes | None  # a generation whose keys are left to delete
 
+    @property
+    def quiet(self) -> bool:
+        return self.building is None and not self.parked_requests and self.retired is None
+
+
+_QUIET = _StepState(None, False, None)
+# Seconds for which a step may take the projection's state from the last one instead of reading it:
+# its own checkpoint, nothing being rebuilt, parked or retired. What it may miss meanwhile is safe:
+# a moved checkpoint or generation fails the batch's guarded write (and the next step reads afresh);
+# an operator's request or a retired generation waits this long at most.
+STATE_REUSE = 0.1
+
 
 @dataclass
 class HeldBack:
@@ -125,6 +139,7 @@ class SyncWorker:
         self._retry_at = 0.0
         self._generations: dict[int, Projector] = {projector.keys.generation: projector}
         self._live = projector  # the live generation at the last step
+        self._known: tuple[float, LogPosition] | None = None  # a quiet state's read time, and the checkpoint since
         self._metrics = ProjectionMetrics(projector.name)
         self._metrics.state(self.state)
         self._notified_at: float | None = None  # when a NOTIFY came that no batch has started on yet
@@ -214,7 +229,7 @@ class SyncWorker:
         if self._notified_at is not None:
             self._metrics.wakeup.observe(time.monotonic() - self._notified_at)
             self._notified_at = None
-        live, checkpoint, state = await self._read_state()
+        live, checkpoint, state, read_at = await self._state()
         if state.parked_requests:
             await self._serve_parked_requests(conn, live)
         if checkpoint is None:
@@ -233,12 +248,23 @@ class SyncWorker:
             busy = await self._build_step(conn, live, int(state.building), checkpoint) or busy
         if state.retired is not None:
             busy = await self._retire_step(state.retired) or busy
+        if state.quiet and checkpoint is not None:
+            self._known = (read_at, checkpoint)
         return batch, busy
+
+    async def _state(self) -> tuple[Projector, LogPosition | None, _StepState, float]:
+        """The step's state, from the last step while that is quiet and fresh (STATE_REUSE), and when
+        it was read."""
+        known, self._known = self._known, None  # kept again only by a step that ends well
+        if known is not None and time.monotonic() - known[0] < STATE_REUSE:
+            return self._live, known[1], _QUIET, known[0]
+        read_at = time.monotonic()
+        return (*await self._read_state(), read_at)
 
     async def _read_state(self) -> tuple[Projector, LogPosition | None, _StepState]:
         """The live generation, its checkpoint and what else there is to do, in one round trip: the
         checkpoint is read from the generation live at the last step, and again only if that changed.
-        The apply's WATCH still checks both, so a switch or a flush between steps is never missed."""
+        The batch's guarded write checks both, so a switch or a flush between steps is never missed."""
         redis, keys = self._projector.redis, self._projector.keys
         guess = self._live
         async with redis.pipeline(transaction=False) as pipe:

@@ -22,6 +22,7 @@ from orders.events import RecordedEvent
 from orders.v1 import commands_pb2 as cmd
 from orders.views import PROJECTION, SUMMARY_PROJECTION, CustomerSummaryView, ViewKeys
 from sync_worker import projector as projector_module
+from sync_worker import worker as worker_module
 from sync_worker.main import build_workers
 from sync_worker.projector import CheckpointMoved, OrdersProjector, Values, Writes
 from sync_worker.worker import SyncWorker, WorkerSettings
@@ -66,11 +67,16 @@ async def workers(system: System, counting: Counting) -> dict[str, SyncWorker]:
     return {worker.projection: worker for worker in built}
 
 
-async def round_trips_of_a_step(worker: SyncWorker, counting: Counting, database_url: str) -> tuple[int, bool]:
-    """Redis round trips of one step of `worker`'s loop, and whether it did anything."""
+async def round_trips_of_a_step(
+    worker: SyncWorker, counting: Counting, database_url: str, reuse: bool = False
+) -> tuple[int, bool]:
+    """Redis round trips of one step of `worker`'s loop, and whether it did anything. Unless `reuse`,
+    the step reads the projection's state, as one more than STATE_REUSE after the last would."""
     conn = await open_connection(database_url)
     try:
         await worker._lease.hold(worker._status())  # renewed by the loop every ttl/5, not per step
+        if not reuse:
+            worker._known = None
         before = counting.round_trips
         _, busy = await worker._step(conn)
         return counting.round_trips - before, busy
@@ -128,6 +134,43 @@ async def test_a_summary_it_did_not_foresee_is_read_in_a_second_round_trip(
     assert raw is not None
     view = CustomerSummaryView.from_json(raw)
     assert (view.order_count, view.by_status, view.spend_minor) == (1, {"CONFIRMED": 1}, {"EUR": 700})
+
+
+async def test_under_load_a_step_reuses_the_last_ones_state(
+    system: System, workers: dict[str, SyncWorker], counting: Counting, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Within STATE_REUSE of a quiet step, the next takes its state from it: a batch is then two round
+    trips (read, guarded write) and a quiet step none."""
+    monkeypatch.setattr(worker_module, "STATE_REUSE", 60.0)
+    for worker in workers.values():
+        await round_trips_of_a_step(worker, counting, system.database_url)
+    await system.commands.CreateOrder(create_request("reused"))
+
+    for name, worker in workers.items():
+        assert await round_trips_of_a_step(worker, counting, system.database_url, reuse=True) == (2, True), name
+        assert await round_trips_of_a_step(worker, counting, system.database_url, reuse=True) == (0, False), name
+    await assert_views_match_events(system.database_url, system.redis, system.keys)
+
+
+async def test_a_reused_state_that_went_stale_fails_the_batch_and_is_read_again(
+    system: System, workers: dict[str, SyncWorker], counting: Counting, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The views are reset behind the worker's back (checkpoint and views deleted) while it reuses
+    its state: the batch's guarded write refuses, and the next step reads the state and rebuilds."""
+    monkeypatch.setattr(worker_module, "STATE_REUSE", 60.0)
+    orders = workers[PROJECTION]
+    await system.commands.CreateOrder(create_request(order_id="before-reset"))
+    while (await round_trips_of_a_step(orders, counting, system.database_url))[1]:
+        pass
+    await system.redis.delete(system.keys.checkpoint, system.keys.order("before-reset"))
+    await system.commands.CreateOrder(create_request(order_id="after-reset"))
+
+    with pytest.raises(CheckpointMoved):
+        await round_trips_of_a_step(orders, counting, system.database_url, reuse=True)
+    while (await round_trips_of_a_step(orders, counting, system.database_url, reuse=True))[1]:
+        pass
+
+    await assert_views_match_events(system.database_url, system.redis, system.keys)
 
 
 GUARDS = ["checkpoint", "lease", "rebuild_target", "generation_pointer", "next_generation"]
