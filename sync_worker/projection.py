@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from functools import singledispatch
+from typing import Any
 
 from orders.events import (
     Event,
@@ -37,7 +37,13 @@ def project(view: OrderView | None, recorded: RecordedEvent) -> OrderView:
     at_us = (recorded.recorded_at - EPOCH) // timedelta(microseconds=1)  # exact, unlike float seconds
     if view is None:
         return _created(recorded, at_us)
-    return replace(_apply(recorded.event, view), version=recorded.version, updated_at_us=at_us)
+    changes = _CHANGES.get(type(recorded.event))
+    if changes is None:
+        raise ProjectionGap(f"unexpected {type(recorded.event).__name__} in order {view.order_id!r}")
+    # One new view per event, built from a dict: dataclasses.replace was the rebuild's largest cost.
+    return OrderView(
+        **{**vars(view), **changes(recorded.event, view), "version": recorded.version, "updated_at_us": at_us}
+    )
 
 
 def _created(recorded: RecordedEvent, at_us: int) -> OrderView:
@@ -56,46 +62,49 @@ def _created(recorded: RecordedEvent, at_us: int) -> OrderView:
     )
 
 
-@singledispatch
-def _apply(event: Event, view: OrderView) -> OrderView:
-    raise ProjectionGap(f"unexpected {type(event).__name__} in order {view.order_id!r}")
+Changes = dict[str, Any]  # the fields of the view an event changes
 
 
-@_apply.register
-def _(event: ItemAdded, view: OrderView) -> OrderView:
+def _item_added(event: ItemAdded, view: OrderView) -> Changes:
     lines = list(view.lines)
     for i, line in enumerate(lines):
         if line.sku == event.sku:
-            lines[i] = replace(line, name=event.name, quantity=line.quantity + event.quantity)
+            lines[i] = ViewLine(line.sku, event.name, line.quantity + event.quantity, line.unit_price_minor)
             break
     else:
         lines.append(ViewLine(event.sku, event.name, event.quantity, event.unit_price_minor))
-    return replace(view, lines=tuple(lines))
+    return {"lines": tuple(lines)}
 
 
-@_apply.register
-def _(event: ItemRemoved, view: OrderView) -> OrderView:
-    return replace(view, lines=tuple(line for line in view.lines if line.sku != event.sku))
+def _item_removed(event: ItemRemoved, view: OrderView) -> Changes:
+    return {"lines": tuple(line for line in view.lines if line.sku != event.sku)}
 
 
-@_apply.register
-def _(event: ShippingAddressChanged, view: OrderView) -> OrderView:
-    return replace(view, shipping_address=event.shipping_address)
+def _address_changed(event: ShippingAddressChanged, view: OrderView) -> Changes:
+    return {"shipping_address": event.shipping_address}
 
 
-@_apply.register
-def _(event: OrderConfirmed, view: OrderView) -> OrderView:
-    return replace(view, status="CONFIRMED")
+def _confirmed(event: OrderConfirmed, view: OrderView) -> Changes:
+    return {"status": "CONFIRMED"}
 
 
-@_apply.register
-def _(event: OrderShipped, view: OrderView) -> OrderView:
-    return replace(view, status="SHIPPED", carrier=event.carrier, tracking_number=event.tracking_number)
+def _shipped(event: OrderShipped, view: OrderView) -> Changes:
+    return {"status": "SHIPPED", "carrier": event.carrier, "tracking_number": event.tracking_number}
 
 
-@_apply.register
-def _(event: OrderCancelled, view: OrderView) -> OrderView:
-    return replace(view, status="CANCELLED", cancellation_reason=event.reason)
+def _cancelled(event: OrderCancelled, view: OrderView) -> Changes:
+    return {"status": "CANCELLED", "cancellation_reason": event.reason}
+
+
+# What each event after the first changes (OrderCreated only starts a view).
+_CHANGES: dict[type[Event], Callable[[Any, OrderView], Changes]] = {
+    ItemAdded: _item_added,
+    ItemRemoved: _item_removed,
+    ShippingAddressChanged: _address_changed,
+    OrderConfirmed: _confirmed,
+    OrderShipped: _shipped,
+    OrderCancelled: _cancelled,
+}
 
 
 def fold(events: list[RecordedEvent]) -> dict[str, OrderView]:
