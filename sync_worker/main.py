@@ -22,7 +22,7 @@ from sync_worker.admin import ProjectionAdminServicer
 from sync_worker.customer_summary import CustomerSummaryProjector
 from sync_worker.health import DEFAULT_STUCK_AFTER, WORKER_SERVICE, WorkerHealth
 from sync_worker.projector import OrdersProjector, Projector
-from sync_worker.worker import SyncWorker, WorkerSettings, default_worker_id
+from sync_worker.worker import SharedReads, SyncWorker, WorkerSettings, default_worker_id
 
 log = logging.getLogger("sync_worker")
 
@@ -129,9 +129,10 @@ def projection_list(text: str) -> list[str]:
 def build_workers(
     settings: WorkerSettings, redis: Redis, prefix: str, names: list[str], worker_id: str | None = None
 ) -> list[SyncWorker]:
-    """One tailing loop per projection: each has its own checkpoint, lease and heartbeat."""
-    worker_id = worker_id or default_worker_id()
-    return [SyncWorker(settings, PROJECTORS[n](redis, ViewKeys(prefix, n)), worker_id=worker_id) for n in names]
+    """One tailing loop per projection: each has its own checkpoint, lease and heartbeat; they share
+    the rows they read from the log while they are in step."""
+    worker_id, reads = worker_id or default_worker_id(), SharedReads()
+    return [SyncWorker(settings, PROJECTORS[n](redis, ViewKeys(prefix, n)), worker_id, reads) for n in names]
 
 
 async def start_admin(

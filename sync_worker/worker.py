@@ -118,6 +118,37 @@ STATE_REUSE = 0.1
 
 
 @dataclass
+class _SharedBatch:
+    read: tuple[LogPosition, int, int]  # after, limit, notifications seen when the read began
+    started: float
+    batch: Batch
+    takers: set[str]  # the projections that have had it
+
+
+class SharedReads:
+    """The last batch one of this process's projection loops read from the log, for the others: in
+    step (live, or rebuilding side by side) they read the same rows after the same checkpoint, and
+    decoding them is much of a rebuild's cost. Each other loop may take a batch once, within
+    STATE_REUSE of its read, and only while no NOTIFY has come since the read began: a loop that
+    cleared its wake-up on a newer append never sleeps on an older batch. The rows stay valid, as a
+    read only returns rows that nothing can ever come before."""
+
+    def __init__(self) -> None:
+        self.notifications = 0
+        self._last: _SharedBatch | None = None
+
+    async def read(self, conn: Connection, after: LogPosition, limit: int, reader: str) -> Batch:
+        key, started, last = (after, limit, self.notifications), time.monotonic(), self._last
+        if last is not None and last.read == key and started - last.started < STATE_REUSE and reader not in last.takers:
+            last.takers.add(reader)
+            return last.batch
+        batch = await read_batch(conn, after, limit)
+        if batch.events:  # an empty read is cheap, and only a newer one may tell that it is over
+            self._last = _SharedBatch(key, started, batch, {reader})
+        return batch
+
+
+@dataclass
 class HeldBack:
     """Since when the projection waits for an older transaction, and which one, for the heartbeat."""
 
@@ -127,9 +158,16 @@ class HeldBack:
 
 
 class SyncWorker:
-    def __init__(self, settings: WorkerSettings, projector: Projector, worker_id: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        projector: Projector,
+        worker_id: str | None = None,
+        reads: SharedReads | None = None,
+    ) -> None:
         self._settings = settings
         self._projector = projector
+        self._reads = reads or SharedReads()  # shared with the process's other projection loops
         self._lease = Lease(projector.redis, projector.keys, worker_id or default_worker_id(), settings.lease_ttl)
         self._wake = asyncio.Event()
         self._held_back: HeldBack | None = None
@@ -234,7 +272,7 @@ class SyncWorker:
             await self._serve_parked_requests(conn, live)
         if checkpoint is None:
             await self._start_from_scratch(conn, live)
-        batch = await read_batch(conn, checkpoint or START, self._settings.batch_size)
+        batch = await self._reads.read(conn, checkpoint or START, self._settings.batch_size, self.projection)
         await self._track_held_back(conn, batch)
         if batch.events:
             checkpoint = await self._apply(live, checkpoint, batch.events)
@@ -497,6 +535,7 @@ class SyncWorker:
     def _notified(self, *_: object) -> None:
         """A NOTIFY of an append: wake the loop, and time how long until a batch starts on it."""
         self._wake.set()
+        self._reads.notifications += 1
         if self._notified_at is None and self.state == "active":
             self._notified_at = time.monotonic()
 

@@ -316,3 +316,64 @@ async def test_one_batch_moving_orders_between_indexes_leaves_exactly_their_inde
     }
     assert actual == expected
     assert {key.rsplit(":", 1)[-1] for key in expected if ":status:" in key} == {"CANCELLED", "CONFIRMED", "PENDING"}
+
+
+async def log_reads_of_a_step(worker: SyncWorker, database_url: str) -> tuple[int, bool]:
+    """How many times one step of `worker`'s loop read the event log, and whether it did anything."""
+    conn = await open_connection(database_url)
+    reads: list[str] = []
+    conn.add_query_logger(lambda query: reads.append(query.query) if "pg_snapshot_xmin" in query.query else None)
+    try:
+        await worker._lease.hold(worker._status())
+        worker._known = None
+        _, busy = await worker._step(conn)
+        await asyncio.sleep(0)  # asyncpg calls query loggers soon after, not at once
+        return len(reads), busy
+    finally:
+        await conn.close()
+
+
+async def test_projections_in_step_read_the_log_once(system: System, workers: dict[str, SyncWorker]) -> None:
+    """The second projection at the same checkpoint takes the rows the first one read (and decoded)."""
+    for worker in workers.values():
+        await log_reads_of_a_step(worker, system.database_url)
+    await system.commands.CreateOrder(create_request("in-step"))
+
+    assert await log_reads_of_a_step(workers[PROJECTION], system.database_url) == (1, True)
+    assert await log_reads_of_a_step(workers[SUMMARY_PROJECTION], system.database_url) == (0, True)
+    await assert_views_match_events(system.database_url, system.redis, system.keys)
+
+
+async def test_a_notification_after_the_shared_read_makes_the_next_projection_read_again(
+    system: System, workers: dict[str, SyncWorker]
+) -> None:
+    """An append notified after the first projection's read: the second does not take that older
+    batch (it may have cleared its wake-up on the newer append), it reads and applies both orders."""
+    for worker in workers.values():
+        await log_reads_of_a_step(worker, system.database_url)
+    await system.commands.CreateOrder(create_request("first"))
+    await log_reads_of_a_step(workers[PROJECTION], system.database_url)
+    await system.commands.CreateOrder(create_request("second"))
+    workers[SUMMARY_PROJECTION]._notified()  # what its listener does when the NOTIFY arrives
+
+    assert await log_reads_of_a_step(workers[SUMMARY_PROJECTION], system.database_url) == (1, True)
+    summaries = system.keys.of(SUMMARY_PROJECTION)
+    assert await system.redis.exists(summaries.summary_customer("first"), summaries.summary_customer("second")) == 2
+
+
+async def test_a_loop_never_takes_its_own_or_a_taken_batch(system: System, workers: dict[str, SyncWorker]) -> None:
+    """Appends that notify nobody (the poll fallback) are still found: the loop that read a batch, and
+    a loop that already took it, read the log afresh at their next step."""
+    for worker in workers.values():
+        await log_reads_of_a_step(worker, system.database_url)
+    await system.commands.CreateOrder(create_request("polled-1"))
+    await log_reads_of_a_step(workers[PROJECTION], system.database_url)
+    await log_reads_of_a_step(workers[SUMMARY_PROJECTION], system.database_url)  # takes it
+    await system.commands.CreateOrder(create_request("polled-2"))  # no listener: nobody is notified
+
+    # The taker reads afresh (and finds the new order); the reader of the first batch takes this one.
+    assert await log_reads_of_a_step(workers[SUMMARY_PROJECTION], system.database_url) == (1, True)
+    assert await log_reads_of_a_step(workers[PROJECTION], system.database_url) == (0, True)
+    # Its own batch, though, it never takes: with nothing new, it reads again and finds nothing.
+    assert await log_reads_of_a_step(workers[PROJECTION], system.database_url) == (1, False)
+    await assert_views_match_events(system.database_url, system.redis, system.keys)
