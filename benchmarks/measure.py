@@ -211,9 +211,18 @@ async def lag(bench: Bench, round_no: int) -> Figures:
 
 
 async def rebuild(bench: Bench, round_no: int) -> Figures:
+    return await _rebuild(bench, round_no, split=False)
+
+
+async def rebuild_split(bench: Bench, round_no: int) -> Figures:
+    return await _rebuild(bench, round_no, split=True)
+
+
+async def _rebuild(bench: Bench, round_no: int, split: bool) -> Figures:
     assert bench.history_head is not None
-    prefix = f"{bench.prefix}rebuild{round_no}:"
-    log = bench.log_dir / f"rebuild-worker-{round_no}.log"
+    name = "rebuild-split" if split else "rebuild"
+    prefix = f"{bench.prefix}{name}{round_no}:"
+    log = bench.log_dir / f"{name}-worker-{round_no}.log"
     meter = CpuMeter({"bench": os.getpid()}, bench.marker)
     try:
         figures = await rebuild_round(
@@ -225,6 +234,7 @@ async def rebuild(bench: Bench, round_no: int) -> Figures:
             log=log,
             timeout=REBUILD_TIMEOUT,
             progress=bench.progress,
+            split=split,
         )
     finally:
         cpu = await meter.stop()

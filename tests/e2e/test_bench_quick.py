@@ -60,8 +60,8 @@ def test_quick_bench_measures_everything_and_cleans_up(servers: Servers, tmp_pat
         if name in LATENCY:
             assert 0 < figures["p50_ms"] <= figures["p99_ms"] <= figures["max_ms"], name
         assert figures.get("errors", 0) == 0, name
-    rebuild = results["measurements"]["rebuild"]["rounds"][0]
-    assert rebuild["peak_rss_mb"] > 0
+    for name in ("rebuild", "rebuild-split"):
+        assert results["measurements"][name]["rounds"][0]["peak_rss_mb"] > 0, name
     assert results["measurements"]["lag"]["rounds"][0]["missing"] == 0
     assert results["machine"]["cpu_count"] >= 1
     labels = {c["label"] for c in results["checks"]}
