@@ -15,8 +15,10 @@ pointers, checkpoint, whether operators' requests or retired generations wait)
 and does the follow-up work only when there is some; applying a batch adds
 two (sync_worker.projector). Under steady load a step takes that state from
 the step before, for at most STATE_REUSE seconds, as long as nothing special
-is under way: the batch's guarded write still catches any change. The PostgreSQL head is only looked up while the
-projection is behind (`_measure_lag`).
+is under way: the batch's guarded write still catches any change. The loops of
+one process share the rows they read from the log while in step (SharedReads).
+The PostgreSQL head is only looked up while the projection is behind
+(`_measure_lag`).
 """
 
 from __future__ import annotations
