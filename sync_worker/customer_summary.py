@@ -16,12 +16,11 @@ from __future__ import annotations
 from dataclasses import replace
 
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
 
 from orders.errors import PoisonEvent
 from orders.events import OrderCreated, RecordedEvent
 from orders.views import CustomerSummaryView, OrderView, ViewKeys
-from sync_worker.projector import Projector, Values, Writes, fold_new, order_ids, order_views
+from sync_worker.projector import BatchWrites, Projector, Values, Writes, fold_new, order_ids, order_views
 
 SPENDING = {"CONFIRMED", "SHIPPED"}  # statuses whose order total counts as spent
 CUSTOMER_HINTS = 50_000  # orders whose customer the projector remembers (about 10 MB)
@@ -81,7 +80,7 @@ class CustomerSummaryProjector(Projector):
             except Exception as error:
                 raise PoisonEvent(last_event[order_id].position, order_id, error) from error
 
-        def writes(queue: Pipeline) -> None:
+        def writes(queue: BatchWrites) -> None:
             for order_id, view in changed.items():
                 queue.set(self.keys.summary_order(order_id), view.to_json())
             for customer_id, summary in summaries.items():

@@ -29,7 +29,6 @@ from collections.abc import Callable, Mapping
 from typing import cast
 
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError, WatchError
 
 from orders.consistency import LogPosition
@@ -38,7 +37,7 @@ from orders.events import RecordedEvent
 from orders.views import OrderView, ViewKeys, parse_generation
 from sync_worker.projection import project
 
-Writes = Callable[[Pipeline], None]  # queues a batch's writes (collected into the guarded write script)
+Arg = str | bytes | int | float
 Raw = str | bytes | None  # a string key's value as read
 Values = Mapping[str, Raw]  # key -> value, of the keys a projection `reads`
 
@@ -76,6 +75,52 @@ return 1
 """
 _SCRIPTS = {script: hashlib.sha1(script.encode()).hexdigest() for script in (_READ, _WRITE)}
 MAX_MEMBERS = 1000  # per ZADD / ZREM: Lua's unpack() has a stack limit
+
+
+class BatchWrites:
+    """A batch's writes as Redis commands, for the guarded write script (or a MULTI): built here
+    rather than through redis-py's command methods, which cost a rebuild more than the commands."""
+
+    def __init__(self) -> None:
+        self.commands: list[tuple[Arg, ...]] = []
+
+    def set(self, key: str, value: Arg) -> None:
+        self.commands.append(("SET", key, value))
+
+    def incrby(self, key: str, amount: int) -> None:
+        self.commands.append(("INCRBY", key, amount))
+
+    def delete(self, *keys: str) -> None:
+        self.commands.append(("DEL", *keys))
+
+    def publish(self, channel: str, message: str) -> None:
+        self.commands.append(("PUBLISH", channel, message))
+
+    def hset(self, key: str, field: str, value: Arg) -> None:
+        self.commands.append(("HSET", key, field, value))
+
+    def rpush(self, key: str, value: Arg) -> None:
+        self.commands.append(("RPUSH", key, value))
+
+    def zadd(self, key: str, scores: Mapping[str, int], nx: bool = False) -> None:
+        entries = [arg for member, score in scores.items() for arg in (score, member)]
+        for start in range(0, len(entries), 2 * MAX_MEMBERS):
+            self.commands.append(("ZADD", key, *(("NX",) if nx else ()), *entries[start : start + 2 * MAX_MEMBERS]))
+
+    def zrem(self, key: str, *members: str) -> None:
+        for start in range(0, len(members), MAX_MEMBERS):
+            self.commands.append(("ZREM", key, *members[start : start + MAX_MEMBERS]))
+
+    def script_args(self) -> list[Arg]:
+        """The commands as the write script reads them: each one's argument count, then its arguments."""
+        args: list[Arg] = []
+        for command in self.commands:
+            args.append(len(command))
+            args.extend(command)
+        return args
+
+
+Writes = Callable[[BatchWrites], None]  # queues a batch's writes
 
 
 class CheckpointMoved(Exception):
@@ -145,7 +190,7 @@ class Projector(ABC):
         batch = [e for e in events if e.stream_id not in parked]
         writes = await self.stage(batch, values, announce=live) if batch else None
 
-        def queue(pipe: Pipeline) -> None:
+        def queue(pipe: BatchWrites) -> None:
             if writes is not None:
                 writes(pipe)
             self._queue_parking(pipe, [e for e in events if e.stream_id in parked], park)
@@ -163,14 +208,12 @@ class Projector(ABC):
 
     async def _write_if_unmoved(self, guards: dict[str, Raw], queue: Writes) -> bool:
         """Runs the writes `queue` makes, in one step, if every guard key still has its value."""
-        recorder = self.redis.pipeline(transaction=False)  # never executed: it only collects the commands
-        queue(recorder)
-        args: list[str | bytes | int | float] = ["!" if v is None else f"={_text(v)}" for v in guards.values()]
-        for command, _options in recorder.command_stack:
-            args += [len(command), *command]
-        return bool(await self._script(_WRITE, list(guards), args))
+        writes = BatchWrites()
+        queue(writes)
+        expected: list[Arg] = ["!" if v is None else f"={_text(v)}" for v in guards.values()]
+        return bool(await self._script(_WRITE, list(guards), expected + writes.script_args()))
 
-    async def _script(self, script: str, keys: list[str], args: list[str | bytes | int | float]) -> object:
+    async def _script(self, script: str, keys: list[str], args: list[Arg]) -> object:
         try:
             return await self.redis.evalsha(_SCRIPTS[script], len(keys), *keys, *args)
         except NoScriptError:  # a restarted or flushed server: EVAL caches the script again
@@ -216,7 +259,7 @@ class Projector(ABC):
         except WatchError as error:
             raise CheckpointMoved("the generations moved during the switch") from error
 
-    def _queue_parking(self, pipe: Pipeline, events: list[RecordedEvent], park: dict[str, str]) -> None:
+    def _queue_parking(self, pipe: BatchWrites, events: list[RecordedEvent], park: dict[str, str]) -> None:
         for recorded in events:
             pipe.zadd(self.keys.parked, {recorded.stream_id: recorded.position}, nx=True)
             pipe.rpush(self.keys.parked_events(recorded.stream_id), recorded.position)
@@ -234,9 +277,11 @@ class Projector(ABC):
                 if lease != holder:
                     raise LeaseLost("the lease moved")
                 self._check_generation(pointer, None, live=True)
-                writes = await self.stage(events, values)
+                writes = BatchWrites()
+                (await self.stage(events, values))(writes)
                 pipe.multi()  # type: ignore[no-untyped-call]
-                writes(pipe)
+                for command in writes.commands:
+                    pipe.execute_command(*command)
                 pipe.zrem(self.keys.parked, order_id)
                 pipe.delete(self.keys.parked_events(order_id))
                 pipe.hdel(self.keys.parked_errors, order_id)
@@ -269,7 +314,7 @@ class OrdersProjector(Projector):
 
     def _queue_writes(
         self,
-        pipe: Pipeline,
+        pipe: BatchWrites,
         before: dict[str, OrderView | None],
         after: dict[str, OrderView | None],
         announce: bool,
@@ -293,12 +338,9 @@ class OrdersProjector(Projector):
                     entering[key][view.index_member()] = 0
             changed.append({"order_id": order_id, "customer_id": view.customer_id, "version": view.version})
         for key, members in leaving.items():
-            for start in range(0, len(members), MAX_MEMBERS):
-                pipe.zrem(key, *members[start : start + MAX_MEMBERS])
+            pipe.zrem(key, *members)
         for key, scores in entering.items():
-            entries = list(scores.items())
-            for start in range(0, len(entries), MAX_MEMBERS):
-                pipe.zadd(key, dict(entries[start : start + MAX_MEMBERS]))
+            pipe.zadd(key, scores)
         if changed and announce:
             # In the atomic write with the views: no reader hears of a change before it can read it, and
             # a batch that fails announces nothing. Live watches re-read the views they are told of.
