@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 from grpc_health.v1 import health, health_pb2
 
+from orders.tasks import cancel_until_ended
+
 if TYPE_CHECKING:
     import asyncpg  # the read service has no PostgreSQL at all, and does not import its driver
 
@@ -111,10 +113,7 @@ class StoreProbe:
         self._task = asyncio.create_task(self._run(), name=f"probe-{self._name}")
 
     async def stop(self) -> None:
-        task = self._task
-        while task is not None and not task.done():  # see CheckpointWatcher.stop
-            task.cancel()
-            await asyncio.wait({task}, timeout=0.1)
+        await cancel_until_ended(self._task)
 
     def report(self, problem: str) -> None:
         """An operation found the store unreachable: not ready at once, then probe to see when it is back."""

@@ -16,6 +16,7 @@ import redis.exceptions
 from redis.asyncio import Redis
 
 from orders.consistency import LogPosition
+from orders.tasks import cancel_until_ended
 from orders.views import LiveReader, ViewKeys
 
 log = logging.getLogger(__name__)
@@ -35,12 +36,7 @@ class CheckpointWatcher:
         self._task = asyncio.create_task(self._follow(), name="checkpoint-watcher")
 
     async def stop(self) -> None:
-        task = self._task
-        # On Python 3.11 a single cancel can be swallowed inside redis-py (asyncio.wait_for, CPython
-        # gh-86296), which would hang shutdown for ever: cancel until the task has really ended.
-        while task is not None and not task.done():
-            task.cancel()
-            await asyncio.wait({task}, timeout=0.1)
+        await cancel_until_ended(self._task)
 
     def reached(self, target: LogPosition) -> bool:
         return self.latest is not None and self.latest >= target

@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2
 from redis.asyncio import Redis
 
 from orders.readiness import Readiness
+from orders.tasks import cancel_until_ended
 from orders.views import PROJECTIONS, ViewKeys
 from sync_worker.lease import read_heartbeat
 
@@ -54,10 +55,7 @@ class ProjectionHealth:
         self._task = asyncio.create_task(self._watch(), name="projection-health")
 
     async def stop(self) -> None:
-        task = self._task
-        while task is not None and not task.done():  # see CheckpointWatcher.stop
-            task.cancel()
-            await asyncio.wait({task}, timeout=0.1)
+        await cancel_until_ended(self._task)
 
     async def check(self) -> None:
         """Reads the heartbeat once and updates the health statuses."""

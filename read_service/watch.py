@@ -35,6 +35,7 @@ import redis.exceptions
 from redis.asyncio import Redis
 
 from orders.errors import OrdersError
+from orders.tasks import cancel_until_ended
 from orders.views import ViewKeys
 
 log = logging.getLogger(__name__)
@@ -136,11 +137,7 @@ class ChangeFeed:
 
     async def stop(self) -> None:
         self.close()
-        task = self._task
-        # As in CheckpointWatcher.stop: a single cancel can be swallowed inside redis-py on 3.11.
-        while task is not None and not task.done():
-            task.cancel()
-            await asyncio.wait({task}, timeout=0.1)
+        await cancel_until_ended(self._task)
 
     def close(self) -> None:
         """Ends every open stream with UNAVAILABLE (server shutting down) and refuses new ones."""

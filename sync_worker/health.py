@@ -25,6 +25,7 @@ import asyncpg
 from redis.asyncio import Redis
 
 from orders.readiness import CHECK_EVERY, Readiness, StoreProbe, postgres_probe
+from orders.tasks import cancel_until_ended
 from sync_worker.worker import SyncWorker
 
 WORKER_SERVICE = "orders.sync_worker"
@@ -71,10 +72,7 @@ class WorkerHealth:
         self._task = asyncio.create_task(self._run(), name="worker-health")
 
     async def stop(self) -> None:
-        task = self._task
-        while task is not None and not task.done():  # see CheckpointWatcher.stop
-            task.cancel()
-            await asyncio.wait({task}, timeout=0.1)
+        await cancel_until_ended(self._task)
 
     async def _run(self) -> None:
         while True:
