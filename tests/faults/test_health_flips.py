@@ -119,67 +119,50 @@ def liveness_answers(*processes: Watched) -> set[tuple[int, str]]:
     return {answer for p in processes for answer in p.live}
 
 
-async def test_postgres_outage_flips_the_write_service_and_the_worker(
-    cluster: Cluster, http: aiohttp.ClientSession
+@dataclass(frozen=True)
+class Outage:
+    store: str  # as the readiness reasons name it
+    needed_by: tuple[str, str]  # the processes that turn NOT_SERVING
+    not_needed_by: str  # the one that stays SERVING
+
+
+OUTAGES = [Outage("PostgreSQL", ("write", "worker"), "read"), Outage("Redis", ("read", "worker"), "write")]
+
+
+@pytest.mark.parametrize("outage", OUTAGES, ids=lambda outage: outage.store)
+async def test_a_store_outage_flips_the_services_that_need_it(
+    cluster: Cluster, http: aiohttp.ClientSession, outage: Outage
 ) -> None:
-    """PostgreSQL stops: the write service and the worker turn NOT_SERVING (gRPC health and /readyz 503
-    naming PostgreSQL) within a few seconds, the read service, which never needs it, stays SERVING;
-    PostgreSQL starts again: all SERVING and 200 again. /livez and `liveness` stay up throughout."""
-    write = await start_watched(cluster, http, "write")
-    read = await start_watched(cluster, http, "read")
-    worker = await start_watched(cluster, http, "worker")
-    everyone = (write, read, worker)
+    """The store stops: the processes that need it turn NOT_SERVING (gRPC health and /readyz 503
+    naming the store) within a few seconds, the one that never needs it stays SERVING; the store
+    starts again (Redis empty): all SERVING and 200 again, and commands are accepted. /livez and
+    `liveness` stay up throughout."""
+    watched = {name: await start_watched(cluster, http, name) for name in ("write", "read", "worker")}
+    everyone = tuple(watched.values())
+    stop, start = {
+        "PostgreSQL": (cluster.servers.stop_postgres, cluster.servers.start_postgres),
+        "Redis": (cluster.servers.stop_redis, cluster.servers.start_redis),
+    }[outage.store]
 
     async def all_ready() -> None:
         for process in everyone:
             await process.assert_ready()
 
-    async def write_and_worker_down() -> None:
-        await write.assert_not_ready(because="PostgreSQL")
-        await worker.assert_not_ready(because="PostgreSQL")
+    async def needing_it_down() -> None:
+        for name in outage.needed_by:
+            await watched[name].assert_not_ready(because=outage.store)
 
     async with liveness_watched(*everyone):
         await eventually(all_ready, timeout=15)
         await cluster.commands.CreateOrder(create_request("health"), timeout=5)
-        await cluster.servers.stop_postgres()
-        flipped_in = await flip_time(write_and_worker_down)
-        await read.assert_ready()
-        await cluster.servers.start_postgres()
+        await stop()
+        flipped_in = await flip_time(needing_it_down)
+        await watched[outage.not_needed_by].assert_ready()
+        await start()
         back_in = await flip_time(all_ready, timeout=20)
         await cluster.commands.CreateOrder(create_request("health"), timeout=5)
 
-    print(f"PostgreSQL outage: NOT_SERVING after {flipped_in:.2f}s, SERVING {back_in:.2f}s after the restart")
-    assert liveness_answers(*everyone) == {(200, "live\n"), (0, "SERVING")}
-
-
-async def test_redis_outage_flips_the_read_service_and_the_worker(
-    cluster: Cluster, http: aiohttp.ClientSession
-) -> None:
-    """Redis stops: the read service and the worker turn NOT_SERVING (naming Redis) within a few
-    seconds, the write service, which never needs it, stays SERVING; Redis starts again (empty): all
-    SERVING again. /livez and `liveness` stay up throughout."""
-    write = await start_watched(cluster, http, "write")
-    read = await start_watched(cluster, http, "read")
-    worker = await start_watched(cluster, http, "worker")
-    everyone = (write, read, worker)
-
-    async def all_ready() -> None:
-        for process in everyone:
-            await process.assert_ready()
-
-    async def read_and_worker_down() -> None:
-        await read.assert_not_ready(because="Redis")
-        await worker.assert_not_ready(because="Redis")
-
-    async with liveness_watched(*everyone):
-        await eventually(all_ready, timeout=15)
-        await cluster.servers.stop_redis()
-        flipped_in = await flip_time(read_and_worker_down)
-        await write.assert_ready()
-        await cluster.servers.start_redis()
-        back_in = await flip_time(all_ready, timeout=20)
-
-    print(f"Redis outage: NOT_SERVING after {flipped_in:.2f}s, SERVING {back_in:.2f}s after the restart")
+    print(f"{outage.store} outage: NOT_SERVING after {flipped_in:.2f}s, SERVING {back_in:.2f}s after the restart")
     assert liveness_answers(*everyone) == {(200, "live\n"), (0, "SERVING")}
 
 
