@@ -38,7 +38,7 @@ import grpc
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
-from orders.consistency import LogPosition
+from orders.domain.consistency import LogPosition
 from orders.v1 import commands_pb2, commands_pb2_grpc, queries_pb2, queries_pb2_grpc, types_pb2
 
 DEFAULT_TIMEOUT = 10.0

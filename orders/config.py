@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import ssl
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
-from orders import logs, security, tracing
-from orders.client import TlsConfig
+from orders.telemetry import logs, tracing
 
 DEFAULT_WRITE_ADDRESS = "127.0.0.1:50051"
 DEFAULT_READ_ADDRESS = "127.0.0.1:50052"
@@ -200,45 +200,7 @@ def optional_path(text: str) -> Path | None:
     return Path(text) if text else None
 
 
-def add_security_arguments(parser: SettingsParser) -> None:
-    """TLS, mutual TLS and token authentication of a gRPC server (docs/security.md). After parsing,
-    the five settings are one, `security`: an orders.security.ServerSecurity whose files were read
-    and checked, or None (plaintext, no tokens)."""
-    add_setting(
-        parser,
-        "tls-cert-file",
-        "PEM certificate chain this server presents; with --tls-key-file turns on TLS (empty: plaintext)",
-        default="",
-        parse=optional_path,
-    )
-    add_setting(
-        parser, "tls-key-file", "PEM private key of --tls-cert-file (unencrypted)", default="", parse=optional_path
-    )
-    add_setting(
-        parser,
-        "tls-client-ca-file",
-        "PEM CA certificate(s); turns on mutual TLS: every client needs a certificate signed by one of them",
-        default="",
-        parse=optional_path,
-    )
-    add_setting(
-        parser,
-        "auth-tokens-file",
-        "TOML file of callers with their token's SHA-256 and scopes; turns on token authentication",
-        default="",
-        parse=optional_path,
-    )
-    add_setting(
-        parser,
-        "open-services",
-        "comma-separated services callable without a token, of: health, reflection (empty: none)",
-        default="health,reflection",
-        parse=security.open_service_names,
-    )
-    parser.finishers.append(_server_security)
-
-
-def _in_setting(flag: str, check: Callable[[], Any]) -> Any:
+def in_setting(flag: str, check: Callable[[], Any]) -> Any:
     """`check()`, with its ValueError's message prefixed by the setting's flag and variable."""
     try:
         return check()
@@ -246,11 +208,11 @@ def _in_setting(flag: str, check: Callable[[], Any]) -> Any:
         raise ValueError(f"--{flag} ({env_name(flag)}): {error}") from None
 
 
-def _pop(namespace: argparse.Namespace, *flags: str) -> list[Any]:
+def pop_settings(namespace: argparse.Namespace, *flags: str) -> list[Any]:
     return [vars(namespace).pop(flag.replace("-", "_"), None) for flag in flags]
 
 
-def _both_or_neither(cert: Path | None, key: Path | None, purpose: str) -> None:
+def both_or_neither(cert: Path | None, key: Path | None, purpose: str) -> None:
     if (cert is None) != (key is None):
         given, missing = ("tls-cert-file", "tls-key-file") if key is None else ("tls-key-file", "tls-cert-file")
         raise ValueError(
@@ -259,77 +221,44 @@ def _both_or_neither(cert: Path | None, key: Path | None, purpose: str) -> None:
         )
 
 
-def _server_security(namespace: argparse.Namespace) -> None:
-    cert, key, client_ca, tokens_file, open_services = _pop(
-        namespace, "tls-cert-file", "tls-key-file", "tls-client-ca-file", "auth-tokens-file", "open-services"
-    )
-    _both_or_neither(cert, key, "TLS")
-    tls = None
-    if client_ca is not None and cert is None:
+def read_pem(path: Path, what: str) -> bytes:
+    """The bytes of a PEM file holding `what` ("certificate" or "private key"), or a ValueError
+    that names the file and the problem."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise ValueError(f"cannot read {path}: {error.strerror or error}") from None
+    marker = b"PRIVATE KEY-----" if what == "private key" else b"-----BEGIN CERTIFICATE-----"
+    if marker not in data:
+        raise ValueError(f"{path} is not a PEM {what} (no '{marker.decode().strip('-')}' block)")
+    return data
+
+
+def _no_passphrase() -> bytes:
+    raise ValueError("the private key is encrypted: give an unencrypted key (gRPC cannot ask for a passphrase)")
+
+
+def check_key_pair(cert_file: Path, key_file: Path) -> None:
+    """Raises ValueError unless `key_file` is the private key of the certificate in `cert_file`."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert_file, key_file, password=_no_passphrase)
+    except ssl.SSLError as error:
         raise ValueError(
-            "--tls-client-ca-file (ORDERS_TLS_CLIENT_CA_FILE): mutual TLS needs TLS: "
-            "set --tls-cert-file and --tls-key-file too"
-        )
-    if cert is not None and key is not None:
-        _in_setting("tls-cert-file", lambda: security.read_pem(cert, "certificate"))
-        _in_setting("tls-key-file", lambda: security.read_pem(key, "private key"))
-        if client_ca is not None:
-            _in_setting("tls-client-ca-file", lambda: security.read_pem(client_ca, "certificate"))
-            _in_setting("tls-client-ca-file", lambda: security.check_ca(client_ca))
-        tls = _in_setting("tls-key-file", lambda: security.load_server_tls(cert, key, client_ca))
-    tokens = None
-    if tokens_file is not None:
-        tokens = _in_setting("auth-tokens-file", lambda: security.load_token_table(tokens_file))
-    configured = tls is not None or tokens is not None
-    namespace.security = security.ServerSecurity(tls, tokens, open_services) if configured else None
+            f"{key_file} is not the private key of the certificate in {cert_file}, or one of them is "
+            f"damaged ({error.reason or error})"
+        ) from None
 
 
-def add_client_security_arguments(parser: SettingsParser) -> None:
-    """TLS and the bearer token of a client of our servers (the same variables as the servers'
-    where they mean the same). After parsing, the TLS settings are one, `tls`: an
-    orders.client.TlsConfig whose files were checked, or None (plaintext); `auth_token` stays."""
-    add_setting(
-        parser,
-        "tls-ca-file",
-        "PEM CA certificate(s) that signed the servers' certificates; turns on TLS "
-        "('system': the system's trusted roots; empty: plaintext)",
-        default="",
-    )
-    add_setting(
-        parser,
-        "tls-cert-file",
-        "PEM certificate of this client, for mutual TLS (with --tls-key-file)",
-        default="",
-        parse=optional_path,
-    )
-    add_setting(parser, "tls-key-file", "PEM private key of --tls-cert-file", default="", parse=optional_path)
-    add_setting(
-        parser,
-        "tls-server-name",
-        "name to check the servers' certificates against, when not the host of the address",
-        default="",
-    )
-    add_setting(parser, "auth-token", "bearer token sent with every call (docs/security.md)", default="", secret=True)
-    parser.finishers.append(_client_tls)
-
-
-def _client_tls(namespace: argparse.Namespace) -> None:
-    ca_setting, cert, key, server_name = _pop(
-        namespace, "tls-ca-file", "tls-cert-file", "tls-key-file", "tls-server-name"
-    )
-    _both_or_neither(cert, key, "mutual TLS")
-    ca = None if ca_setting in ("", "system", None) else Path(ca_setting)
-    if ca is not None:
-        _in_setting("tls-ca-file", lambda: security.read_pem(ca, "certificate"))
-        _in_setting("tls-ca-file", lambda: security.check_ca(ca))
-    if cert is not None and key is not None:
-        _in_setting("tls-cert-file", lambda: security.read_pem(cert, "certificate"))
-        _in_setting("tls-key-file", lambda: security.read_pem(key, "private key"))
-        _in_setting("tls-key-file", lambda: security.check_key_pair(cert, key))
-    enabled = bool(ca_setting) or cert is not None or bool(server_name)
-    namespace.tls = TlsConfig(ca, cert, key, server_name or None) if enabled else None
+def check_ca(ca_file: Path) -> None:
+    """Raises ValueError unless `ca_file` holds at least one readable CA certificate."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cafile=ca_file)
+    except ssl.SSLError as error:
+        raise ValueError(f"{ca_file} holds no readable certificate ({error.reason or error})") from None
 
 
 def setup_logging(level: str = "INFO", fmt: str = "auto") -> None:
-    """Structured logs on stderr (orders.logs): JSON lines, or text on a terminal."""
+    """Structured logs on stderr (orders.telemetry.logs): JSON lines, or text on a terminal."""
     logs.setup_logging(level, fmt)

@@ -15,9 +15,9 @@ import logging
 import redis.exceptions
 from redis.asyncio import Redis
 
-from orders.consistency import LogPosition
-from orders.tasks import cancel_until_ended
-from orders.views import LiveReader, ViewKeys
+from orders.domain.consistency import LogPosition
+from orders.server.tasks import cancel_until_ended
+from orders.store.views import LiveReader, ViewKeys
 
 log = logging.getLogger(__name__)
 

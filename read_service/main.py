@@ -8,12 +8,14 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from orders import config, tracing
-from orders.grpc_server import RunningServer, run, start_server, stop_on_signals
-from orders.ops_server import start_ops_server
-from orders.readiness import Readiness
-from orders.security import ServerSecurity
-from orders.views import PROJECTIONS, ViewKeys, redis_client
+from orders import config
+from orders.server import settings as server_settings
+from orders.server.grpc_server import RunningServer, run, start_server, stop_on_signals
+from orders.server.ops_server import start_ops_server
+from orders.server.readiness import Readiness
+from orders.server.security import ServerSecurity
+from orders.store.views import PROJECTIONS, ViewKeys, redis_client
+from orders.telemetry import tracing
 from read_service.freshness import CheckpointWatcher
 from read_service.projection_health import ProjectionHealth
 from read_service.servicer import SERVICE, OrderQueriesServicer
@@ -62,7 +64,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> ReadSettings:
     )
     config.add_log_argument(parser)
     config.add_tracing_argument(parser)
-    config.add_security_arguments(parser)
+    server_settings.add_security_arguments(parser)
     return ReadSettings(**vars(parser.parse_args(argv)))
 
 

@@ -4,7 +4,7 @@ A worker's liveness is judged from its heartbeat (sync_worker.lease), not from
 lag: lag reads 0 when the worker is dead and nothing is written. The health
 service reports:
     ""  and  orders.v1.OrderQueries   NOT_SERVING while Redis is unreachable or does not answer within
-                                      CHECK_TIMEOUT (through the process's orders.readiness.Readiness,
+                                      CHECK_TIMEOUT (through the process's orders.server.readiness.Readiness,
                                       which /readyz of the ops endpoint reports as well)
     orders.projection.NAME            NOT_SERVING while no worker of projection NAME has renewed
                                       its heartbeat within the heartbeat timeout, or while that
@@ -21,10 +21,10 @@ import redis.exceptions
 from grpc_health.v1 import health, health_pb2
 from redis.asyncio import Redis
 
-from orders.readiness import Readiness
-from orders.tasks import cancel_until_ended
-from orders.views import PROJECTIONS, ViewKeys
-from sync_worker.lease import read_heartbeat
+from orders.server.readiness import Readiness
+from orders.server.tasks import cancel_until_ended
+from orders.store.heartbeat import read_heartbeat
+from orders.store.views import PROJECTIONS, ViewKeys
 
 log = logging.getLogger(__name__)
 

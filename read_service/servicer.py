@@ -16,9 +16,8 @@ import redis.exceptions
 from google.protobuf.timestamp_pb2 import Timestamp
 from redis.asyncio import Redis
 
-from orders.consistency import LogPosition
-from orders.domain import ID_PATTERN
-from orders.errors import (
+from orders.domain.consistency import LogPosition
+from orders.domain.errors import (
     CustomerNotFound,
     DeadlineExceeded,
     FieldViolation,
@@ -28,11 +27,9 @@ from orders.errors import (
     Unavailable,
     ViewsNotReady,
 )
-from orders.metrics import count_store_error
-from orders.rpc_errors import ErrorTable, to_status, translate_errors
-from orders.v1 import queries_pb2 as pb
-from orders.v1 import queries_pb2_grpc, types_pb2
-from orders.views import (
+from orders.domain.rules import ID_PATTERN
+from orders.server.rpc_errors import ErrorTable, to_status, translate_errors
+from orders.store.views import (
     GENERATION_PREFIX_LUA,
     PROJECTION,
     SUMMARY_PROJECTION,
@@ -41,6 +38,9 @@ from orders.views import (
     OrderView,
     ViewKeys,
 )
+from orders.telemetry.metrics import count_store_error
+from orders.v1 import queries_pb2 as pb
+from orders.v1 import queries_pb2_grpc, types_pb2
 from read_service.freshness import CheckpointWatcher
 from read_service.watch import MAX_WATCHED_ORDERS, ChangeFeed, ClientTooSlow, ShuttingDown, WatchLimit
 

@@ -2,7 +2,7 @@
 the open WatchOrder and WatchCustomerOrders streams.
 
 The orders projection publishes, inside each batch's atomic write, which orders the batch changed,
-with their customers and new versions (`changes:orders`, see orders.views). So no notification
+with their customers and new versions (`changes:orders`, see orders.store.views). So no notification
 comes before its data. A notification only says "changed": a stream re-reads the view before it
 sends it, so a late, repeated or merged notification does no harm.
 
@@ -34,9 +34,9 @@ from typing import Any
 import redis.exceptions
 from redis.asyncio import Redis
 
-from orders.errors import OrdersError
-from orders.tasks import cancel_until_ended
-from orders.views import ViewKeys
+from orders.domain.errors import OrdersError
+from orders.server.tasks import cancel_until_ended
+from orders.store.views import ViewKeys
 
 log = logging.getLogger(__name__)
 

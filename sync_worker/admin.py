@@ -20,14 +20,14 @@ import grpc
 import redis.exceptions
 from redis.asyncio import Redis
 
-from orders.consistency import START, LogPosition
-from orders.errors import FieldViolation, InvalidQuery, OrderNotParked, Unavailable
-from orders.metrics import count_store_error
-from orders.rpc_errors import ErrorTable, translate_errors
+from orders.domain.consistency import START, LogPosition
+from orders.domain.errors import FieldViolation, InvalidQuery, OrderNotParked, Unavailable
+from orders.server.rpc_errors import ErrorTable, translate_errors
+from orders.store.heartbeat import read_heartbeat
+from orders.store.views import PROJECTIONS, ViewKeys, parse_generation
+from orders.telemetry.metrics import count_store_error
 from orders.v1 import admin_pb2 as pb
 from orders.v1 import admin_pb2_grpc
-from orders.views import PROJECTIONS, ViewKeys, parse_generation
-from sync_worker.lease import read_heartbeat
 from sync_worker.projector import delete_views
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ProjectionAdmin"]

@@ -17,9 +17,9 @@ from dataclasses import replace
 
 from redis.asyncio import Redis
 
-from orders.errors import PoisonEvent
-from orders.events import OrderCreated, RecordedEvent
-from orders.views import CustomerSummaryView, OrderView, ViewKeys
+from orders.domain.errors import PoisonEvent
+from orders.domain.events import OrderCreated, RecordedEvent
+from orders.store.views import CustomerSummaryView, OrderView, ViewKeys
 from sync_worker.projector import BatchWrites, Projector, Values, Writes, fold_new, order_ids, order_views
 
 SPENDING = {"CONFIRMED", "SHIPPED"}  # statuses whose order total counts as spent

@@ -24,8 +24,8 @@ from collections.abc import Sequence
 import asyncpg
 from redis.asyncio import Redis
 
-from orders.readiness import CHECK_EVERY, Readiness, StoreProbe, postgres_probe
-from orders.tasks import cancel_until_ended
+from orders.server.readiness import CHECK_EVERY, Readiness, StoreProbe, postgres_probe
+from orders.server.tasks import cancel_until_ended
 from sync_worker.worker import SyncWorker
 
 WORKER_SERVICE = "orders.sync_worker"

@@ -4,9 +4,10 @@ Several workers may run for availability; only the lease holder applies
 batches, the others stand by. The holder renews the lease (and writes its
 heartbeat) at least every `ttl / 5` seconds from its main loop, so a worker
 that dies or freezes loses the lease after `ttl` and a standby takes over.
-The lease also fences writes: the projector WATCHes the lease key and applies
-a batch only while this worker still holds it, so a frozen worker that wakes
-up after losing its lease cannot apply anything.
+The lease also fences writes: a batch's guarded write script compares the
+lease holder with this worker and writes nothing otherwise, so a frozen worker
+that wakes up after losing its lease cannot apply anything. Readers of the
+heartbeat (the read service's projection health) use orders.store.heartbeat.
 
 Times come from the Redis server's clock (TIME), so readers of the heartbeat
 on other hosts need no synchronised clocks.
@@ -20,7 +21,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from orders.views import ViewKeys
+from orders.store.views import ViewKeys
 
 # KEYS: lease, heartbeat, paused flag. ARGV: worker id, ttl ms, heartbeat JSON without its time.
 # Returns 0 when another worker holds the lease, 1 when held, 2 when held but paused by an operator.
@@ -43,12 +44,6 @@ return 1
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
-"""
-
-# KEYS: heartbeat. Returns the heartbeat and the server's time in ms.
-_READ_HEARTBEAT = """
-local now = redis.call('TIME')
-return {redis.call('GET', KEYS[1]), tostring(now[1] * 1000 + math.floor(now[2] / 1000))}
 """
 
 
@@ -90,12 +85,3 @@ class Lease:
     def forget(self) -> None:
         """Called when a write found the lease gone: take it again before the next batch."""
         self._renewed_at = -float("inf")
-
-
-async def read_heartbeat(redis: Redis, keys: ViewKeys) -> tuple[dict[str, Any] | None, float]:
-    """The active worker's last heartbeat and its age in seconds by the Redis clock (inf if none)."""
-    raw, now_ms = await redis.register_script(_READ_HEARTBEAT)(keys=[keys.heartbeat])
-    if raw is None:
-        return None, float("inf")
-    beat: dict[str, Any] = json.loads(raw)
-    return beat, (int(now_ms) - int(beat["at_ms"])) / 1000

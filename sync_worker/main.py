@@ -10,13 +10,15 @@ from dataclasses import dataclass
 import asyncpg
 from redis.asyncio import Redis
 
-from orders import config, tracing
-from orders.event_store import connect
-from orders.grpc_server import RunningServer, run, start_server, stop_on_signals
-from orders.ops_server import start_ops_server
-from orders.readiness import Readiness
-from orders.security import ServerSecurity
-from orders.views import PROJECTION, SUMMARY_PROJECTION, ViewKeys, redis_client
+from orders import config
+from orders.server import settings as server_settings
+from orders.server.grpc_server import RunningServer, run, start_server, stop_on_signals
+from orders.server.ops_server import start_ops_server
+from orders.server.readiness import Readiness
+from orders.server.security import ServerSecurity
+from orders.store.event_store import connect
+from orders.store.views import PROJECTION, SUMMARY_PROJECTION, ViewKeys, redis_client
+from orders.telemetry import tracing
 from sync_worker.admin import SERVICE as ADMIN_SERVICE
 from sync_worker.admin import ProjectionAdminServicer
 from sync_worker.customer_summary import CustomerSummaryProjector
@@ -109,7 +111,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> SyncSettings:
     )
     config.add_log_argument(parser)
     config.add_tracing_argument(parser)
-    config.add_security_arguments(parser)  # for the ProjectionAdmin server
+    server_settings.add_security_arguments(parser)  # for the ProjectionAdmin server
     return SyncSettings(**vars(parser.parse_args(argv)))
 
 

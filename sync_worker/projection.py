@@ -6,7 +6,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from orders.events import (
+from orders.domain.events import (
     Event,
     ItemAdded,
     ItemRemoved,
@@ -17,7 +17,7 @@ from orders.events import (
     RecordedEvent,
     ShippingAddressChanged,
 )
-from orders.views import OrderView, ViewLine
+from orders.store.views import OrderView, ViewLine
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 

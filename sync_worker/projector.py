@@ -31,10 +31,10 @@ from typing import cast
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, WatchError
 
-from orders.consistency import LogPosition
-from orders.errors import PoisonEvent
-from orders.events import RecordedEvent
-from orders.views import OrderView, ViewKeys, parse_generation
+from orders.domain.consistency import LogPosition
+from orders.domain.errors import PoisonEvent
+from orders.domain.events import RecordedEvent
+from orders.store.views import OrderView, ViewKeys, parse_generation
 from sync_worker.projection import project
 
 Arg = str | bytes | int | float
@@ -302,7 +302,7 @@ class Projector(ABC):
 
 
 class OrdersProjector(Projector):
-    """The order views, the listing indexes and the change notifications for live watches (orders.views)."""
+    """The order views, the listing indexes and the change notifications for live watches (orders.store.views)."""
 
     def reads(self, events: list[RecordedEvent]) -> list[str]:
         return [self.keys.order(i) for i in order_ids(events)]

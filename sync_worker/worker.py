@@ -38,10 +38,10 @@ from typing import Any
 import asyncpg
 import redis.exceptions
 
-from orders import tracing
-from orders.consistency import START, LogPosition
-from orders.errors import PoisonEvent
-from orders.event_store import (
+from orders.domain.consistency import START, LogPosition
+from orders.domain.errors import PoisonEvent
+from orders.domain.events import RecordedEvent, event_type
+from orders.store.event_store import (
     NOTIFY_CHANNEL,
     Batch,
     Connection,
@@ -51,9 +51,9 @@ from orders.event_store import (
     read_batch,
     read_positions,
 )
-from orders.events import RecordedEvent, event_type
-from orders.metrics import ProjectionMetrics, count_store_error
-from orders.views import parse_generation
+from orders.store.views import parse_generation
+from orders.telemetry import tracing
+from orders.telemetry.metrics import ProjectionMetrics, count_store_error
 from sync_worker.lease import Lease
 from sync_worker.projector import CheckpointMoved, LeaseLost, Projector, delete_views
 

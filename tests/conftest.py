@@ -21,8 +21,8 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from orders.migrations import migrate_url
-from orders.views import ViewKeys, redis_client
+from orders.store.migrations import migrate_url
+from orders.store.views import ViewKeys, redis_client
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def servers() -> Iterator[Servers]:
     stops: list[Callable[[], None]] = []
     with server_directory() as root:
         if not postgres_url or not redis_url:
-            from orders.embedded import start_postgres, start_redis  # noqa: PLC0415 - only when needed
+            from orders.tools.embedded import start_postgres, start_redis  # noqa: PLC0415 - only when needed
 
             if not postgres_url:
                 postgres = start_postgres(root / "postgres", fsync=False)

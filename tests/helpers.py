@@ -15,10 +15,10 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from redis.asyncio import Redis
 
-from orders.event_store import open_connection, read_log
-from orders.events import RecordedEvent
+from orders.domain.events import RecordedEvent
+from orders.store.event_store import open_connection, read_log
+from orders.store.views import OrderView, ViewKeys, parse_generation
 from orders.v1 import commands_pb2, types_pb2
-from orders.views import OrderView, ViewKeys, parse_generation
 from sync_worker.projection import fold
 
 T = TypeVar("T")

@@ -2,8 +2,8 @@
 
 Every command targets one order. The common path is one PostgreSQL round trip:
 the order's state comes from a cache of states this process has seen, the pure
-rules decide (orders.domain), and one statement appends the events guarded by
-the order's version and the command's id (orders.event_store). The cache is a
+rules decide (orders.domain.rules), and one statement appends the events guarded by
+the order's version and the command's id (orders.store.event_store). The cache is a
 hint, never the truth: an append on a stale version conflicts on the version's
 unique key, and a refusal decided on cached state is decided again on events
 read from the store, so a cache that is behind (another replica wrote) costs a
@@ -18,12 +18,12 @@ import json
 from collections import OrderedDict
 from typing import Any
 
-from orders.commands import CommandEnvelope, CreateOrder
-from orders.domain import OrderState, decide, evolve, replay, validate
-from orders.errors import ConcurrencyConflict, OrdersError
-from orders.event_store import AppendRequest, AppendResult, EventStore, VersionTaken, command_deadline
-from orders.events import Event
-from orders.tracing import current_traceparent
+from orders.domain.commands import CommandEnvelope, CreateOrder
+from orders.domain.errors import ConcurrencyConflict, OrdersError
+from orders.domain.events import Event
+from orders.domain.rules import OrderState, decide, evolve, replay, validate
+from orders.store.event_store import AppendRequest, AppendResult, EventStore, VersionTaken, command_deadline
+from orders.telemetry.tracing import current_traceparent
 
 ATTEMPTS = 5  # decisions per command: the first may use cached state, every later one reads the store
 DEFAULT_CACHE_SIZE = 10_000  # order states kept, least recently used dropped first
@@ -149,7 +149,7 @@ def _metadata(envelope: CommandEnvelope) -> dict[str, Any]:
     }
     if envelope.caller is not None:
         metadata["caller"] = envelope.caller
-    traceparent = current_traceparent()  # None unless tracing is on (orders.tracing)
+    traceparent = current_traceparent()  # None unless tracing is on (orders.telemetry.tracing)
     if traceparent is not None:
         metadata["traceparent"] = traceparent
     return metadata

@@ -8,12 +8,14 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from orders import config, tracing
-from orders.event_store import EventStore, connect
-from orders.grpc_server import RunningServer, run, start_server, stop_on_signals
-from orders.ops_server import start_ops_server
-from orders.readiness import Readiness, StoreProbe, postgres_probe
-from orders.security import ServerSecurity
+from orders import config
+from orders.server import settings as server_settings
+from orders.server.grpc_server import RunningServer, run, start_server, stop_on_signals
+from orders.server.ops_server import start_ops_server
+from orders.server.readiness import Readiness, StoreProbe, postgres_probe
+from orders.server.security import ServerSecurity
+from orders.store.event_store import EventStore, connect
+from orders.telemetry import tracing
 from write_service.command_bus import DEFAULT_CACHE_SIZE, CommandBus
 from write_service.servicer import SERVICE, OrderCommandsServicer
 
@@ -53,7 +55,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> WriteSettings:
     )
     config.add_log_argument(parser)
     config.add_tracing_argument(parser)
-    config.add_security_arguments(parser)
+    server_settings.add_security_arguments(parser)
     return WriteSettings(**vars(parser.parse_args(argv)))
 
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import grpc
 
-from orders.commands import (
+from orders.domain.commands import (
     AddItem,
     CancelOrder,
     ChangeShippingAddress,
@@ -18,7 +18,7 @@ from orders.commands import (
     RemoveItem,
     ShipOrder,
 )
-from orders.errors import (
+from orders.domain.errors import (
     CommandIdReused,
     ConcurrencyConflict,
     DeadlineExceeded,
@@ -28,12 +28,11 @@ from orders.errors import (
     RuleViolation,
     Unavailable,
 )
-from orders.event_store import AppendResult
-from orders.events import Address
-from orders.logs import correlation_id, correlation_id_from
-from orders.metrics import count_command
-from orders.rpc_errors import ErrorTable, translate_errors
-from orders.security import current_caller
+from orders.domain.events import Address
+from orders.server.rpc_errors import ErrorTable, translate_errors
+from orders.store.event_store import AppendResult
+from orders.telemetry.logs import correlation_id, correlation_id_from, current_caller
+from orders.telemetry.metrics import count_command
 from orders.v1 import commands_pb2 as pb
 from orders.v1 import commands_pb2_grpc, types_pb2
 from write_service.command_bus import CommandBus
@@ -53,7 +52,7 @@ ERRORS: ErrorTable = {
     DeadlineExceeded: (grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED"),
     Unavailable: (grpc.StatusCode.UNAVAILABLE, "EVENT_STORE_UNAVAILABLE"),
 }
-# The outcome label of orders_commands_total (orders.metrics) for each refusal; any other error is "error".
+# The outcome label of orders_commands_total (orders.telemetry.metrics) for each refusal; any other error is "error".
 OUTCOMES: dict[type[Exception], str] = {
     InvalidCommand: "invalid",
     OrderNotFound: "refused",
@@ -106,7 +105,7 @@ class OrderCommandsServicer(commands_pb2_grpc.OrderCommandsServicer):
             command,
             command_id=request.command_id or None,
             expected_version=request.expected_version if request.HasField("expected_version") else None,
-            # Set for the call by orders.correlation.CorrelationInterceptor (start_server installs it).
+            # Set for the call by orders.server.correlation.CorrelationInterceptor (start_server installs it).
             correlation_id=correlation_id.get() or correlation_id_from(context.invocation_metadata()),
             caller=current_caller.get(),
         )

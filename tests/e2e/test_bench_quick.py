@@ -14,8 +14,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from benchmarks.main import BY_NAME, MEASUREMENTS
-from orders.views import redis_client
+from orders.store.views import redis_client
+from orders_bench.main import BY_NAME, MEASUREMENTS
 from tests.conftest import Servers
 
 pytestmark = pytest.mark.slow
@@ -27,7 +27,7 @@ LATENCY = CEILINGS | {"create", "lifecycle", "ack", "get", "list", "lag"}
 
 def run_bench(servers: Servers, json_out: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERS_")}
-    command = [sys.executable, "-m", "benchmarks", "--quick", "--rounds", "1", "--duration", "0.5", "--warmup", "0.2"]
+    command = [sys.executable, "-m", "orders_bench", "--quick", "--rounds", "1", "--duration", "0.5", "--warmup", "0.2"]
     command += ["--rebuild-events", "2000", "--read-orders", "100", "--json-out", str(json_out)]
     command += ["--postgres-url", servers.postgres_url, "--redis-url", servers.redis_url]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240, check=False)

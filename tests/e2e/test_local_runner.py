@@ -16,9 +16,9 @@ import asyncpg
 import grpc
 import pytest
 
-from orders.embedded import free_port
+from orders.store.views import redis_client
+from orders.tools.embedded import free_port
 from orders.v1 import commands_pb2, commands_pb2_grpc, queries_pb2, queries_pb2_grpc
-from orders.views import redis_client
 from tests.conftest import Servers
 
 pytestmark = pytest.mark.slow
@@ -28,7 +28,7 @@ def start_runner(data_dir: Path, write: str, read: str, **settings: str) -> subp
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERS_")}
     env.update(ORDERS_DATA_DIR=str(data_dir), ORDERS_WRITE_ADDRESS=write, ORDERS_READ_ADDRESS=read, **settings)
     env.setdefault("ORDERS_ADMIN_ADDRESS", f"127.0.0.1:{free_port()}")
-    runner = subprocess.Popen([sys.executable, "-m", "orders.local_runner"], env=env, stdout=subprocess.PIPE, text=True)
+    runner = subprocess.Popen([sys.executable, "-m", "orders.tools.local"], env=env, stdout=subprocess.PIPE, text=True)
     assert runner.stdout is not None
     deadline = time.monotonic() + 90
     for line in runner.stdout:
@@ -52,7 +52,7 @@ def test_one_command_runs_the_system_and_a_restart_keeps_the_orders(server_dir: 
     runner = start_runner(server_dir / "data", write, read, ORDERS_ADMIN_ADDRESS=admin)
     try:
         listing = subprocess.run(
-            [sys.executable, "-m", "orders.admin_cli", "--admin-address", admin, "list"],
+            [sys.executable, "-m", "orders.cli.admin", "--admin-address", admin, "list"],
             capture_output=True,
             text=True,
             timeout=30,

@@ -28,12 +28,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.asyncio import Redis
 
-from orders.embedded import EmbeddedServer, free_port, start_postgres, start_redis
-from orders.event_store import head, open_connection
-from orders.migrations import migrate_url
+from orders.store.event_store import head, open_connection
+from orders.store.migrations import migrate_url
+from orders.store.views import ViewKeys, redis_client
+from orders.tools.embedded import EmbeddedServer, free_port, start_postgres, start_redis
 from orders.v1 import commands_pb2 as cmd
 from orders.v1 import commands_pb2_grpc, queries_pb2_grpc
-from orders.views import ViewKeys, redis_client
 from tests.helpers import add_item_request, an_address, assert_views_match_events, create_request, eventually
 
 pytestmark = [pytest.mark.embedded, pytest.mark.slow]

@@ -18,7 +18,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from orders.embedded import free_port
+from orders.tools.embedded import free_port
 from tests.faults.conftest import Cluster, Service, held_transaction
 from tests.helpers import create_request, eventually
 

@@ -14,9 +14,9 @@ import asyncpg
 import grpc
 import pytest
 
+from orders.store.heartbeat import read_heartbeat
 from orders.v1 import queries_pb2 as qry
 from read_service.projection_health import NOT_SERVING, PROJECTION_SERVICE, SERVING
-from sync_worker.lease import read_heartbeat
 from tests.faults.conftest import Cluster, Load, assert_consistent, held_transaction, run_load_while
 from tests.helpers import create_request, eventually
 from tests.integration.test_no_skip import writer

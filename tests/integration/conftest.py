@@ -13,9 +13,9 @@ import grpc
 import pytest
 from redis.asyncio import Redis
 
-from orders.event_store import connect
+from orders.store.event_store import connect
+from orders.store.views import PROJECTIONS, ViewKeys
 from orders.v1 import commands_pb2_grpc, queries_pb2_grpc
-from orders.views import PROJECTIONS, ViewKeys
 from read_service.main import ReadService, start_read_service
 from sync_worker.main import build_workers
 from sync_worker.worker import SyncWorker, WorkerSettings

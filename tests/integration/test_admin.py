@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from orders.event_store import connect
-from orders.grpc_server import RunningServer
+from orders.server.grpc_server import RunningServer
+from orders.store.event_store import connect
 from orders.v1 import admin_pb2 as pb
 from orders.v1 import admin_pb2_grpc
 from orders.v1 import queries_pb2 as qry
@@ -185,7 +185,7 @@ async def test_command_line_lists_pauses_resumes_and_rebuilds(
     _, port = admin
     last = await make_orders(system, 5)
     await system.queries.GetOrder(last)
-    cli = [sys.executable, "-m", "orders.admin_cli", "--admin-address", f"127.0.0.1:{port}"]
+    cli = [sys.executable, "-m", "orders.cli.admin", "--admin-address", f"127.0.0.1:{port}"]
 
     listed = await run(*cli, "list")
     as_json = await run(*cli, "--json", "list")

@@ -23,7 +23,7 @@ from google.protobuf.descriptor import FieldDescriptor, MethodDescriptor, Servic
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 
-from orders.grpc_server import MAX_MESSAGE_BYTES
+from orders.server.grpc_server import MAX_MESSAGE_BYTES
 from orders.v1 import commands_pb2 as cmd
 from orders.v1 import commands_pb2_grpc, types_pb2
 from orders.v1 import queries_pb2 as qry

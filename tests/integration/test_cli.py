@@ -59,7 +59,7 @@ async def start(env: dict[str, str], *argv: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "orders.cli",
+        "orders.cli.main",
         *argv,
         env=env,
         stdout=asyncio.subprocess.PIPE,

@@ -1,7 +1,7 @@
 """Correlation ids and traces from a command to the sync worker that projects its events
-(orders.correlation, orders.logs, orders.tracing): through a real gRPC channel to the in-process
-system, into the events' metadata in PostgreSQL, and out of the worker's log records and spans;
-and once through a real `orders-sync-worker` process whose stderr is JSON lines."""
+(orders.server.correlation, orders.telemetry.logs, orders.telemetry.tracing): through a real gRPC
+channel to the in-process system, into the events' metadata in PostgreSQL, and out of the worker's
+log records and spans; and once through a real `orders-sync-worker` process whose stderr is JSON lines."""
 
 from __future__ import annotations
 
@@ -22,12 +22,12 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from orders import tracing
-from orders.event_store import connect
-from orders.logs import ContextFilter, correlation_id
-from orders.security import ServerSecurity, load_token_table, token_sha256
+from orders.server.security import ServerSecurity, load_token_table, token_sha256
+from orders.store.event_store import connect
+from orders.store.views import ViewKeys
+from orders.telemetry import tracing
+from orders.telemetry.logs import ContextFilter, correlation_id
 from orders.v1 import commands_pb2, commands_pb2_grpc, queries_pb2
-from orders.views import ViewKeys
 from sync_worker import worker as worker_module
 from tests.conftest import Servers
 from tests.helpers import create_request, eventually
@@ -167,7 +167,7 @@ async def test_the_caller_is_stored_and_refusals_are_logged_with_the_id(
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = commands_pb2_grpc.OrderCommandsStub(channel)
             with (
-                caplog.at_level(logging.INFO, logger="orders.security"),
+                caplog.at_level(logging.INFO, logger="orders.server.security"),
                 pytest.raises(grpc.aio.AioRpcError) as refused,
             ):
                 await stub.CreateOrder(create_request(), metadata=(("x-correlation-id", "no-token-1"),), timeout=10)
@@ -180,7 +180,9 @@ async def test_the_caller_is_stored_and_refusals_are_logged_with_the_id(
 
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert dict(refused.value.trailing_metadata())["x-correlation-id"] == "no-token-1"
-    (refusal,) = [r for r in caplog.records if r.name == "orders.security" and r.getMessage().startswith("refused")]
+    (refusal,) = [
+        r for r in caplog.records if r.name == "orders.server.security" and r.getMessage().startswith("refused")
+    ]
     assert refusal.correlation_id == "no-token-1"  # type: ignore[attr-defined]
     assert refusal.rpc_method == "/orders.v1.OrderCommands/CreateOrder"  # type: ignore[attr-defined]
     (metadata,) = await stored_metadata(system, created.result.order_id)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from orders.store.views import PROJECTION, SUMMARY_PROJECTION
 from orders.v1 import commands_pb2 as cmd
 from orders.v1 import queries_pb2 as qry
 from orders.v1 import types_pb2
-from orders.views import PROJECTION, SUMMARY_PROJECTION
 from tests.helpers import add_item_request, an_address, money
 from tests.integration.conftest import System
 

@@ -14,9 +14,9 @@ import signal
 import sys
 from pathlib import Path
 
-from orders.consistency import LogPosition
-from orders.event_store import head, open_connection, read_batch
-from orders.views import OrderView
+from orders.domain.consistency import LogPosition
+from orders.store.event_store import head, open_connection, read_batch
+from orders.store.views import OrderView
 from sync_worker.projection import fold
 from sync_worker.projector import OrdersProjector
 from tests.helpers import (

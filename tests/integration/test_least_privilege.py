@@ -29,7 +29,20 @@ import pytest
 import redis.exceptions
 from redis.asyncio import Redis
 
-from orders.access import (
+from orders.domain.consistency import START
+from orders.store.event_store import (
+    NOTIFY_CHANNEL,
+    Batch,
+    connect,
+    head,
+    oldest_transaction,
+    open_connection,
+    read_batch,
+    read_positions,
+)
+from orders.store.heartbeat import _READ_HEARTBEAT
+from orders.store.views import PROJECTIONS, ViewKeys, redis_client
+from orders.tools.access import (
     COMMANDS_INSERT_COLUMNS,
     EVENTS_INSERT_COLUMNS,
     REDIS_READER_COMMANDS,
@@ -40,26 +53,13 @@ from orders.access import (
     setup_access,
     with_credentials,
 )
-from orders.consistency import START
-from orders.event_store import (
-    NOTIFY_CHANNEL,
-    Batch,
-    connect,
-    head,
-    oldest_transaction,
-    open_connection,
-    read_batch,
-    read_positions,
-)
 from orders.v1 import admin_pb2 as adm
 from orders.v1 import admin_pb2_grpc, commands_pb2_grpc, queries_pb2_grpc, types_pb2
 from orders.v1 import commands_pb2 as cmd
 from orders.v1 import queries_pb2 as qry
-from orders.views import PROJECTIONS, ViewKeys, redis_client
 from read_service.main import ReadSettings, start_read_service
 from read_service.main import parse_settings as parse_read_settings
 from sync_worker.admin import LAG_QUERY
-from sync_worker.lease import _READ_HEARTBEAT
 from sync_worker.main import build_workers, start_admin
 from sync_worker.worker import WorkerSettings
 from tests.conftest import Servers
@@ -332,7 +332,7 @@ def test_the_read_service_has_no_postgresql_at_all() -> None:
     """The read service takes no PostgreSQL setting, refuses one, and never even imports a driver."""
     probe = (
         "import sys, read_service.main, read_service.servicer, read_service.watch, read_service.freshness;"
-        " print(sorted(m for m in ('asyncpg', 'orders.event_store') if m in sys.modules))"
+        " print(sorted(m for m in ('asyncpg', 'orders.store.event_store') if m in sys.modules))"
     )
     imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
 
@@ -720,7 +720,7 @@ class Finished:
 async def setup_command(argv: list[str], env: dict[str, str]) -> Finished:
     """Runs `orders-setup-access` (as its console script does) in a child process."""
     process = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-c", "from orders.access import main; main()", *argv),
+        *(sys.executable, "-c", "from orders.tools.access import main; main()", *argv),
         env=env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -786,7 +786,7 @@ def test_every_command_in_a_script_is_granted() -> None:
     worker, and the worker's lease scripts and batch read."""
     reader = script_commands(
         *(str(path.relative_to(ROOT)) for path in sorted((ROOT / "read_service").glob("*.py"))),
-        "orders/views.py",
+        "orders/store/views.py",
         _READ_HEARTBEAT,
     )
     worker = script_commands(*(str(path.relative_to(ROOT)) for path in sorted((ROOT / "sync_worker").glob("*.py"))))

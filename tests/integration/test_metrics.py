@@ -15,8 +15,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from orders.ops_server import OpsServer, start_ops_server
-from orders.readiness import Readiness
+from orders.server.ops_server import OpsServer, start_ops_server
+from orders.server.readiness import Readiness
 from orders.v1 import queries_pb2 as qry
 from read_service.main import start_read_service
 from tests.helpers import add_item_request, create_request, eventually

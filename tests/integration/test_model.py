@@ -3,7 +3,7 @@ against a small in-memory model of the order rules, and the synced OrderQueries 
 against the same model.
 
 The model (`OrderBook`) restates the rules from the API's comments (protos/orders/v1) and
-docs/errors.md. It deliberately shares no code with orders.domain, orders.commands or sync_worker:
+docs/errors.md. It deliberately shares no code with orders.domain.rules, orders.domain.commands or sync_worker:
 a copy of the production rules could only prove that the code agrees with itself.
 
 Hypothesis state machines are synchronous, so the three services run as child processes
@@ -53,11 +53,11 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from orders.embedded import free_port
+from orders.store.views import ViewKeys
+from orders.tools.embedded import free_port
 from orders.v1 import commands_pb2 as cmd
 from orders.v1 import commands_pb2_grpc, queries_pb2_grpc, types_pb2
 from orders.v1 import queries_pb2 as qry
-from orders.views import ViewKeys
 from tests.conftest import Servers
 from tests.helpers import error_reason, rich_details, violated_fields
 

@@ -15,7 +15,7 @@ import uuid
 
 import asyncpg
 
-from orders.event_store import head
+from orders.store.event_store import head
 from orders.v1 import queries_pb2 as qry
 from tests.helpers import assert_views_match_events, create_request, eventually, expected_views, views_in_redis
 from tests.integration.conftest import System

@@ -12,14 +12,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from orders.event_store import connect
-from orders.events import RecordedEvent
+from orders.domain.events import RecordedEvent
+from orders.store.event_store import connect
+from orders.store.heartbeat import read_heartbeat
+from orders.store.views import SUMMARY_PROJECTION, CustomerSummaryView, OrderView
 from orders.v1 import admin_pb2, admin_pb2_grpc
 from orders.v1 import queries_pb2 as qry
-from orders.views import SUMMARY_PROJECTION, CustomerSummaryView, OrderView
 from read_service.projection_health import NOT_SERVING, PROJECTION_SERVICE, SERVING
 from sync_worker import customer_summary, projection, projector
-from sync_worker.lease import read_heartbeat
 from sync_worker.main import start_admin
 from tests.helpers import add_item_request, create_request, eventually
 from tests.integration.conftest import System
@@ -144,7 +144,7 @@ async def test_parking_sets_one_order_aside_and_a_retry_releases_it_in_order(
 
         parked_order = await eventually(parked)
         monkeypatch.setattr(customer_summary, "summarize", real_summarize)  # the fix
-        cli = [sys.executable, "-m", "orders.admin_cli", "--admin-address", f"127.0.0.1:{server.port}"]
+        cli = [sys.executable, "-m", "orders.cli.admin", "--admin-address", f"127.0.0.1:{server.port}"]
         listed = await _run(*cli, "parked", SUMMARY_PROJECTION)
         retried = await _run(*cli, "retry", SUMMARY_PROJECTION, "poison")
 

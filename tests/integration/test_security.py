@@ -36,9 +36,10 @@ from orders.client import (
     bearer_metadata,
     money,
 )
-from orders.event_store import connect
-from orders.grpc_server import RunningServer, start_server
-from orders.security import ServerSecurity, current_caller, token_sha256
+from orders.server.grpc_server import RunningServer, start_server
+from orders.server.security import ServerSecurity, token_sha256
+from orders.store.event_store import connect
+from orders.telemetry.logs import current_caller
 from orders.v1 import admin_pb2, admin_pb2_grpc, commands_pb2_grpc, queries_pb2, queries_pb2_grpc
 from read_service.main import ReadService, start_read_service
 from read_service.servicer import SERVICE as QUERIES
@@ -473,7 +474,7 @@ class RecordingQueries:
 
 
 async def test_the_servicer_sees_the_callers_name(pki: Pki) -> None:
-    """orders.security.current_caller holds the authenticated caller's name during its call only."""
+    """orders.telemetry.logs.current_caller holds the authenticated caller's name during its call only."""
     servicer = RecordingQueries()
     server = await start_server("127.0.0.1:0", {QUERIES: servicer}, security=security_from(*token_settings(pki)))
     try:
@@ -493,7 +494,7 @@ async def test_refusals_are_logged_without_the_token(
 ) -> None:
     """Each refusal is one INFO line with the method (and caller, when known), never the token; the
     start warns that tokens travel in clear without TLS, and about the plain development token."""
-    with caplog.at_level(logging.INFO, logger="orders.security"):
+    with caplog.at_level(logging.INFO, logger="orders.server.security"):
         secured = await start_secured(security_from(*token_settings(pki)))
         async with secured.client(token=NOBODYS_TOKEN) as client:
             with pytest.raises(Unauthenticated):
@@ -502,7 +503,7 @@ async def test_refusals_are_logged_without_the_token(
             with pytest.raises(PermissionDenied):
                 await client.create_order("logged", "EUR")
 
-    records = [r for r in caplog.records if r.name == "orders.security"]
+    records = [r for r in caplog.records if r.name == "orders.server.security"]
     refusals = [r.getMessage() for r in records if r.getMessage().startswith("refused")]
     warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
     assert refusals == [
@@ -550,15 +551,15 @@ async def test_orders_cli_against_a_server_with_mutual_tls_and_tokens(start_secu
     flags = ["--auth-token", SHOP_TOKEN, "--tls-ca-file", str(pki.ca)]
 
     created = await run_tool(
-        "orders.cli", env, *flags, "--json", "create", "--customer", "cli-eve", "--currency", "EUR"
+        "orders.cli.main", env, *flags, "--json", "create", "--customer", "cli-eve", "--currency", "EUR"
     )
     assert created[0] == 0, created[2]
     result = commands_json(created[1])
     env_settings = env | {"ORDERS_AUTH_TOKEN": SHOP_TOKEN, "ORDERS_TLS_CA_FILE": str(pki.ca)}
     shown = await run_tool(
-        "orders.cli", env_settings, "get", result["order_id"], "--token", result["consistency_token"]
+        "orders.cli.main", env_settings, "get", result["order_id"], "--token", result["consistency_token"]
     )
-    refused = await run_tool("orders.cli", env | {"ORDERS_TLS_CA_FILE": str(pki.ca)}, "get", result["order_id"])
+    refused = await run_tool("orders.cli.main", env | {"ORDERS_TLS_CA_FILE": str(pki.ca)}, "get", result["order_id"])
 
     assert shown[0] == 0, shown[2]
     assert "cli-eve" in shown[1]
@@ -581,8 +582,8 @@ async def test_orders_admin_against_a_secured_projection_admin(system: System, p
     server = await start_admin("127.0.0.1:0", pool, system.redis, system.keys.prefix, security)
     env = clean_environment(ORDERS_ADMIN_ADDRESS=f"localhost:{server.port}", ORDERS_TLS_CA_FILE=str(pki.ca))
     try:
-        listed = await run_tool("orders.admin_cli", env | {"ORDERS_AUTH_TOKEN": OPS_TOKEN}, "list")
-        denied = await run_tool("orders.admin_cli", env | {"ORDERS_AUTH_TOKEN": SHOP_TOKEN}, "list")
+        listed = await run_tool("orders.cli.admin", env | {"ORDERS_AUTH_TOKEN": OPS_TOKEN}, "list")
+        denied = await run_tool("orders.cli.admin", env | {"ORDERS_AUTH_TOKEN": SHOP_TOKEN}, "list")
     finally:
         await server.stop(0)
         await pool.close()

@@ -24,11 +24,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from redis.asyncio import Redis
 
-from orders.embedded import free_port
-from orders.event_store import connect
-from orders.grpc_server import RunningServer
+from orders.server.grpc_server import RunningServer
+from orders.store.event_store import connect
+from orders.store.views import ViewKeys, redis_client
+from orders.tools.embedded import free_port
 from orders.v1 import commands_pb2_grpc, queries_pb2, queries_pb2_grpc
-from orders.views import ViewKeys, redis_client
 from read_service.main import start_read_service
 from tests.conftest import Servers
 from tests.helpers import create_request, error_reason, eventually, rich_details

@@ -7,7 +7,7 @@ import time
 
 import asyncpg
 
-from orders.migrations import migrate, migrate_url
+from orders.store.migrations import migrate, migrate_url
 from orders.v1 import queries_pb2 as qry
 from tests.helpers import create_request, eventually
 from tests.integration.conftest import System

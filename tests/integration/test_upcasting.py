@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from orders.event_store import NOTIFY_CHANNEL
-from orders.upcasting import UNKNOWN, UNKNOWN_COUNTRY
+from orders.domain.upcasting import UNKNOWN, UNKNOWN_COUNTRY
+from orders.store.event_store import NOTIFY_CHANNEL
 from orders.v1 import commands_pb2 as cmd
 from orders.v1 import queries_pb2 as qry
 from orders.v1 import types_pb2

@@ -16,11 +16,11 @@ import pytest
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.connection import Connection
 
-from orders.consistency import LogPosition
-from orders.event_store import open_connection, read_batch
-from orders.events import RecordedEvent
+from orders.domain.consistency import LogPosition
+from orders.domain.events import RecordedEvent
+from orders.store.event_store import open_connection, read_batch
+from orders.store.views import PROJECTION, SUMMARY_PROJECTION, CustomerSummaryView, ViewKeys
 from orders.v1 import commands_pb2 as cmd
-from orders.views import PROJECTION, SUMMARY_PROJECTION, CustomerSummaryView, ViewKeys
 from sync_worker import projector as projector_module
 from sync_worker import worker as worker_module
 from sync_worker.main import build_workers

@@ -13,7 +13,7 @@ import grpc
 import pytest
 from asyncpg.connection import LoggedQuery
 
-from orders.event_store import connect
+from orders.store.event_store import connect
 from orders.v1 import commands_pb2 as cmd
 from orders.v1 import commands_pb2_grpc
 from tests.helpers import add_item_request, an_address, create_request, error_reason

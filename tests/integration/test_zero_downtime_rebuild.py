@@ -12,12 +12,12 @@ from functools import partial
 import grpc
 import pytest
 
-from orders.event_store import connect
-from orders.grpc_server import RunningServer
+from orders.server.grpc_server import RunningServer
+from orders.store.event_store import connect
+from orders.store.views import PROJECTIONS, ViewKeys
 from orders.v1 import admin_pb2 as pb
 from orders.v1 import admin_pb2_grpc
 from orders.v1 import queries_pb2 as qry
-from orders.views import PROJECTIONS, ViewKeys
 from sync_worker.main import start_admin
 from tests.helpers import add_item_request, all_events, assert_views_match_events, create_request, eventually
 from tests.integration.conftest import System

@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from orders.commands import (
+from orders.domain.commands import (
     AddItem,
     CancelOrder,
     ChangeShippingAddress,
@@ -28,10 +28,9 @@ from orders.commands import (
     RemoveItem,
     ShipOrder,
 )
-from orders.consistency import LogPosition
-from orders.domain import MAX_QUANTITY, MAX_UNIT_PRICE_MINOR, OrderState, decide, evolve, validate
-from orders.errors import OrdersError
-from orders.events import (
+from orders.domain.consistency import LogPosition
+from orders.domain.errors import OrdersError
+from orders.domain.events import (
     Address,
     Event,
     ItemAdded,
@@ -43,7 +42,8 @@ from orders.events import (
     RecordedEvent,
     ShippingAddressChanged,
 )
-from orders.views import OrderView, ViewLine
+from orders.domain.rules import MAX_QUANTITY, MAX_UNIT_PRICE_MINOR, OrderState, decide, evolve, validate
+from orders.store.views import OrderView, ViewLine
 
 # Property tests run a few hundred domain steps per example: no per-example deadline
 # (a slow CI machine must not turn into a flaky failure), and no "too slow" health check.

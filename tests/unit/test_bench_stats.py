@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.main import GROUPS, _names, checks
-from benchmarks.stats import (
+from orders_bench.main import GROUPS, _names, checks
+from orders_bench.stats import (
     Check,
     Figure,
     Row,

@@ -9,8 +9,7 @@ import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from orders.cli import build_parser, error_lines
-from orders.cli_format import (
+from orders.cli.format import (
     PriceError,
     format_money,
     format_time,
@@ -24,6 +23,7 @@ from orders.cli_format import (
     status_value,
     summary_details,
 )
+from orders.cli.main import build_parser, error_lines
 from orders.client import FieldViolation, OrdersRpcError
 from orders.v1 import queries_pb2, types_pb2
 

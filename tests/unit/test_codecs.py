@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from orders.commands import (
+from orders.domain.commands import (
     AddItem,
     CancelOrder,
     ChangeShippingAddress,
@@ -23,9 +23,9 @@ from orders.commands import (
     RemoveItem,
     ShipOrder,
 )
-from orders.consistency import START, LogPosition
-from orders.errors import InvalidQuery
-from orders.events import (
+from orders.domain.consistency import START, LogPosition
+from orders.domain.errors import InvalidQuery
+from orders.domain.events import (
     EVENT_TYPES,
     Address,
     Event,
@@ -40,8 +40,8 @@ from orders.events import (
     from_payload,
     to_payload,
 )
+from orders.store.views import OrderView, ViewKeys, ViewLine
 from orders.v1 import types_pb2
-from orders.views import OrderView, ViewKeys, ViewLine
 from read_service.servicer import PageCursor, order_message
 from tests.unit.strategies import (
     STATUS_NAMES,

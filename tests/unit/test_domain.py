@@ -1,4 +1,4 @@
-"""The order's business rules: `validate`, `decide`, `evolve` and `replay` in orders.domain."""
+"""The order's business rules: `validate`, `decide`, `evolve` and `replay` in orders.domain.rules."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 from hypothesis import given
 
-from orders.commands import (
+from orders.domain.commands import (
     AddItem,
     CancelOrder,
     ChangeShippingAddress,
@@ -19,7 +19,26 @@ from orders.commands import (
     RemoveItem,
     ShipOrder,
 )
-from orders.domain import (
+from orders.domain.errors import (
+    FieldViolation,
+    InvalidCommand,
+    OrderAlreadyExists,
+    OrderNotFound,
+    OrdersError,
+    RuleViolation,
+)
+from orders.domain.events import (
+    Address,
+    Event,
+    ItemAdded,
+    ItemRemoved,
+    OrderCancelled,
+    OrderConfirmed,
+    OrderCreated,
+    OrderShipped,
+    ShippingAddressChanged,
+)
+from orders.domain.rules import (
     MAX_COMMAND_ID,
     MAX_LINE_ITEMS,
     MAX_QUANTITY,
@@ -31,25 +50,6 @@ from orders.domain import (
     evolve,
     replay,
     validate,
-)
-from orders.errors import (
-    FieldViolation,
-    InvalidCommand,
-    OrderAlreadyExists,
-    OrderNotFound,
-    OrdersError,
-    RuleViolation,
-)
-from orders.events import (
-    Address,
-    Event,
-    ItemAdded,
-    ItemRemoved,
-    OrderCancelled,
-    OrderConfirmed,
-    OrderCreated,
-    OrderShipped,
-    ShippingAddressChanged,
 )
 from tests.unit.strategies import PROPERTY_SETTINGS, command_sequences
 

@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 import redis
 
-from orders.embedded import free_port, start_postgres, start_redis
+from orders.tools.embedded import free_port, start_postgres, start_redis
 
 pytestmark = pytest.mark.embedded
 
@@ -26,7 +26,7 @@ _CHILD_STARTING_SERVERS = """
 import sys, time
 from pathlib import Path
 from urllib.parse import urlsplit
-from orders.embedded import start_postgres, start_redis
+from orders.tools.embedded import start_postgres, start_redis
 
 data = Path(sys.argv[1])
 servers = [start_postgres(data / "pg"), start_redis(data / "redis")]

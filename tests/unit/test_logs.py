@@ -1,4 +1,4 @@
-"""Structured logs (orders.logs): the JSON and text forms, the choice between them, the call's
+"""Structured logs (orders.telemetry.logs): the JSON and text forms, the choice between them, the call's
 context in every record, and which correlation ids are taken from a call."""
 
 from __future__ import annotations
@@ -13,18 +13,18 @@ from collections.abc import Iterator
 
 import pytest
 
-from orders import logs
-from orders.logs import (
+from orders.telemetry import logs
+from orders.telemetry.logs import (
     ContextFilter,
     StructuredFormatter,
     correlation_id,
     correlation_id_from,
+    current_caller,
     rpc_method,
     setup_logging,
     uses_json,
     valid_correlation_id,
 )
-from orders.security import current_caller
 
 RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 

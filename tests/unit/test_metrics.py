@@ -12,7 +12,7 @@ import grpc
 import pytest
 from prometheus_client import REGISTRY
 
-from orders.metrics import _final_code, _instrumented, _MethodMetrics
+from orders.server.rpc_metrics import _final_code, _instrumented, _MethodMetrics
 
 
 @dataclass

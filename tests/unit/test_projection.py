@@ -10,9 +10,8 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from orders.commands import AddItem, CreateOrder
-from orders.domain import Status
-from orders.events import (
+from orders.domain.commands import AddItem, CreateOrder
+from orders.domain.events import (
     Address,
     Event,
     ItemAdded,
@@ -24,7 +23,8 @@ from orders.events import (
     RecordedEvent,
     ShippingAddressChanged,
 )
-from orders.views import OrderView, ViewLine
+from orders.domain.rules import Status
+from orders.store.views import OrderView, ViewLine
 from sync_worker.projection import ProjectionGap, fold, project
 from tests.unit.strategies import PROPERTY_SETTINGS, History, histories, micros, run
 

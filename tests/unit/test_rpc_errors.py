@@ -1,4 +1,4 @@
-"""orders.rpc_errors.to_status: each error under each servicer's table becomes the right rich gRPC status."""
+"""orders.server.rpc_errors.to_status: each error under each servicer's table becomes the right rich gRPC status."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from orders.errors import (
+from orders.domain.errors import (
     CommandIdReused,
     ConcurrencyConflict,
     CustomerNotFound,
@@ -24,7 +24,7 @@ from orders.errors import (
     Unavailable,
     ViewsNotReady,
 )
-from orders.rpc_errors import ERROR_DOMAIN, RETRY_DELAY_SECONDS, ErrorTable, to_status
+from orders.server.rpc_errors import ERROR_DOMAIN, RETRY_DELAY_SECONDS, ErrorTable, to_status
 from read_service.servicer import ERRORS as READ_ERRORS
 from read_service.watch import ClientTooSlow, ShuttingDown, WatchLimit
 from write_service.servicer import ERRORS as WRITE_ERRORS

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 import trustme
 
-from orders import admin_cli
-from orders.cli import build_parser
+from orders.cli import admin as admin_cli
+from orders.cli.main import build_parser
 from orders.client import OrdersClient, TlsConfig, bearer_metadata
-from orders.security import (
+from orders.server.security import (
     DEFAULT_OPEN_SERVICES,
     ServerSecurity,
     load_token_table,

@@ -1,4 +1,4 @@
-"""Optional tracing (orders.tracing): when it turns on, and that off costs no OpenTelemetry import."""
+"""Optional tracing (orders.telemetry.tracing): when it turns on, and that off costs no OpenTelemetry import."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from orders import tracing
-from orders.tracing import resolve
+from orders.telemetry import tracing
+from orders.telemetry.tracing import resolve
 
 
 @pytest.mark.parametrize(
@@ -47,7 +47,8 @@ def test_off_imports_nothing_of_opentelemetry() -> None:
     a service; the write service, since redis-py imports OpenTelemetry itself when it is installed)."""
     probe = (
         "import os, sys; [os.environ.pop(k) for k in list(os.environ) if k.startswith('OTEL_')];"
-        " import write_service.main, orders.grpc_server, orders.correlation, orders.tracing as t;"
+        " import write_service.main, orders.server.grpc_server, orders.server.correlation;"
+        " import orders.telemetry.tracing as t;"
         " assert t.setup_tracing('auto', 'probe') == 'off';"
         " print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))"
     )

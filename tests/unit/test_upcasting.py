@@ -11,8 +11,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from orders.domain import CONTROL_PATTERN, COUNTRY_PATTERN, check_address
-from orders.events import (
+from orders.domain.events import (
     EVENT_TYPES,
     Address,
     Event,
@@ -22,7 +21,8 @@ from orders.events import (
     from_payload,
     to_payload,
 )
-from orders.upcasting import (
+from orders.domain.rules import CONTROL_PATTERN, COUNTRY_PATTERN, check_address
+from orders.domain.upcasting import (
     UNKNOWN,
     UNKNOWN_COUNTRY,
     UPCASTERS,
@@ -456,7 +456,7 @@ def test_any_free_text_line_upcasts_to_a_complete_address(text: str) -> None:
       (what the read side shows and ShipOrder needs);
     - loses none of the text's characters but whitespace and commas (country codes are upper-cased),
       and adds only placeholders;
-    - passes orders.domain.check_address when the text has no control characters other than line
+    - passes orders.domain.rules.check_address when the text has no control characters other than line
       breaks and is at most 100 characters long. (Otherwise it keeps them verbatim: it may hold a
       control character or be longer than a command may send; documented in docs/schema-versions.md.)
     """

@@ -1,0 +1,1 @@
+"""The command lines for people: `orders` and `orders-admin`."""

@@ -1,0 +1,174 @@
+"""Starting and stopping a gRPC server the same way for every service.
+
+Every server gets the standard health service (grpc.health.v1) and server
+reflection, explicit limits instead of gRPC's permissive defaults, and a
+graceful stop: health turns NOT_SERVING for good, then in-flight RPCs get a
+grace period to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.message import DecodeError, Message
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from orders.domain.errors import FieldViolation, InvalidCommand
+from orders.server.correlation import CorrelationInterceptor
+from orders.server.rpc_errors import ErrorTable, to_status
+from orders.server.rpc_metrics import GrpcMetricsInterceptor
+from orders.server.security import ServerSecurity
+
+log = logging.getLogger(__name__)
+
+MALFORMED: ErrorTable = {InvalidCommand: (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST")}
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+LIVENESS = "liveness"  # health service that is SERVING while the process runs (readiness: "")
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_concurrent_streams", 256),  # per connection; the default is unlimited
+    ("grpc.keepalive_time_ms", 60_000),  # ping every minute to find dead clients,
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),  # on idle connections too
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.so_reuseport", 0),  # two servers on one port is a mistake, not a feature
+]
+
+
+def add_service(server: grpc.aio.Server, servicer: object, service: ServiceDescriptor) -> None:
+    """Registers `servicer`'s unary and server-streaming methods for `service`, decoding requests
+    ourselves: gRPC's own decoding answers an undecodable request with INTERNAL, but the caller sent
+    bad input."""
+    handlers = {method.name: _method_handler(getattr(servicer, method.name), method) for method in service.methods}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def _method_handler(implementation: Callable[..., Any], method: MethodDescriptor) -> grpc.RpcMethodHandler:
+    request_type = message_factory.GetMessageClass(method.input_type)
+    serialize = message_factory.GetMessageClass(method.output_type).SerializeToString
+    if method.client_streaming:
+        raise ValueError(f"{method.full_name}: client-streaming methods are not supported")
+    if method.server_streaming:
+        return grpc.unary_stream_rpc_method_handler(
+            _decoding_stream(implementation, request_type), request_deserializer=None, response_serializer=serialize
+        )
+    return grpc.unary_unary_rpc_method_handler(
+        _decoding(implementation, request_type), request_deserializer=None, response_serializer=serialize
+    )
+
+
+async def _decode(raw: bytes, request_type: type[Message], context: grpc.aio.ServicerContext) -> Message:
+    try:
+        return request_type.FromString(raw)
+    except DecodeError as error:
+        problem = FieldViolation("", f"not a valid {request_type.DESCRIPTOR.full_name} message: {error}")
+        await context.abort_with_status(to_status(InvalidCommand([problem]), MALFORMED))
+        raise  # unreachable: abort_with_status raises
+
+
+def _decoding(method: Callable[[Any, Any], Awaitable[Message]], request_type: type[Message]) -> Callable[..., Any]:
+    async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> Message:
+        return await method(await _decode(raw, request_type, context), context)
+
+    return handler
+
+
+def _decoding_stream(
+    method: Callable[[Any, Any], AsyncGenerator[Message, None]], request_type: type[Message]
+) -> Callable[..., Any]:
+    """A server-streaming handler around `method`, an async generator of the responses. Each write
+    waits for HTTP/2 flow control, so the generator runs no further ahead than the client reads.
+    The generator is closed as soon as the call ends (cancelled, deadline passed, server stopped), so
+    that its `finally` blocks run at once rather than whenever it is garbage collected."""
+
+    async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> None:
+        request = await _decode(raw, request_type, context)
+        async with aclosing(method(request, context)) as responses:
+            async for response in responses:
+                await context.write(response)
+
+    return handler
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    port: int
+
+    async def stop(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+async def start_server(
+    address: str,
+    services: dict[ServiceDescriptor, object],
+    max_concurrent_rpcs: int = 1000,
+    security: ServerSecurity | None = None,
+) -> RunningServer:
+    """Starts a server with our services plus health and reflection; port 0 picks a free port.
+    `security` adds TLS and token authentication (orders.server.security); None serves plaintext to anyone."""
+    security = security or ServerSecurity()
+    security.check_services(service.full_name for service in services)
+    server = grpc.aio.server(
+        options=SERVER_OPTIONS,
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
+        # The correlation id first, so that every later interceptor's log lines (a refused token) carry it.
+        interceptors=[CorrelationInterceptor(), GrpcMetricsInterceptor(), *security.interceptors()],
+    )
+    for service, servicer in services.items():
+        add_service(server, servicer, service)
+    service_names = [service.full_name for service in services]
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    reflection.enable_server_reflection([*service_names, health_name, reflection.SERVICE_NAME], server)
+    port = security.add_port(server, address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    security.log_summary(address)
+    await server.start()
+    for name in ["", *service_names, LIVENESS]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return RunningServer(server, health_servicer, port)
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event set on SIGTERM or SIGINT (asyncio.run alone only handles Ctrl-C)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _on_signal, sig, stop)
+    return stop
+
+
+def _on_signal(sig: signal.Signals, stop: asyncio.Event) -> None:
+    if stop.is_set():
+        log.warning("%s again: exiting now", sig.name)
+        raise SystemExit(1)
+    log.info("%s received: shutting down gracefully", sig.name)
+    stop.set()
+
+
+def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Runs an async main with uvloop when available (about 1.2x faster gRPC)."""
+    try:
+        import uvloop  # noqa: PLC0415 - optional speed-up
+    except ImportError:
+        asyncio.run(main())
+    else:
+        uvloop.run(main())

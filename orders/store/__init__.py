@@ -1,0 +1,1 @@
+"""Storage: the PostgreSQL event store and its migrations, and the layout of the Redis views."""

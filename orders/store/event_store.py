@@ -1,0 +1,323 @@
+"""The event store: an append-only PostgreSQL table, accessed with asyncpg.
+
+Writing: `EventStore.append` writes one command's events in one statement (its
+own transaction): the events, the command's idempotency key and a NOTIFY for
+the sync workers, or, when the key was recorded before, nothing but that
+earlier result. `UNIQUE (stream_id, version)` makes racing writers conflict
+(VersionTaken); the write service then decides again on fresh events
+(write_service/command_bus.py).
+
+Reading in commit order: positions come from an identity column, handed out at
+INSERT but visible at COMMIT, so a reader that saw position 11 may later find
+10. `read_batch` therefore orders by (tx_id, position) and returns only rows
+whose transaction is older than every transaction still running
+(`pg_snapshot_xmin`): no row can ever appear before them. A long-running
+transaction anywhere in the cluster holds readers back (delay, never loss).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+import asyncpg
+import orjson
+from asyncpg.pool import PoolConnectionProxy
+
+from orders.domain.consistency import LogPosition
+from orders.domain.errors import CommandIdReused, DeadlineExceeded, PoisonEvent, Unavailable
+from orders.domain.events import Event, RecordedEvent, event_type, from_payload, to_payload
+from orders.telemetry.metrics import count_events_appended, count_store_error
+
+log = logging.getLogger(__name__)
+Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
+
+NOTIFY_CHANNEL = "orders_events"
+_COLUMNS = "position, tx_id, stream_id, version, event_type, schema_version, payload, metadata, recorded_at"
+
+# Driver errors that mean "PostgreSQL is unreachable or restarting". If the connection broke during
+# COMMIT the command may have been applied: a retry with the same command id finds out safely.
+_UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.InternalClientError,  # a connection left mid-protocol by an interrupted operation
+)
+
+
+_INTERRUPTED: tuple[type[BaseException], ...] = (*_UNAVAILABLE_ERRORS, asyncio.CancelledError)
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    """What a command returns: the order's new version and where its last event sits."""
+
+    stream_id: str
+    version: int
+    last: LogPosition
+    appended: tuple[str, ...] = ()  # types of the events this call appended; none for a repeated command
+
+
+@dataclass(frozen=True)
+class AppendRequest:
+    """What one command writes besides its events: where, under which idempotency key, with what metadata."""
+
+    stream_id: str
+    command_id: str | None  # idempotency key
+    fingerprint: str  # identifies the request, to refuse a reused command id
+    metadata: dict[str, Any]
+
+
+class VersionTaken(Exception):
+    """Another writer appended to the stream (or recorded the command id) first: decide again on fresh events."""
+
+
+@dataclass(frozen=True)
+class Batch:
+    events: list[RecordedEvent]
+    held_back: bool  # newer rows exist but wait for an older transaction to end
+
+
+def _json_text(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+async def _init_connection(conn: Connection) -> None:
+    # orjson: decoding payloads is a large part of a rebuild's CPU. Event payloads hold no integer
+    # beyond 64 bits (orders.domain.rules bounds them), the one kind of value orjson cannot take.
+    for name in ("json", "jsonb"):
+        await conn.set_type_codec(name, encoder=_json_text, decoder=orjson.loads, schema="pg_catalog")
+
+
+async def connect(url: str, *, min_size: int = 0, max_size: int = 20) -> asyncpg.Pool:
+    """A pool that opens connections lazily, so a process can start while PostgreSQL is down."""
+    return await asyncpg.create_pool(
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        init=_init_connection,
+        # asyncpg's default reset costs a round trip per release (UNLISTEN, RESET ALL, ...) to undo
+        # session state that pool users never set; an open transaction is still rolled back.
+        reset=_keep_session,
+        command_timeout=30,
+        # A backend notices within 1 s that its client went away, even while it waits on a lock.
+        server_settings={"client_connection_check_interval": "1000"},
+    )
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Nothing to reset: pool connections never LISTEN, SET, lock or open cursors."""
+
+
+async def open_connection(url: str) -> asyncpg.Connection:
+    """One connection with our codecs, for a long-lived reader such as the sync worker."""
+    conn = await asyncpg.connect(url, timeout=10)
+    await _init_connection(conn)
+    return conn
+
+
+@asynccontextmanager
+async def command_deadline(timeout: float) -> AsyncIterator[None]:
+    """Bounds a command's work with the store by its deadline (DeadlineExceeded); driver failures
+    inside become Unavailable."""
+    if timeout <= 0:
+        raise DeadlineExceeded("the deadline had passed before the command started")
+    try:
+        async with asyncio.timeout(timeout), unavailable_on_connection_errors("append"):
+            yield
+    except TimeoutError as error:  # from asyncio.timeout: driver time-outs became Unavailable inside
+        raise DeadlineExceeded(f"the command did not finish within its deadline of {timeout:.3g}s") from error
+
+
+@asynccontextmanager
+async def unavailable_on_connection_errors(what: str) -> AsyncIterator[None]:
+    try:
+        yield
+    except _UNAVAILABLE_ERRORS as error:
+        count_store_error("postgres", what)
+        raise Unavailable(f"PostgreSQL is unavailable ({what}): {type(error).__name__}: {error}") from error
+
+
+def _record(row: asyncpg.Record) -> RecordedEvent:
+    return RecordedEvent(
+        position=row["position"],
+        tx_id=row["tx_id"],
+        stream_id=row["stream_id"],
+        version=row["version"],
+        event=from_payload(row["event_type"], row["schema_version"], row["payload"]),
+        recorded_at=row["recorded_at"],
+        metadata=row["metadata"],
+    )
+
+
+class EventStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self._reaping: set[asyncio.Task[None]] = set()
+
+    async def read_stream(self, stream_id: str) -> list[Event]:
+        """The stream's events in version order (its version is their number)."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT event_type, schema_version, payload FROM events WHERE stream_id = $1 ORDER BY version",
+                stream_id,
+            )
+        return [from_payload(r["event_type"], r["schema_version"], r["payload"]) for r in rows]
+
+    async def append(self, request: AppendRequest, version: int, events: list[Event]) -> AppendResult:
+        """Appends `events` after `version`, records the command id and notifies the sync workers, in one
+        statement (its own transaction). If the command id was recorded before, appends nothing and
+        returns that earlier result. Raises VersionTaken when another writer got there first, and
+        CommandIdReused when the id was recorded for another request."""
+        try:
+            async with self._connection() as conn:
+                rows = await conn.fetch(
+                    _APPEND,
+                    request.stream_id,
+                    list(range(version + 1, version + 1 + len(events))),
+                    [event_type(e) for e in events],
+                    [e.schema_version for e in events],
+                    request.metadata,
+                    [to_payload(e) for e in events],
+                    request.command_id,
+                    request.fingerprint,
+                    NOTIFY_CHANNEL,
+                )
+        except asyncpg.UniqueViolationError as error:
+            raise VersionTaken(request.stream_id) from error
+        if rows and rows[0]["fingerprint"] is not None:  # the command id's earlier result
+            return _earlier(request, rows[0])
+        appended = tuple(event_type(e) for e in events)
+        count_events_appended(appended)
+        last = max(LogPosition(r["tx_id"], r["position"]) for r in rows)
+        return AppendResult(request.stream_id, version + len(events), last, appended)
+
+    async def earlier_result(self, request: AppendRequest) -> AppendResult | None:
+        """The result of the request's command id when it was applied before, else None."""
+        if request.command_id is None:
+            return None
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                "SELECT fingerprint, stream_id, version, position, tx_id FROM processed_commands WHERE command_id = $1",
+                request.command_id,
+            )
+        return None if row is None else _earlier(request, row)
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Connection]:
+        """A pooled connection that is thrown away, not reused, when an operation on it was interrupted
+        (a deadline, a cancelled RPC, a dropped server): asyncpg can leave such a connection mid-protocol."""
+        async with self._pool.acquire() as conn:
+            try:
+                yield conn
+            except _INTERRUPTED:
+                self._reap(conn.get_server_pid())
+                conn.terminate()
+                raise
+
+    def _reap(self, pid: int) -> None:
+        """Ends the server side of a dropped connection too: closing the socket does not stop a backend
+        that waits on a lock, and its transaction would hold locks and the read horizon until then."""
+
+        async def terminate_backend() -> None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5):
+                    await self._pool.execute("SELECT pg_terminate_backend($1)", pid)
+
+        task = asyncio.create_task(terminate_backend())
+        self._reaping.add(task)
+        task.add_done_callback(self._reaping.discard)
+
+
+def _earlier(request: AppendRequest, row: asyncpg.Record) -> AppendResult:
+    if row["fingerprint"] != request.fingerprint:
+        raise CommandIdReused(str(request.command_id))
+    return AppendResult(row["stream_id"], row["version"], LogPosition(row["tx_id"], row["position"]))
+
+
+# Unless the command id was recorded before: the events, the command id with the last of them
+# (when there is one), then the NOTIFY (delivered at commit); or else that earlier result, with
+# nothing written. Data-modifying CTEs always run, whether or not the SELECT reads them. Racing
+# writers of one version or one command id meet on a unique key (VersionTaken).
+_APPEND = """
+WITH earlier AS (
+    SELECT fingerprint, stream_id, version, position, tx_id FROM processed_commands WHERE command_id = $7
+), appended AS (
+    INSERT INTO events (stream_id, version, event_type, schema_version, payload, metadata)
+    SELECT $1, v, t, s, p, $5 FROM unnest($2::int[], $3::text[], $4::smallint[], $6::jsonb[]) AS u(v, t, s, p)
+    WHERE NOT EXISTS (SELECT FROM earlier)
+    ORDER BY v
+    RETURNING version, position, tx_id
+), recorded AS (
+    INSERT INTO processed_commands (command_id, fingerprint, stream_id, version, position, tx_id)
+    SELECT $7, $8, $1, version, position, tx_id FROM appended
+    WHERE $7::text IS NOT NULL
+    ORDER BY version DESC
+    LIMIT 1
+)
+SELECT NULL::text AS fingerprint, NULL::text AS stream_id, version, position, tx_id,
+       (SELECT pg_notify($9, '')) AS notified
+FROM appended
+UNION ALL
+SELECT fingerprint, stream_id, version, position, tx_id, NULL FROM earlier
+"""
+
+
+async def read_batch(conn: Connection, after: LogPosition, limit: int) -> Batch:
+    """Up to `limit` events after `after` in (tx_id, position) order, none of which can
+    ever be preceded by a row that is not visible yet."""
+    rows = await conn.fetch(
+        f"SELECT {_COLUMNS}, pg_snapshot_xmin(pg_current_snapshot()) AS horizon FROM events"
+        " WHERE (tx_id, position) > ($1::xid8, $2::bigint) ORDER BY tx_id, position LIMIT $3",
+        after.tx_id,
+        after.position,
+        limit,
+    )
+    safe = [r for r in rows if r["tx_id"] < r["horizon"]]
+    return Batch([_decoded(r) for r in safe], held_back=len(safe) < len(rows))
+
+
+def _decoded(row: asyncpg.Record) -> RecordedEvent:
+    try:
+        return _record(row)
+    except (ValueError, TypeError, KeyError) as error:  # a row this code cannot read: stop, never skip it
+        raise PoisonEvent(row["position"], row["stream_id"], error) from error
+
+
+async def read_positions(conn: Connection, positions: list[int]) -> list[RecordedEvent]:
+    """The events at `positions`, in read order (for retrying parked events)."""
+    rows = await conn.fetch(
+        f"SELECT {_COLUMNS} FROM events WHERE position = any($1::bigint[]) ORDER BY tx_id, position", positions
+    )
+    return [_decoded(r) for r in rows]
+
+
+async def oldest_transaction(conn: Connection) -> dict[str, Any] | None:
+    """The oldest transaction holding an id: the one that holds tailing readers back."""
+    row = await conn.fetchrow(
+        "SELECT pid, datname AS database, usename AS user, state,"
+        " extract(epoch FROM now() - xact_start)::float8 AS age_seconds, left(query, 200) AS query"
+        " FROM pg_stat_activity WHERE backend_xid IS NOT NULL ORDER BY xact_start LIMIT 1"
+    )
+    return None if row is None else dict(row)
+
+
+async def head(conn: Connection) -> LogPosition | None:
+    """The last event in read order, or None for an empty log."""
+    row = await conn.fetchrow("SELECT tx_id, position FROM events ORDER BY tx_id DESC, position DESC LIMIT 1")
+    return None if row is None else LogPosition(row["tx_id"], row["position"])
+
+
+async def read_log(conn: Connection) -> list[RecordedEvent]:
+    """Every event in read order, for checks and tools (the worker reads in batches)."""
+    rows = await conn.fetch(f"SELECT {_COLUMNS} FROM events ORDER BY tx_id, position")
+    return [_record(r) for r in rows]

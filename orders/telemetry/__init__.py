@@ -1,0 +1,1 @@
+"""What the processes tell operators: structured logs, Prometheus metrics, OpenTelemetry traces."""

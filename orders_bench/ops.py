@@ -1,0 +1,220 @@
+"""Workloads against the services under test: commands, queries and the lag probe.
+
+They call the raw generated stubs on one channel per client process, as the ceilings' echo client
+does, so that ratios compare servers and not client code. (`create-client` runs CreateOrder
+through OrdersClient instead, to show what the client library itself costs.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import uuid
+from typing import Any
+
+import grpc
+
+from orders.client import OrdersClient
+from orders.v1 import commands_pb2, commands_pb2_grpc, queries_pb2, queries_pb2_grpc, types_pb2
+from orders_bench.load import Job, JobResult
+
+CALL_TIMEOUT = 10.0
+CUSTOMERS = 100  # per client process, for the write workloads
+LAG_DRAIN = 5.0  # seconds the lag probe waits for the last changes to show
+READY_TIMEOUT = 30.0
+EUR = "EUR"
+ADDRESS = types_pb2.ShippingAddress(
+    recipient="Ada Lovelace", line1="Main St 1", city="Berlin", postal_code="10115", country_code="DE"
+)
+
+
+def create_request(tag: str, n: int, with_address: bool = False) -> commands_pb2.CreateOrderRequest:
+    """The n-th new order of client `tag`, with a fresh command id as OrdersClient would send."""
+    return commands_pb2.CreateOrderRequest(
+        command_id=uuid.uuid4().hex,
+        order_id=f"{tag}o{n}",
+        customer_id=f"{tag}c{n % CUSTOMERS}",
+        currency_code=EUR,
+        shipping_address=ADDRESS if with_address else None,
+    )
+
+
+def add_item_request(order_id: str, n: int = 1) -> commands_pb2.AddItemRequest:
+    price = types_pb2.Money(currency_code=EUR, minor_units=250)
+    return commands_pb2.AddItemRequest(
+        command_id=uuid.uuid4().hex, order_id=order_id, sku=f"SKU-{n}", name="Bench item", quantity=2, unit_price=price
+    )
+
+
+class _Channel:
+    """One channel per client process and job; nothing to add to the result by default."""
+
+    def __init__(self, address: str) -> None:
+        self.channel = grpc.aio.insecure_channel(address)
+
+    async def finish(self, result: JobResult) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        await self.channel.close()
+
+
+class CreateOrders(_Channel):
+    def __init__(self, job: Job) -> None:
+        super().__init__(job.params["write"])
+        self.stub = commands_pb2_grpc.OrderCommandsStub(self.channel)
+        self.tag, self.sent = job.tag, 0
+
+    async def call(self, slot: int, measured: bool) -> int:
+        self.sent += 1
+        await self.stub.CreateOrder(create_request(self.tag, self.sent), timeout=CALL_TIMEOUT)
+        return 1
+
+
+class Lifecycle(_Channel):
+    """Each slot walks one order through create (with address), add item, confirm and ship, one
+    command per call, then starts the next order."""
+
+    def __init__(self, job: Job) -> None:
+        super().__init__(job.params["write"])
+        self.stub = commands_pb2_grpc.OrderCommandsStub(self.channel)
+        self.tag, self.orders = job.tag, 0
+        self.stage: dict[int, tuple[str, int]] = {}  # slot -> (order id, next step)
+
+    async def call(self, slot: int, measured: bool) -> int:
+        order_id, step = self.stage.get(slot, ("", 0))
+        self.stage.pop(slot, None)  # a failed step starts a new order
+        if step == 0:
+            self.orders += 1
+            request = create_request(self.tag, self.orders, with_address=True)
+            order_id = request.order_id
+            await self.stub.CreateOrder(request, timeout=CALL_TIMEOUT)
+        elif step == 1:
+            await self.stub.AddItem(add_item_request(order_id), timeout=CALL_TIMEOUT)
+        elif step == 2:
+            confirm = commands_pb2.ConfirmOrderRequest(command_id=uuid.uuid4().hex, order_id=order_id)
+            await self.stub.ConfirmOrder(confirm, timeout=CALL_TIMEOUT)
+        else:
+            ship = commands_pb2.ShipOrderRequest(
+                command_id=uuid.uuid4().hex, order_id=order_id, carrier="DHL", tracking_number=f"T{self.orders}"
+            )
+            await self.stub.ShipOrder(ship, timeout=CALL_TIMEOUT)
+        self.stage[slot] = (order_id, (step + 1) % 4)
+        return 1
+
+
+class GetOrders(_Channel):
+    def __init__(self, job: Job) -> None:
+        super().__init__(job.params["read"])
+        self.stub = queries_pb2_grpc.OrderQueriesStub(self.channel)
+        self.order_ids: list[str] = job.params["order_ids"]
+
+    async def call(self, slot: int, measured: bool) -> int:
+        request = queries_pb2.GetOrderRequest(order_id=random.choice(self.order_ids))
+        await self.stub.GetOrder(request, timeout=CALL_TIMEOUT)
+        return 1
+
+
+class ListOrders(_Channel):
+    def __init__(self, job: Job) -> None:
+        super().__init__(job.params["read"])
+        self.stub = queries_pb2_grpc.OrderQueriesStub(self.channel)
+        self.customers: list[str] = job.params["customers"]
+        self.page_size: int = job.params["page_size"]
+
+    async def call(self, slot: int, measured: bool) -> int:
+        request = queries_pb2.ListOrdersRequest(customer_id=random.choice(self.customers), page_size=self.page_size)
+        await self.stub.ListOrders(request, timeout=CALL_TIMEOUT)
+        return 1
+
+
+class CreateOrdersViaClient:
+    """CreateOrder through OrdersClient (retry policy, error translation), for comparison."""
+
+    def __init__(self, job: Job) -> None:
+        self.client = OrdersClient(job.params["write"], job.params["read"])
+        self.tag, self.sent = job.tag, 0
+
+    async def call(self, slot: int, measured: bool) -> int:
+        self.sent += 1
+        request = create_request(self.tag, self.sent)
+        await self.client.create_order(request.customer_id, EUR, order_id=request.order_id)
+        return 1
+
+    async def finish(self, result: JobResult) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        await self.client.close()
+
+
+class Lag:
+    """Creates orders on a clock and times, per order, from the command's acknowledgement to the
+    message that carries it on a WatchCustomerOrders stream of its customer (one stream per
+    customer, opened before the load starts): the change seen through OrderQueries by a client."""
+
+    def __init__(self, job: Job) -> None:
+        self.write = grpc.aio.insecure_channel(job.params["write"])
+        self.read = grpc.aio.insecure_channel(job.params["read"])
+        self.commands = commands_pb2_grpc.OrderCommandsStub(self.write)
+        self.tag, self.sent = job.tag, 0
+        self.customers = [f"{job.tag}w{i}" for i in range(job.params["streams"])]
+        self.acked: dict[str, float] = {}  # measured orders only
+        self.seen: dict[str, float] = {}
+        self.streams: list[Any] = []
+        self.arrived = asyncio.Event()  # set by every stream message, for the drain at the end
+        self.readers: list[asyncio.Task[None]] = []
+        self.lifetime = job.warmup + job.duration + LAG_DRAIN + 60
+
+    async def start(self) -> None:
+        queries = queries_pb2_grpc.OrderQueriesStub(self.read)
+        ready = [asyncio.Event() for _ in self.customers]
+        for customer, event in zip(self.customers, ready, strict=True):
+            stream = queries.WatchCustomerOrders(
+                queries_pb2.WatchCustomerOrdersRequest(customer_id=customer), timeout=self.lifetime
+            )
+            self.streams.append(stream)
+            self.readers.append(asyncio.create_task(self._read(stream, event)))
+        async with asyncio.timeout(READY_TIMEOUT):
+            await asyncio.gather(*(event.wait() for event in ready))
+
+    async def _read(self, stream: Any, ready: asyncio.Event) -> None:
+        async for message in stream:
+            now = time.perf_counter()
+            if message.initial:
+                ready.set()
+            for order in message.orders:
+                self.seen.setdefault(order.order_id, now)
+            self.arrived.set()
+
+    async def call(self, slot: int, measured: bool) -> int:
+        self.sent += 1
+        request = create_request(self.tag, self.sent)
+        request.customer_id = self.customers[self.sent % len(self.customers)]
+        await self.commands.CreateOrder(request, timeout=CALL_TIMEOUT)
+        if measured:
+            self.acked[request.order_id] = time.perf_counter()
+        return 1
+
+    async def finish(self, result: JobResult) -> None:
+        deadline = time.perf_counter() + LAG_DRAIN
+        while any(o not in self.seen for o in self.acked) and (left := deadline - time.perf_counter()) > 0:
+            self.arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.arrived.wait(), left)
+        lags = [self.seen[o] - acked for o, acked in self.acked.items() if o in self.seen]
+        result.samples = [max(0.0, lag) for lag in lags]
+        result.extra["missing"] = float(len(self.acked) - len(lags))
+        result.extra["seen_before_ack"] = float(sum(lag < 0 for lag in lags))
+        result.extra["ended_streams"] = float(sum(reader.done() for reader in self.readers))
+
+    async def aclose(self) -> None:
+        for stream in self.streams:
+            stream.cancel()
+        for reader in self.readers:
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                await reader
+        await self.write.close()
+        await self.read.close()
