@@ -27,7 +27,8 @@ from orders.domain.errors import (
     Unavailable,
     ViewsNotReady,
 )
-from orders.domain.rules import ID_PATTERN
+from orders.domain.rules import ID_PATTERN, ID_RULE
+from orders.domain.status import OrderStatus
 from orders.server.rpc_errors import ErrorTable, to_status, translate_errors
 from orders.store.views import (
     GENERATION_PREFIX_LUA,
@@ -52,11 +53,10 @@ MAX_PAGE_SIZE = 500
 DEADLINE_MARGIN = 0.05  # seconds kept back from the deadline to read and answer after waiting
 DEFAULT_REDIS_TIMEOUT = 5.0  # seconds, when the client sets no deadline
 MAX_PAGE_BYTES = 3 * 1024 * 1024  # a page stays well under the 4 MiB message limit
-STATUS_ORDER = ["PENDING", "CONFIRMED", "SHIPPED", "CANCELLED"]
+STATUS_RANK = {status.value: rank for rank, status in enumerate(OrderStatus)}  # summaries list statuses in this order
 SNAPSHOT_ORDERS = 100  # orders in a WatchCustomerOrders stream's first message, at most
 READ_CHUNK = 100  # views per Redis call when a customer stream catches up
 STREAM_END_MARGIN = 0.1  # seconds before the client's deadline at which a watch stream ends with OK
-ID_RULE = "must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'"
 
 ERRORS: ErrorTable = {
     InvalidQuery: (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
@@ -175,7 +175,7 @@ def summary_message(view: CustomerSummaryView) -> pb.CustomerSummary:
         order_count=view.order_count,
         orders_by_status=[
             pb.StatusCount(status=types_pb2.OrderStatus.Value(f"ORDER_STATUS_{status}"), count=count)
-            for status, count in sorted(view.by_status.items(), key=lambda item: STATUS_ORDER.index(item[0]))
+            for status, count in sorted(view.by_status.items(), key=lambda item: STATUS_RANK[item[0]])
         ],
         lifetime_spend=[
             types_pb2.Money(currency_code=currency, minor_units=amount)

@@ -19,10 +19,10 @@ from redis.asyncio import Redis
 
 from orders.domain.errors import PoisonEvent
 from orders.domain.events import OrderCreated, RecordedEvent
+from orders.domain.status import SPENDING
 from orders.store.views import CustomerSummaryView, OrderView, ViewKeys
 from sync_worker.projector import BatchWrites, Projector, Values, Writes, fold_new, order_ids, order_views
 
-SPENDING = {"CONFIRMED", "SHIPPED"}  # statuses whose order total counts as spent
 CUSTOMER_HINTS = 50_000  # orders whose customer the projector remembers (about 10 MB)
 
 

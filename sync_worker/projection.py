@@ -17,6 +17,7 @@ from orders.domain.events import (
     RecordedEvent,
     ShippingAddressChanged,
 )
+from orders.domain.status import OrderStatus
 from orders.store.views import OrderView, ViewLine
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -54,7 +55,7 @@ def _created(recorded: RecordedEvent, at_us: int) -> OrderView:
         order_id=recorded.stream_id,
         customer_id=event.customer_id,
         currency_code=event.currency_code,
-        status="PENDING",
+        status=OrderStatus.PENDING,
         created_at_us=at_us,
         updated_at_us=at_us,
         version=1,
@@ -85,15 +86,15 @@ def _address_changed(event: ShippingAddressChanged, view: OrderView) -> Changes:
 
 
 def _confirmed(event: OrderConfirmed, view: OrderView) -> Changes:
-    return {"status": "CONFIRMED"}
+    return {"status": OrderStatus.CONFIRMED}
 
 
 def _shipped(event: OrderShipped, view: OrderView) -> Changes:
-    return {"status": "SHIPPED", "carrier": event.carrier, "tracking_number": event.tracking_number}
+    return {"status": OrderStatus.SHIPPED, "carrier": event.carrier, "tracking_number": event.tracking_number}
 
 
 def _cancelled(event: OrderCancelled, view: OrderView) -> Changes:
-    return {"status": "CANCELLED", "cancellation_reason": event.reason}
+    return {"status": OrderStatus.CANCELLED, "cancellation_reason": event.reason}
 
 
 # What each event after the first changes (OrderCreated only starts a view).

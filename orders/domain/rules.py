@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
-from enum import Enum
 from functools import singledispatch
 
 from orders.domain.commands import (
@@ -41,24 +40,19 @@ from orders.domain.events import (
     OrderShipped,
     ShippingAddressChanged,
 )
+from orders.domain.status import OrderStatus
 
 MAX_LINE_ITEMS = 100
 MAX_COMMAND_ID = 128
 MAX_QUANTITY = 10_000
 MAX_UNIT_PRICE_MINOR = 1_000_000_000_000
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+ID_RULE = "must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'"  # the rule of every id, as violations say it
 CURRENCY_PATTERN = re.compile(r"[A-Z]{3}")
 COUNTRY_PATTERN = re.compile(r"[A-Z]{2}")
 # Unicode general category Cc, exactly: C0 controls, DEL and C1 controls (stable by Unicode policy).
 CONTROL_PATTERN = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 SHOWN_CHARACTERS = 20  # a violation quotes at most this much of a bad value, so the status stays small
-
-
-class Status(Enum):
-    PENDING = "PENDING"
-    CONFIRMED = "CONFIRMED"
-    SHIPPED = "SHIPPED"
-    CANCELLED = "CANCELLED"
 
 
 @dataclass(frozen=True)
@@ -76,7 +70,7 @@ class OrderState:
     order_id: str
     customer_id: str
     currency_code: str
-    status: Status = Status.PENDING
+    status: OrderStatus = OrderStatus.PENDING
     lines: dict[str, Line] = field(default_factory=dict)
     shipping_address: Address | None = None
     version: int = 0
@@ -122,7 +116,7 @@ def _check_text(field_name: str, value: str, low: int, high: int) -> list[FieldV
 def _check_id(field_name: str, value: str) -> list[FieldViolation]:
     if ID_PATTERN.fullmatch(value):
         return []
-    return [FieldViolation(field_name, f"must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-', got {_shown(value)}")]
+    return [FieldViolation(field_name, f"{ID_RULE}, got {_shown(value)}")]
 
 
 def _check_currency(field_name: str, value: str) -> list[FieldViolation]:
@@ -232,7 +226,7 @@ def validate(envelope: CommandEnvelope) -> None:
 # --- decisions: the rules that depend on the order's current state --------------------------
 
 
-def _require_status(state: OrderState, allowed: set[Status], reason: str, action: str) -> None:
+def _require_status(state: OrderState, allowed: set[OrderStatus], reason: str, action: str) -> None:
     if state.status not in allowed:
         names = " or ".join(sorted(s.value for s in allowed))
         raise RuleViolation(
@@ -254,20 +248,22 @@ def decide(state: OrderState | None, command: Command) -> list[Event]:
         case RemoveItem():
             return _remove_item(state, command)
         case ChangeShippingAddress():
-            _require_status(state, {Status.PENDING, Status.CONFIRMED}, "ORDER_CLOSED", "change the address of")
+            _require_status(
+                state, {OrderStatus.PENDING, OrderStatus.CONFIRMED}, "ORDER_CLOSED", "change the address of"
+            )
             return [ShippingAddressChanged(command.shipping_address)]
         case ConfirmOrder():
             return _confirm(state)
         case ShipOrder():
             return _ship(state, command)
         case CancelOrder():
-            _require_status(state, {Status.PENDING, Status.CONFIRMED}, "ORDER_CLOSED", "cancel")
+            _require_status(state, {OrderStatus.PENDING, OrderStatus.CONFIRMED}, "ORDER_CLOSED", "cancel")
             return [OrderCancelled(command.reason)]
     raise TypeError(f"no rule for {type(command).__name__}")
 
 
 def _add_item(state: OrderState, command: AddItem) -> list[Event]:
-    _require_status(state, {Status.PENDING}, "ORDER_NOT_PENDING", "change items of")
+    _require_status(state, {OrderStatus.PENDING}, "ORDER_NOT_PENDING", "change items of")
     if command.currency_code != state.currency_code:
         raise RuleViolation(
             "CURRENCY_MISMATCH",
@@ -288,21 +284,21 @@ def _add_item(state: OrderState, command: AddItem) -> list[Event]:
 
 
 def _remove_item(state: OrderState, command: RemoveItem) -> list[Event]:
-    _require_status(state, {Status.PENDING}, "ORDER_NOT_PENDING", "change items of")
+    _require_status(state, {OrderStatus.PENDING}, "ORDER_NOT_PENDING", "change items of")
     if command.sku not in state.lines:
         raise RuleViolation("ITEM_NOT_IN_ORDER", f"sku {command.sku!r} is not in order {state.order_id!r}")
     return [ItemRemoved(command.sku)]
 
 
 def _confirm(state: OrderState) -> list[Event]:
-    _require_status(state, {Status.PENDING}, "ORDER_NOT_PENDING", "confirm")
+    _require_status(state, {OrderStatus.PENDING}, "ORDER_NOT_PENDING", "confirm")
     if not state.lines:
         raise RuleViolation("ORDER_EMPTY", f"cannot confirm order {state.order_id!r}: it has no items")
     return [OrderConfirmed()]
 
 
 def _ship(state: OrderState, command: ShipOrder) -> list[Event]:
-    _require_status(state, {Status.CONFIRMED}, "ORDER_NOT_CONFIRMED", "ship")
+    _require_status(state, {OrderStatus.CONFIRMED}, "ORDER_NOT_CONFIRMED", "ship")
     if state.shipping_address is None:
         raise RuleViolation("NO_SHIPPING_ADDRESS", f"cannot ship order {state.order_id!r}: it has no address")
     return [OrderShipped(command.carrier, command.tracking_number)]
@@ -336,17 +332,17 @@ def _(event: ShippingAddressChanged, state: OrderState) -> OrderState:
 
 @_apply.register
 def _(event: OrderConfirmed, state: OrderState) -> OrderState:
-    return replace(state, status=Status.CONFIRMED)
+    return replace(state, status=OrderStatus.CONFIRMED)
 
 
 @_apply.register
 def _(event: OrderShipped, state: OrderState) -> OrderState:
-    return replace(state, status=Status.SHIPPED)
+    return replace(state, status=OrderStatus.SHIPPED)
 
 
 @_apply.register
 def _(event: OrderCancelled, state: OrderState) -> OrderState:
-    return replace(state, status=Status.CANCELLED)
+    return replace(state, status=OrderStatus.CANCELLED)
 
 
 def evolve(state: OrderState | None, event: Event, order_id: str) -> OrderState:

@@ -45,12 +45,12 @@ from orders.domain.rules import (
     MAX_UNIT_PRICE_MINOR,
     Line,
     OrderState,
-    Status,
     decide,
     evolve,
     replay,
     validate,
 )
+from orders.domain.status import OrderStatus
 from tests.unit.strategies import PROPERTY_SETTINGS, command_sequences
 
 OID = "order-1"
@@ -108,25 +108,31 @@ def with_lines(count: int) -> tuple[Command, ...]:
 @pytest.mark.parametrize(
     ("history", "command", "expected_events", "expected_status"),
     [
-        pytest.param(PENDING, CONFIRM, [OrderConfirmed()], Status.CONFIRMED, id="confirm-pending"),
-        pytest.param(CONFIRMED, SHIP, [OrderShipped("DHL", "JD0001")], Status.SHIPPED, id="ship-confirmed"),
-        pytest.param(PENDING, CANCEL, [OrderCancelled("changed my mind")], Status.CANCELLED, id="cancel-pending"),
-        pytest.param(CONFIRMED, CANCEL, [OrderCancelled("changed my mind")], Status.CANCELLED, id="cancel-confirmed"),
+        pytest.param(PENDING, CONFIRM, [OrderConfirmed()], OrderStatus.CONFIRMED, id="confirm-pending"),
+        pytest.param(CONFIRMED, SHIP, [OrderShipped("DHL", "JD0001")], OrderStatus.SHIPPED, id="ship-confirmed"),
+        pytest.param(PENDING, CANCEL, [OrderCancelled("changed my mind")], OrderStatus.CANCELLED, id="cancel-pending"),
         pytest.param(
-            PENDING, CHANGE_ADDRESS, [ShippingAddressChanged(OTHER_ADDRESS)], Status.PENDING, id="addr-pending"
+            CONFIRMED, CANCEL, [OrderCancelled("changed my mind")], OrderStatus.CANCELLED, id="cancel-confirmed"
         ),
         pytest.param(
-            CONFIRMED, CHANGE_ADDRESS, [ShippingAddressChanged(OTHER_ADDRESS)], Status.CONFIRMED, id="addr-confirmed"
+            PENDING, CHANGE_ADDRESS, [ShippingAddressChanged(OTHER_ADDRESS)], OrderStatus.PENDING, id="addr-pending"
         ),
-        pytest.param(PENDING, REMOVE, [ItemRemoved("SKU-1")], Status.PENDING, id="remove-pending"),
-        pytest.param(PENDING, ADD, [ItemAdded("SKU-1", "Widget", 2, 1999)], Status.PENDING, id="add-same-sku"),
         pytest.param(
-            PENDING_EMPTY, add("SKU-9", 3, 50), [ItemAdded("SKU-9", "Widget", 3, 50)], Status.PENDING, id="add-new"
+            CONFIRMED,
+            CHANGE_ADDRESS,
+            [ShippingAddressChanged(OTHER_ADDRESS)],
+            OrderStatus.CONFIRMED,
+            id="addr-confirmed",
+        ),
+        pytest.param(PENDING, REMOVE, [ItemRemoved("SKU-1")], OrderStatus.PENDING, id="remove-pending"),
+        pytest.param(PENDING, ADD, [ItemAdded("SKU-1", "Widget", 2, 1999)], OrderStatus.PENDING, id="add-same-sku"),
+        pytest.param(
+            PENDING_EMPTY, add("SKU-9", 3, 50), [ItemAdded("SKU-9", "Widget", 3, 50)], OrderStatus.PENDING, id="add-new"
         ),
     ],
 )
 def test_accepted_commands_produce_their_event_and_status(
-    history: tuple[Command, ...], command: Command, expected_events: list[Event], expected_status: Status
+    history: tuple[Command, ...], command: Command, expected_events: list[Event], expected_status: OrderStatus
 ) -> None:
     """Each allowed transition yields exactly its event, and folding it gives the new status."""
     state = play(history)
@@ -144,7 +150,7 @@ def test_create_produces_order_created_with_the_command_fields() -> None:
 
 def test_full_lifecycle_pending_confirmed_shipped() -> None:
     """The happy path goes PENDING -> CONFIRMED -> SHIPPED, one version per event."""
-    expected = [Status.PENDING, Status.PENDING, Status.CONFIRMED, Status.SHIPPED]
+    expected = [OrderStatus.PENDING, OrderStatus.PENDING, OrderStatus.CONFIRMED, OrderStatus.SHIPPED]
 
     statuses = [play(SHIPPED[:n]).status for n in range(1, len(SHIPPED) + 1)]
 
@@ -457,7 +463,7 @@ def test_replay_of_no_events_is_no_order() -> None:
 
 def test_replay_of_order_created_starts_a_pending_order_at_version_1() -> None:
     """OrderCreated gives a PENDING order with the creation's fields, no lines, version 1."""
-    expected = OrderState(OID, "cust-1", "EUR", Status.PENDING, {}, ADDRESS, 1)
+    expected = OrderState(OID, "cust-1", "EUR", OrderStatus.PENDING, {}, ADDRESS, 1)
 
     assert expected == replay(OID, [OrderCreated("cust-1", "EUR", ADDRESS)])
 
@@ -500,15 +506,15 @@ def test_replay_folds_item_events_into_lines(events: list[Event], expected: dict
 @pytest.mark.parametrize(
     ("event", "expected_status"),
     [
-        (OrderConfirmed(), Status.CONFIRMED),
-        (OrderShipped("DHL", "1"), Status.SHIPPED),
-        (OrderCancelled("why"), Status.CANCELLED),
-        (ShippingAddressChanged(OTHER_ADDRESS), Status.PENDING),
+        (OrderConfirmed(), OrderStatus.CONFIRMED),
+        (OrderShipped("DHL", "1"), OrderStatus.SHIPPED),
+        (OrderCancelled("why"), OrderStatus.CANCELLED),
+        (ShippingAddressChanged(OTHER_ADDRESS), OrderStatus.PENDING),
     ],
     ids=lambda value: type(value).__name__,
 )
-def test_evolve_sets_status_and_counts_one_version(event: Event, expected_status: Status) -> None:
-    """Status events set the status; every event increments the version by one."""
+def test_evolve_sets_status_and_counts_one_version(event: Event, expected_status: OrderStatus) -> None:
+    """OrderStatus events set the status; every event increments the version by one."""
     before = play(PENDING)
 
     after = evolve(before, event, OID)

@@ -23,7 +23,7 @@ from orders.domain.events import (
     RecordedEvent,
     ShippingAddressChanged,
 )
-from orders.domain.rules import Status
+from orders.domain.status import OrderStatus
 from orders.store.views import OrderView, ViewLine
 from sync_worker.projection import ProjectionGap, fold, project
 from tests.unit.strategies import PROPERTY_SETTINGS, History, histories, micros, run
@@ -296,7 +296,7 @@ def test_projected_views_agree_with_the_domain_state(history: History) -> None:
     for order_id, state in history.states.items():
         view = views[order_id]
         stream = [event for event in history.log if event.stream_id == order_id]
-        assert Status(view.status) == state.status
+        assert OrderStatus(view.status) == state.status
         assert [(line.sku, line.quantity, line.unit_price_minor) for line in view.lines] == [
             (line.sku, line.quantity, line.unit_price_minor) for line in state.lines.values()
         ]
