@@ -39,7 +39,8 @@ def build_wheel(out: Path) -> Path:
 
 def content_problems(wheel: zipfile.ZipFile) -> list[str]:
     names = set(wheel.namelist())
-    problems = [f"missing {name}" for name in ("orders/py.typed",) if name not in names]
+    migrations = [path.relative_to(ROOT).as_posix() for path in (ROOT / "orders/store/migrations").glob("*.sql")]
+    problems = [f"missing {name}" for name in ("orders/py.typed", *migrations) if name not in names]
     for module in sorted((ROOT / "orders" / "v1").glob("*_pb2*.py")):
         for path in (module, module.with_suffix(".pyi")):
             name = path.relative_to(ROOT).as_posix()
