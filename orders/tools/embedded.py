@@ -144,7 +144,7 @@ def _postmaster_ready(data_dir: Path, pid: int) -> bool:
 
 
 def _await_previous_postmaster(data_dir: Path) -> None:
-    """Wait for a server still shutting down on data_dir; drop a postmaster.pid whose PID is stale.
+    """Wait for a server still shutting down on data_dir; clear what a dead one left behind.
 
     PostgreSQL ignores a dead PID in postmaster.pid itself, but refuses to start if that PID was
     reused by a live process (routine after a container restart); a postmaster that got our
@@ -156,6 +156,7 @@ def _await_previous_postmaster(data_dir: Path) -> None:
     deadline = time.monotonic() + _START_TIMEOUT
     while (pid := _pid_in(pid_file)) is not None:
         if not _is_live_postgres(pid):
+            _end_orphaned_children(pid_file, data_dir)
             pid_file.unlink(missing_ok=True)
             return
         if time.monotonic() > deadline:
@@ -170,6 +171,53 @@ def _pid_in(pid_file: Path) -> int | None:
         return None
     # A torn or empty file (crash mid-write) maps to PID 0, which is never a live postgres.
     return int(first_line) if first_line.strip().isdigit() else 0
+
+
+def _end_orphaned_children(pid_file: Path, data_dir: Path) -> None:
+    """Kill the children of a postmaster that died without shutting down (SIGKILL, OOM killer).
+
+    Each child notices the death only at its next wait (later still on a loaded machine, never
+    while stopped) and keeps the data dir's System V segment attached until it exits; a new
+    postmaster refuses to start while any does ("pre-existing shared memory block is still in
+    use"). Terminating them is PostgreSQL's own advice, and safe: the new postmaster replays the
+    WAL as after any crash. Being attached to the segment whose key postmaster.pid records is
+    exactly what blocks the restart, so that is how they are found (not by PID or process group:
+    the children start sessions of their own, and PIDs get reused).
+    """
+    key = _shm_key_in(pid_file)
+    if key is None:
+        return
+    deadline = time.monotonic() + _STOP_TIMEOUT
+    while orphans := _processes_attached_to(key):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"processes {orphans} of a dead PostgreSQL on {data_dir} do not exit")
+        for pid in orphans:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(_POLL_INTERVAL)
+
+
+def _shm_key_in(pid_file: Path) -> int | None:
+    # Line 7 is "<shm key> <shm id>"; missing on a torn file, or where PostgreSQL uses no segment.
+    try:
+        lines = pid_file.read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    key = lines[6].split()[0] if len(lines) > 6 and lines[6].strip() else ""
+    return int(key) if key.isdigit() and int(key) != 0 else None
+
+
+def _processes_attached_to(shm_key: int) -> list[int]:
+    """PIDs of the processes that map the System V segment with this key (those we may inspect)."""
+    segment = f"/SYSV{shm_key:08x}".encode()  # how /proc/PID/maps names such a mapping
+    attached = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):  # gone meanwhile, or another user's (then not ours to end)
+            if segment in (entry / "maps").read_bytes():
+                attached.append(int(entry.name))
+    return attached
 
 
 def _is_live_postgres(pid: int) -> bool:
