@@ -38,6 +38,8 @@ from orders.store.views import (
     LiveReader,
     OrderView,
     ViewKeys,
+    lua_member_order_id,
+    member_order_id,
 )
 from orders.telemetry.metrics import count_store_error
 from orders.v1 import queries_pb2 as pb
@@ -75,12 +77,12 @@ ERRORS: ErrorTable = {
 # index, checkpoint, rebuild mark and order-key names without it, the page start and size.
 _PAGE_SCRIPT = (
     GENERATION_PREFIX_LUA
-    + """
+    + f"""
 local members = redis.call('ZREVRANGEBYLEX', p .. ARGV[2], ARGV[6], '-', 'LIMIT', 0, tonumber(ARGV[7]))
-local result = {redis.call('GET', p .. ARGV[3]), redis.call('GET', p .. ARGV[4])}
+local result = {{redis.call('GET', p .. ARGV[3]), redis.call('GET', p .. ARGV[4])}}
 for _, member in ipairs(members) do
   result[#result + 1] = member
-  result[#result + 1] = redis.call('GET', p .. ARGV[5] .. string.sub(member, 18))
+  result[#result + 1] = redis.call('GET', p .. ARGV[5] .. {lua_member_order_id("member")})
 end
 return result
 """
@@ -444,8 +446,7 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
     async def _newest_order_ids(self, index: str, context: grpc.aio.ServicerContext) -> list[str]:
         async with bounded_redis_call(context):
             reply = await self._page(index, "+", SNAPSHOT_ORDERS)
-        # Members are "{created_at_us:016d}:{order_id}".
-        return [str(member)[17:] for member in reply[2::2]]
+        return [member_order_id(str(member)) for member in reply[2::2]]
 
     @staticmethod
     async def _end_stream(method: str, error: OrdersError, context: grpc.aio.ServicerContext) -> None:

@@ -37,7 +37,9 @@ Channels:
 
 Index members all have score 0 and sort lexicographically as
 `{created_at in µs, 16 digits}:{order_id}`: newest first is a reverse range,
-and a member is an exact, stable cursor for paging.
+and a member is an exact, stable cursor for paging. `index_member` writes one,
+`member_order_id` reads the order id back, and `lua_member_order_id` does the
+same inside the read scripts: all three follow MEMBER_TIME_DIGITS.
 """
 
 from __future__ import annotations
@@ -54,6 +56,26 @@ from orders.domain.events import Address
 PROJECTION = "orders"
 SUMMARY_PROJECTION = "customer_summary"
 PROJECTIONS = (PROJECTION, SUMMARY_PROJECTION)
+
+# --- index members: the one definition of their format (see the module docstring)
+MEMBER_TIME_DIGITS = 16  # creation time in µs, zero-padded: text order is time order until the year 2286
+MEMBER_ORDER_ID_OFFSET = MEMBER_TIME_DIGITS + 1  # where the order id starts: after the time and a colon
+
+
+def index_member(created_at_us: int, order_id: str) -> str:
+    """The index member of an order: its creation time, padded so that members sort by it, then its id."""
+    return f"{created_at_us:0{MEMBER_TIME_DIGITS}d}:{order_id}"
+
+
+def member_order_id(member: str) -> str:
+    """The order id of an index member (the inverse of `index_member` for the id)."""
+    return member[MEMBER_ORDER_ID_OFFSET:]
+
+
+def lua_member_order_id(variable: str) -> str:
+    """A Lua expression for the order id of the index member in Lua variable `variable`, for the read
+    scripts. Lua strings count from 1, so the id starts one position later than in Python."""
+    return f"string.sub({variable}, {MEMBER_ORDER_ID_OFFSET + 1})"
 
 
 @dataclass(frozen=True)
@@ -84,7 +106,7 @@ class OrderView:
         return sum(line.quantity * line.unit_price_minor for line in self.lines)
 
     def index_member(self) -> str:
-        return f"{self.created_at_us:016d}:{self.order_id}"
+        return index_member(self.created_at_us, self.order_id)
 
     def to_json(self) -> str:
         # orjson: several times faster than json on the worker's and the read service's hot paths;
