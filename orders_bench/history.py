@@ -22,7 +22,7 @@ from orders.domain.consistency import START, LogPosition
 from orders.domain.events import Address, Event, ItemAdded, OrderConfirmed, OrderCreated, event_type, to_payload
 from orders.store.event_store import head, open_connection, read_batch
 from orders.store.views import PROJECTIONS, ViewKeys, redis_client
-from orders_bench.system import cpu_seconds, log_tail, spawn, stop_process
+from orders_bench.system import cpu_seconds, spawn, stop_process
 
 COLUMNS = ["stream_id", "version", "event_type", "schema_version", "payload", "metadata"]
 CHUNK_EVENTS = 25_000  # events per COPY transaction
@@ -157,16 +157,15 @@ async def rebuild_round(
     envs = [{**env, "ORDERS_PROJECTIONS": name} for name in PROJECTIONS] if split else [env]
     probe = RebuildProbe(redis_url, prefix, target)
     started = time.perf_counter()
-    workers = [await spawn("sync_worker", e, log.with_suffix(f".{i}.log")) for i, e in enumerate(envs)]
+    workers = [await spawn("orders-sync-worker", e, log.with_suffix(f".{i}.log")) for i, e in enumerate(envs)]
     pids = ", ".join(str(w.pid) for w in workers)
     progress(f"rebuild: sync worker pid {pids} replays {events:,} events into {prefix}")
     cpu_before = [cpu_seconds(w.pid) for w in workers]
     try:
         while not probe.finished:
-            for i, worker in enumerate(workers):
+            for worker in workers:
                 if worker.returncode is not None:
-                    tail = log_tail(log.with_suffix(f".{i}.log"))
-                    raise RuntimeError(f"the sync worker exited ({worker.returncode}):\n{tail}")
+                    raise RuntimeError(f"the sync worker exited ({worker.returncode}):\n{worker.log_tail()}")
             if time.perf_counter() - started > timeout:
                 raise RuntimeError(f"the rebuild did not finish within {timeout:.0f}s")
             await probe.poll()

@@ -22,6 +22,7 @@ import grpc
 from orders.domain.consistency import LogPosition
 from orders.store.event_store import head, open_connection
 from orders.store.views import PROJECTIONS, ViewKeys, redis_client
+from orders.tools.processes import ServiceProcess
 from orders.v1 import commands_pb2_grpc, queries_pb2, queries_pb2_grpc
 from orders_bench.history import rebuild_round
 from orders_bench.load import ClientPool, Job, JobResult
@@ -69,7 +70,7 @@ class Bench:
     services: Services | None = None
     echo_address: str = ""
     stack_address: str = ""  # our server stack answering from memory (orders_bench.ceilings)
-    echo: asyncio.subprocess.Process | None = None
+    echo: ServiceProcess | None = None
     read_orders: list[str] = field(default_factory=list)
     read_customers: list[str] = field(default_factory=list)
     history_url: str = ""

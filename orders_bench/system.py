@@ -15,19 +15,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.asyncio import Redis
 
 from orders.store.migrations import migrate_url
 from orders.store.views import redis_client
 from orders.tools.embedded import free_port
+from orders.tools.processes import HealthServing, PortOpen, ServiceProcess, start_process, start_service
 
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
 LAZY_FREE_TRIES = 600  # 0.1 s apart
 SAMPLE_EVERY = 0.25  # seconds between samples of the servers' CPU
-SERVICES = ("write_service", "read_service", "sync_worker")
+# Each service by its name in the benchmark's logs and figures, and its console script.
+SERVICES = {
+    "write_service": "orders-write-service",
+    "read_service": "orders-read-service",
+    "sync_worker": "orders-sync-worker",
+}
 
 
 @dataclass
@@ -115,61 +119,18 @@ async def _lazy_free_done(redis: Redis) -> None:
 # ------------------------------------------------------------------------------ processes
 
 
-async def spawn(module: str, env: Mapping[str, str], log: Path, *args: str) -> asyncio.subprocess.Process:
-    """`python -m module` in its own session (a Ctrl-C of the benchmark is ours to pass on), output to `log`."""
-    with log.open("ab") as out:
-        return await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            module,
-            *args,
-            env={**os.environ, **env},
-            stdout=out,
-            stderr=out,
-            start_new_session=True,
-        )
+async def spawn(script: str, env: Mapping[str, str], log: Path) -> ServiceProcess:
+    """Console script `script` in its own session (a Ctrl-C of the benchmark is ours to pass on), output to `log`."""
+    return await start_service(script, env={**os.environ, **env}, log=log, own_session=True)
 
 
-async def stop_process(process: asyncio.subprocess.Process) -> None:
-    if process.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            process.terminate()
-        try:
-            await asyncio.wait_for(process.wait(), STOP_TIMEOUT)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-
-
-def log_tail(log: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-async def wait_serving(address: str, service: str, processes: Mapping[str, asyncio.subprocess.Process]) -> None:
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        deadline = asyncio.get_running_loop().time() + READY_TIMEOUT
-        while True:
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            exited = [name for name, p in processes.items() if p.returncode is not None]
-            if exited:
-                raise RuntimeError(f"{', '.join(exited)} exited during start-up")
-            if asyncio.get_running_loop().time() > deadline:
-                raise RuntimeError(
-                    f"{address} did not report {service or 'the server'} SERVING in {READY_TIMEOUT:.0f}s"
-                )
-            await asyncio.sleep(0.1)
+async def stop_process(process: ServiceProcess) -> None:
+    await process.stop(STOP_TIMEOUT)
 
 
 @dataclass
 class Services:
-    processes: dict[str, asyncio.subprocess.Process]
+    processes: dict[str, ServiceProcess]
     write_address: str
     read_address: str
     log_dir: Path
@@ -182,7 +143,7 @@ class Services:
         exited = {name: p.returncode for name, p in self.processes.items() if p.returncode is not None}
         if exited:
             name = next(iter(exited))
-            raise RuntimeError(f"{name} exited ({exited[name]}):\n{log_tail(self.log_dir / f'{name}.log')}")
+            raise RuntimeError(f"{name} exited ({exited[name]}):\n{self.processes[name].log_tail()}")
 
     async def stop(self) -> None:
         await asyncio.gather(*(stop_process(p) for p in self.processes.values()))
@@ -199,29 +160,31 @@ async def start_services(database: str, redis_url: str, prefix: str, log_dir: Pa
         "ORDERS_READ_ADDRESS": read,
         "ORDERS_ADMIN_ADDRESS": "",
     }
-    processes = {name: await spawn(name, env, log_dir / f"{name}.log") for name in SERVICES}
+    processes = {name: await spawn(script, env, log_dir / f"{name}.log") for name, script in SERVICES.items()}
     services = Services(processes, write, read, log_dir)
+    others = processes.values()
     try:
-        await wait_serving(write, "", processes)
+        await processes["write_service"].wait_ready(HealthServing(write), READY_TIMEOUT, alongside=others)
         # SERVING once every projection's worker has sent a heartbeat: the views are usable.
-        await wait_serving(read, "orders.projection", processes)
+        ready = HealthServing(read, "orders.projection")
+        await processes["read_service"].wait_ready(ready, READY_TIMEOUT, alongside=others)
     except BaseException:
         await services.stop()
         raise
     return services
 
 
-async def start_echo_server(log_dir: Path) -> tuple[asyncio.subprocess.Process, str, str]:
+async def start_echo_server(log_dir: Path) -> tuple[ServiceProcess, str, str]:
     """The ceilings' process (orders_bench.ceilings): the bare echo server and our stack's, by address."""
     address, stack_address = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    process = await spawn("orders_bench.ceilings", {}, log_dir / "echo.log", "echo", address, stack_address)
+    command = [sys.executable, "-m", "orders_bench.ceilings", "echo", address, stack_address]
+    process = await start_process("echo_server", command, log=log_dir / "echo.log", own_session=True)
     try:
-        await wait_serving(stack_address, "", {"echo_server": process})
-        async with grpc.aio.insecure_channel(address) as channel:
-            await asyncio.wait_for(channel.channel_ready(), READY_TIMEOUT)
-    except (TimeoutError, RuntimeError):
+        await process.wait_ready(HealthServing(stack_address), READY_TIMEOUT)
+        await process.wait_ready(PortOpen(address), READY_TIMEOUT)
+    except RuntimeError:
         await stop_process(process)
-        raise RuntimeError(f"the echo server did not start:\n{log_tail(log_dir / 'echo.log')}") from None
+        raise RuntimeError(f"the echo server did not start:\n{process.log_tail()}") from None
     return process, address, stack_address
 
 

@@ -11,25 +11,22 @@ waits until both servers report SERVING, and prints how to call them. Ctrl-C
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orders import config
 from orders.server.grpc_server import run, stop_on_signals
 from orders.store.migrations import migrate_url
+from orders.tools.processes import HealthServing, ServiceProcess, child_environment, port_in_use, start_service
 
 log = logging.getLogger("orders.local")
 
-SERVICES = ("write_service", "read_service", "sync_worker")
+SERVICES = ("orders-write-service", "orders-read-service", "orders-sync-worker")  # console scripts
 DATABASE = "orders"
 READY_TIMEOUT = 60.0
 
@@ -130,47 +127,42 @@ async def _create_database(admin_url: str) -> None:
         await conn.close()
 
 
-async def _spawn(settings: LocalSettings) -> dict[str, asyncio.subprocess.Process]:
-    env = {
-        **os.environ,
-        "ORDERS_POSTGRES_URL": settings.postgres_url or "",
-        "ORDERS_REDIS_URL": settings.redis_url or "",
-        "ORDERS_REDIS_PREFIX": settings.redis_prefix,
-        "ORDERS_WRITE_ADDRESS": settings.write_address,
-        "ORDERS_READ_ADDRESS": settings.read_address,
-        "ORDERS_ADMIN_ADDRESS": settings.admin_address,
-        "ORDERS_METRICS_ADDRESS": "",  # one address for three processes would clash; off locally
-        "ORDERS_SHUTDOWN_GRACE": str(settings.shutdown_grace),
-        "ORDERS_LOG_LEVEL": settings.log_level,
-        "ORDERS_LOG_FORMAT": settings.log_format,
-        "ORDERS_TRACING": settings.tracing,
-        # A local system is plaintext without tokens, even where these name a client's certificate.
-        "ORDERS_TLS_CERT_FILE": "",
-        "ORDERS_TLS_KEY_FILE": "",
-        "ORDERS_TLS_CLIENT_CA_FILE": "",
-        "ORDERS_AUTH_TOKENS_FILE": "",
-    }
+def _service_env(settings: LocalSettings) -> dict[str, str]:
+    # The runner's own ORDERS_* variables pass on too, e.g. ORDERS_BATCH_SIZE to the sync worker.
+    return child_environment(
+        {
+            "ORDERS_POSTGRES_URL": settings.postgres_url or "",
+            "ORDERS_REDIS_URL": settings.redis_url or "",
+            "ORDERS_REDIS_PREFIX": settings.redis_prefix,
+            "ORDERS_WRITE_ADDRESS": settings.write_address,
+            "ORDERS_READ_ADDRESS": settings.read_address,
+            "ORDERS_ADMIN_ADDRESS": settings.admin_address,
+            "ORDERS_METRICS_ADDRESS": "",  # one address for three processes would clash; off locally
+            "ORDERS_SHUTDOWN_GRACE": str(settings.shutdown_grace),
+            "ORDERS_LOG_LEVEL": settings.log_level,
+            "ORDERS_LOG_FORMAT": settings.log_format,
+            "ORDERS_TRACING": settings.tracing,
+            # A local system is plaintext without tokens, even where these name a client's certificate.
+            "ORDERS_TLS_CERT_FILE": "",
+            "ORDERS_TLS_KEY_FILE": "",
+            "ORDERS_TLS_CLIENT_CA_FILE": "",
+            "ORDERS_AUTH_TOKENS_FILE": "",
+        },
+        inherit_settings=True,
+    )
+
+
+async def _start_services(settings: LocalSettings) -> list[ServiceProcess]:
+    env = _service_env(settings)
     # Own sessions: Ctrl-C reaches only this runner, which then stops each child exactly once.
-    return {
-        name: await asyncio.create_subprocess_exec(sys.executable, "-m", name, env=env, start_new_session=True)
-        for name in SERVICES
-    }
+    return [await start_service(script, env=env, own_session=True) for script in SERVICES]
 
 
-async def _wait_serving(address: str, processes: dict[str, asyncio.subprocess.Process]) -> None:
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        deadline = asyncio.get_running_loop().time() + READY_TIMEOUT
-        while True:
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            if any(p.returncode is not None for p in processes.values()):
-                raise RuntimeError("a service exited during start-up; see its log above")
-            if asyncio.get_running_loop().time() > deadline:
-                raise RuntimeError(f"{address} did not report SERVING within {READY_TIMEOUT:.0f}s")
-            await asyncio.sleep(0.1)
+def ports_in_use(settings: LocalSettings) -> list[str]:
+    """One line per address setting whose port something already listens on (another orders-local?)."""
+    flags = {"write-address": settings.write_address, "read-address": settings.read_address}
+    flags["admin-address"] = settings.admin_address
+    return [f"--{flag} ({config.env_name(flag)}) {address}" for flag, address in flags.items() if port_in_use(address)]
 
 
 def _banner(settings: LocalSettings) -> str:
@@ -191,32 +183,23 @@ Ctrl-C stops everything.
 """
 
 
-async def _stop_children(processes: dict[str, asyncio.subprocess.Process], grace: float) -> int:
-    for process in processes.values():
-        if process.returncode is None:
-            process.terminate()
-    failures = 0
-    for name, process in processes.items():
-        try:
-            code = await asyncio.wait_for(process.wait(), grace + 5)
-        except TimeoutError:
-            log.warning("%s did not stop in time; killing it", name)
-            process.kill()
-            code = await process.wait()
-        failures += code != 0
-    return failures
+async def _stop_services(services: list[ServiceProcess], grace: float) -> int:
+    """Stops all at once (each gets `grace` for its RPCs, then 5 s more); the number that did not exit 0."""
+    codes = await asyncio.gather(*(service.stop(grace + 5) for service in services))
+    return sum(code != 0 for code in codes)
 
 
 async def orchestrate(settings: LocalSettings) -> int:
     stop = stop_on_signals()
     applied = await migrate_url(settings.postgres_url or "")
     log.info("migrations: %s", ", ".join(applied) or "up to date")
-    processes = await _spawn(settings)
+    services = await _start_services(settings)
     try:
-        await _wait_serving(settings.write_address, processes)
-        await _wait_serving(settings.read_address, processes)
+        write, read, _ = services
+        await write.wait_ready(HealthServing(settings.write_address), READY_TIMEOUT, alongside=services)
+        await read.wait_ready(HealthServing(settings.read_address), READY_TIMEOUT, alongside=services)
         print(_banner(settings), flush=True)
-        exited = [asyncio.ensure_future(p.wait()) for p in processes.values()]
+        exited = [asyncio.ensure_future(s.process.wait()) for s in services]
         stopping = asyncio.ensure_future(stop.wait())
         await asyncio.wait([stopping, *exited], return_when=asyncio.FIRST_COMPLETED)
         if not stop.is_set():
@@ -224,7 +207,7 @@ async def orchestrate(settings: LocalSettings) -> int:
             return 1
         return 0
     finally:
-        failures = await _stop_children(processes, settings.shutdown_grace)
+        failures = await _stop_services(services, settings.shutdown_grace)
         if failures:
             log.warning("%d service(s) did not exit cleanly", failures)
 
@@ -232,6 +215,9 @@ async def orchestrate(settings: LocalSettings) -> int:
 def main(argv: Sequence[str] | None = None) -> None:
     settings = parse_settings(argv)
     config.setup_logging(settings.log_level, settings.log_format)
+    taken = ports_in_use(settings)
+    if taken:  # before anything starts: else the health checks would find the other instance ready
+        sys.exit(f"orders-local: error: already in use: {'; '.join(taken)} (another orders-local?)")
     code = 1
     try:
         start_embedded_servers(settings)
