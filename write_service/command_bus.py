@@ -3,7 +3,8 @@
 Every command targets one order. The common path is one PostgreSQL round trip:
 the order's state comes from a cache of states this process has seen, the pure
 rules decide (orders.domain.rules), and one statement appends the events guarded by
-the order's version and the command's id (orders.store.event_store). The cache is a
+the order's version and the command's id (write_service.ports.EventLog, which
+orders.store.event_store.EventStore implements on PostgreSQL). The cache is a
 hint, never the truth: an append on a stale version conflicts on the version's
 unique key, and a refusal decided on cached state is decided again on events
 read from the store, so a cache that is behind (another replica wrote) costs a
@@ -22,8 +23,9 @@ from orders.domain.commands import CommandEnvelope, CreateOrder
 from orders.domain.errors import ConcurrencyConflict, OrdersError
 from orders.domain.events import Event
 from orders.domain.rules import OrderState, decide, evolve, replay, validate
-from orders.store.event_store import AppendRequest, AppendResult, EventStore, VersionTaken, command_deadline
+from orders.store.event_store import AppendRequest, AppendResult, VersionTaken, command_deadline
 from orders.telemetry.tracing import current_traceparent
+from write_service.ports import EventLog
 
 ATTEMPTS = 5  # decisions per command: the first may use cached state, every later one reads the store
 DEFAULT_CACHE_SIZE = 10_000  # order states kept, least recently used dropped first
@@ -73,7 +75,9 @@ class StateCache:
 
 
 class CommandBus:
-    def __init__(self, store: EventStore, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
+    """Applies commands to an event log (any `EventLog`: PostgreSQL in service, in memory in unit tests)."""
+
+    def __init__(self, store: EventLog, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
         self._store = store
         self._cache = StateCache(cache_size)
 
