@@ -16,7 +16,7 @@ import redis.exceptions
 from redis.asyncio import Redis
 
 from orders.domain.consistency import LogPosition
-from orders.server.tasks import cancel_until_ended
+from orders.server.tasks import BackgroundTask
 from orders.store.views import LiveReader, ViewKeys
 
 log = logging.getLogger(__name__)
@@ -28,15 +28,15 @@ class CheckpointWatcher:
         self._keys = keys
         self._live = LiveReader(redis, keys)
         self._changed = asyncio.Condition()
-        self._task: asyncio.Task[None] | None = None
+        self._task = BackgroundTask("checkpoint-watcher")
         self._waiting = 0
         self.latest: LogPosition | None = None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._follow(), name="checkpoint-watcher")
+        self._task.start(self._follow)
 
     async def stop(self) -> None:
-        await cancel_until_ended(self._task)
+        await self._task.stop()
 
     def reached(self, target: LogPosition) -> bool:
         return self.latest is not None and self.latest >= target

@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2
 from redis.asyncio import Redis
 
 from orders.server.readiness import Readiness
-from orders.server.tasks import cancel_until_ended
+from orders.server.tasks import BackgroundTask
 from orders.store.heartbeat import read_heartbeat
 from orders.store.views import PROJECTIONS, ViewKeys
 
@@ -49,13 +49,13 @@ class ProjectionHealth:
         self._readiness = readiness
         self._timeout = timeout
         self._status: dict[str, int] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._task = BackgroundTask("projection-health")
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._watch(), name="projection-health")
+        self._task.start(self._watch)
 
     async def stop(self) -> None:
-        await cancel_until_ended(self._task)
+        await self._task.stop()
 
     async def check(self) -> None:
         """Reads the heartbeat once and updates the health statuses."""

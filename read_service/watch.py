@@ -35,7 +35,7 @@ import redis.exceptions
 from redis.asyncio import Redis
 
 from orders.domain.errors import OrdersError
-from orders.server.tasks import cancel_until_ended
+from orders.server.tasks import BackgroundTask
 from orders.store.views import ViewKeys
 
 log = logging.getLogger(__name__)
@@ -128,16 +128,16 @@ class ChangeFeed:
         self._by_customer: dict[str, set[Watch]] = {}
         self._closed = False
         self.open_streams = 0
-        self._task: asyncio.Task[None] | None = None
+        self._task = BackgroundTask("change-feed")
         self.subscribed = asyncio.Event()  # set while the subscription is confirmed
         self.resubscribe_delay = 1.0  # seconds between a lost subscription and the next attempt
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._follow(), name="change-feed")
+        self._task.start(self._follow)
 
     async def stop(self) -> None:
         self.close()
-        await cancel_until_ended(self._task)
+        await self._task.stop()
 
     def close(self) -> None:
         """Ends every open stream with UNAVAILABLE (server shutting down) and refuses new ones."""

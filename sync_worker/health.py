@@ -25,7 +25,7 @@ import asyncpg
 from redis.asyncio import Redis
 
 from orders.server.readiness import CHECK_EVERY, Readiness, StoreProbe, postgres_probe
-from orders.server.tasks import cancel_until_ended
+from orders.server.tasks import BackgroundTask
 from sync_worker.worker import SyncWorker
 
 WORKER_SERVICE = "orders.sync_worker"
@@ -61,7 +61,7 @@ class WorkerHealth:
             StoreProbe(readiness, "postgres", "PostgreSQL", postgres_probe(pool)),
             StoreProbe(readiness, "redis", "Redis", redis.ping),
         ]
-        self._task: asyncio.Task[None] | None = None
+        self._task = BackgroundTask("worker-health")
 
     async def check(self) -> None:
         await asyncio.gather(*(probe.check() for probe in self._probes))
@@ -69,10 +69,10 @@ class WorkerHealth:
             await self._readiness.set(f"projection {worker.projection}", projection_problem(worker, self._stuck_after))
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="worker-health")
+        self._task.start(self._run)
 
     async def stop(self) -> None:
-        await cancel_until_ended(self._task)
+        await self._task.stop()
 
     async def _run(self) -> None:
         while True:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from grpc_health.v1 import health, health_pb2
 
-from orders.server.tasks import cancel_until_ended
+from orders.server.tasks import BackgroundTask
 
 if TYPE_CHECKING:
     import asyncpg  # the read service has no PostgreSQL at all, and does not import its driver
@@ -107,13 +107,13 @@ class StoreProbe:
         self._timeout = timeout
         self._reported = ""
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._task = BackgroundTask(f"probe-{name}")
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"probe-{self._name}")
+        self._task.start(self._run)
 
     async def stop(self) -> None:
-        await cancel_until_ended(self._task)
+        await self._task.stop()
 
     def report(self, problem: str) -> None:
         """An operation found the store unreachable: not ready at once, then probe to see when it is back."""
