@@ -1,8 +1,8 @@
-"""The README's grpcurl examples work as printed, against the real servers.
+"""The grpcurl walk-through (docs/grpcurl.md, linked from the README) works as printed, against the
+real servers.
 
-Each ```sh block of the README's grpcurl section runs in bash, in order, with
-only the addresses replaced by the test servers' ports. A block followed by an
-ERROR output block must fail with that output.
+Each ```sh block of that page runs in bash, in order, with only the addresses replaced by the test
+servers' ports. A block followed by an ERROR output block must fail with that output.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 from tests.helpers import require_tools
 from tests.integration.conftest import System
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+WALK_THROUGH = Path(__file__).resolve().parents[2] / "docs" / "grpcurl.md"
 
 
 @pytest.fixture(autouse=True)
@@ -25,9 +25,8 @@ def _grpcurl() -> None:
 
 
 def grpcurl_examples() -> list[tuple[str, str | None]]:
-    """(shell block, expected error output or None) for each example, in README order."""
-    section = README.read_text().split("## Calling it with grpcurl", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```(\w*)\n(.*?)```", section, flags=re.S)
+    """(shell block, expected error output or None) for each example, in the page's order."""
+    blocks = re.findall(r"```(\w*)\n(.*?)```", WALK_THROUGH.read_text(), flags=re.S)
     examples: list[tuple[str, str | None]] = []
     for i, (lang, body) in enumerate(blocks):
         if lang != "sh":
@@ -51,7 +50,7 @@ def squash(text: str) -> str:
     return " ".join(text.split())
 
 
-async def test_every_readme_grpcurl_example_works_as_printed(system: System) -> None:
+async def test_every_grpcurl_example_works_as_printed(system: System) -> None:
     """Lists, describes and calls every RPC; every example succeeds, the error example fails as shown."""
     outputs = []
     for example, expected_error in grpcurl_examples():
