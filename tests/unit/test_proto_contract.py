@@ -1,7 +1,7 @@
 """The protos are held to buf's rules, and a wire- or stub-breaking change fails the check.
 
 `buf breaking` compares the protos with `protos/released.binpb`, the image of the last
-released API (docs/api-versioning.md). The tests below also prove that the check bites:
+released API (docs/api.md). The tests below also prove that the check bites:
 each known kind of breaking change, made to a copy of the protos, is refused.
 """
 
