@@ -11,17 +11,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterable
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf import message_factory
-from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.descriptor import FileDescriptor, MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from orders.domain.errors import FieldViolation, InvalidCommand
 from orders.server.correlation import CorrelationInterceptor
@@ -135,8 +136,7 @@ async def start_server(
     service_names = [service.full_name for service in services]
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-    reflection.enable_server_reflection([*service_names, health_name, reflection.SERVICE_NAME], server)
+    enable_reflection(server, [*services, HEALTH_SERVICE, REFLECTION_SERVICE])
     port = security.add_port(server, address)
     if port == 0:
         raise OSError(f"cannot listen on {address}")
@@ -145,6 +145,42 @@ async def start_server(
     for name in ["", *service_names, LIVENESS]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(server, health_servicer, port)
+
+
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"]
+REFLECTION_SERVICE = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
+# The error details every server sends (ErrorInfo, BadRequest, RetryInfo: orders.server.rpc_errors):
+# grpcurl looks their types up through reflection to print them.
+ERROR_DETAILS_FILE = error_details_pb2.DESCRIPTOR
+
+
+def enable_reflection(server: grpc.aio.Server, services: Iterable[ServiceDescriptor]) -> None:
+    """Reflection of exactly `services`: their names and the files that define them (and the error
+    details). Not the process's default descriptor pool, which holds every file any module imported:
+    where several servers share a process (the tests), the read server would describe OrderCommands too."""
+    services = list(services)
+    pool = reflection_pool([*(service.file for service in services), ERROR_DETAILS_FILE])
+    reflection.enable_server_reflection([service.full_name for service in services], server, pool)
+
+
+def reflection_pool(files: Iterable[FileDescriptor]) -> descriptor_pool.DescriptorPool:
+    """A descriptor pool holding `files` and what they import, and nothing else."""
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(file: FileDescriptor) -> None:
+        if file.name in added:
+            return
+        for dependency in file.dependencies:  # a file can only be added after its imports
+            add(dependency)
+        proto = descriptor_pb2.FileDescriptorProto()
+        file.CopyToProto(proto)
+        pool.AddSerializedFile(proto.SerializeToString())
+        added.add(file.name)
+
+    for file in files:
+        add(file)
+    return pool
 
 
 def stop_on_signals() -> asyncio.Event:

@@ -6,14 +6,11 @@ process tests run the services' console entry points as child processes."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -28,6 +25,7 @@ from orders.server.grpc_server import RunningServer
 from orders.store.event_store import connect
 from orders.store.views import ViewKeys, redis_client
 from orders.tools.embedded import free_port
+from orders.tools.processes import PIPE, child_environment, script_command, start_service
 from orders.v1 import commands_pb2_grpc, queries_pb2, queries_pb2_grpc
 from read_service.main import start_read_service
 from tests.conftest import Servers
@@ -39,6 +37,7 @@ WRITE_SERVICE = "orders.v1.OrderCommands"
 READ_SERVICE = "orders.v1.OrderQueries"
 HEALTH_SERVICE = "grpc.health.v1.Health"
 REFLECTION_SERVICE = "grpc.reflection.v1alpha.ServerReflection"
+ERROR_INFO = "google.rpc.ErrorInfo"
 COMMAND_METHODS = {
     "CreateOrder",
     "AddItem",
@@ -186,6 +185,29 @@ async def test_reflection_lists_and_describes_the_service(
         assert (request, response) == (f"orders.v1.{method}Request", f"orders.v1.{method}Response")
 
 
+@pytest.mark.parametrize(("kind", "other", "other_file"), [("write", "read", "queries"), ("read", "write", "commands")])
+async def test_reflection_shows_only_the_services_a_server_serves(
+    served: dict[str, Served], kind: str, other: str, other_file: str
+) -> None:
+    """With both servers in one process (so both services' files are loaded), each server's reflection
+    lists exactly its own service, health and reflection, and knows nothing of the other service; it
+    does know the error detail types its errors carry, which grpcurl looks up to print them."""
+    server, stranger = served[kind], served[other]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        listed = await reflect(channel, reflection_pb2.ServerReflectionRequest(list_services=""))
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        requests = [
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol=stranger.name),
+            reflection_pb2.ServerReflectionRequest(file_by_filename=f"orders/v1/{other_file}.proto"),
+        ]
+        replies = [reply async for reply in stub.ServerReflectionInfo(iter(requests), timeout=5)]
+        details = await reflect(channel, reflection_pb2.ServerReflectionRequest(file_containing_symbol=ERROR_INFO))
+
+    assert {s.name for s in listed.list_services_response.service} == {server.name, HEALTH_SERVICE, REFLECTION_SERVICE}
+    assert [reply.error_response.error_code for reply in replies] == [grpc.StatusCode.NOT_FOUND.value[0]] * 2
+    assert details.file_descriptor_response.file_descriptor_proto
+
+
 # ---------------------------------------------------------------- unreachable stores
 
 
@@ -243,8 +265,7 @@ async def test_read_service_without_redis_is_unavailable_at_once(keys: ViewKeys)
 
 def process_env(**settings: str) -> dict[str, str]:
     """This environment without any ORDERS_* setting of the developer's, plus `settings`."""
-    env = {name: value for name, value in os.environ.items() if not name.startswith("ORDERS_")}
-    return {**env, "ORDERS_LOG_LEVEL": "INFO", **settings}
+    return child_environment({"ORDERS_LOG_LEVEL": "INFO", **settings})
 
 
 @dataclass
@@ -305,14 +326,11 @@ Spawn = Callable[..., Awaitable[Child]]
 
 @pytest.fixture
 async def spawn() -> AsyncIterator[Spawn]:
-    """Starts `python -m <module>` children; any still running at the end is killed."""
+    """Starts services by console script, their stderr piped to the test; any still running at the end is killed."""
     children: list[Child] = []
 
-    async def start(module: str, env: dict[str, str]) -> Child:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", module, env=env, stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
-        )
-        child = Child(process)
+    async def start(script: str, env: dict[str, str]) -> Child:
+        child = Child((await start_service(script, env=env, log=PIPE)).process)
         child.reader = asyncio.create_task(child._read())
         children.append(child)
         return child
@@ -372,7 +390,7 @@ async def test_write_service_process_finishes_the_command_in_flight_on_sigterm(s
     env = process_env(
         ORDERS_POSTGRES_URL=database_url, ORDERS_WRITE_ADDRESS=f"127.0.0.1:{port}", ORDERS_SHUTDOWN_GRACE="5"
     )
-    child = await spawn("write_service", env)
+    child = await spawn("orders-write-service", env)
     await wait_serving(child, port, WRITE_SERVICE)
 
     async with AsyncExitStack() as stack:
@@ -433,7 +451,7 @@ async def test_read_service_process_stops_gracefully_on_signal(
         ORDERS_READ_ADDRESS=f"127.0.0.1:{port}",
         ORDERS_SHUTDOWN_GRACE="5",
     )
-    child = await spawn("read_service", env)
+    child = await spawn("orders-read-service", env)
     await wait_serving(child, port, READ_SERVICE)
     await watcher_settled(redis, keys)
 
@@ -457,7 +475,7 @@ async def test_read_service_signalled_while_starting_still_exits(
         ports = [free_port() for _ in range(8)]
         children = [
             await spawn(
-                "read_service",
+                "orders-read-service",
                 process_env(
                     ORDERS_REDIS_URL=servers.redis_url,
                     ORDERS_REDIS_PREFIX=keys.prefix,
@@ -490,7 +508,7 @@ async def test_sync_worker_process_stops_gracefully_on_signal(
         ORDERS_REDIS_URL=servers.redis_url,
         ORDERS_REDIS_PREFIX=keys.prefix,
     )
-    child = await spawn("sync_worker", env)
+    child = await spawn("orders-sync-worker", env)
     await child.wait_for_log("tailing the event log")
 
     started = time.monotonic()
@@ -520,19 +538,10 @@ async def run_to_end(command: list[str], env: dict[str, str]) -> tuple[int, str,
     return process.returncode, out.decode(), err.decode()
 
 
-def program_command(program: str, *args: str) -> list[str]:
-    """`python -m <package>` for a service; an installed console script such as orders-migrate."""
-    if "-" not in program:
-        return [sys.executable, "-m", program, *args]
-    script = Path(sys.executable).with_name(program)
-    assert script.exists(), f"the {program} console script is not installed"
-    return [str(script), *args]
-
-
 MISSING_CASES = {
-    "write_service": ({}, "postgres-url"),
-    "read_service": ({}, "redis-url"),
-    "sync_worker": ({"ORDERS_REDIS_URL": "redis://127.0.0.1:1/0"}, "postgres-url"),
+    "orders-write-service": ({}, "postgres-url"),
+    "orders-read-service": ({}, "redis-url"),
+    "orders-sync-worker": ({"ORDERS_REDIS_URL": "redis://127.0.0.1:1/0"}, "postgres-url"),
     "orders-migrate": ({}, "postgres-url"),
 }
 
@@ -545,7 +554,7 @@ async def test_missing_required_setting_exits_2_naming_flag_and_variable(
     start with exit code 2 and one message naming both, e.g. --postgres-url and ORDERS_POSTGRES_URL."""
     settings, flag = case
 
-    code, _, err = await run_to_end(program_command(program), process_env(**settings))
+    code, _, err = await run_to_end(script_command(program), process_env(**settings))
 
     assert code == 2
     assert f"--{flag}" in err
@@ -558,7 +567,7 @@ async def test_write_service_with_a_malformed_address_exits_2_naming_the_variabl
     message naming both the flag and the environment variable."""
     env = process_env(ORDERS_POSTGRES_URL=f"postgresql://postgres@{dead_address()}/x", ORDERS_WRITE_ADDRESS="nonsense")
 
-    code, _, err = await run_to_end(program_command("write_service"), env)
+    code, _, err = await run_to_end(script_command("orders-write-service"), env)
 
     assert code == 2
     assert "ORDERS_WRITE_ADDRESS" in err
@@ -566,13 +575,26 @@ async def test_write_service_with_a_malformed_address_exits_2_naming_the_variabl
     assert "Traceback" not in err
 
 
+async def test_migrate_against_an_unreachable_postgresql_says_so_in_one_line() -> None:
+    """orders-migrate that cannot reach PostgreSQL exits 1 with one line naming the setting and the
+    reason (not a traceback), and never shows the URL's password."""
+    url = f"postgresql://postgres:secret@{dead_address()}/orders"
+
+    code, _, err = await run_to_end(script_command("orders-migrate"), process_env(ORDERS_POSTGRES_URL=url))
+
+    assert code == 1
+    [line] = err.splitlines()
+    assert line.startswith("orders-migrate: error: --postgres-url (ORDERS_POSTGRES_URL): cannot connect to ")
+    assert "secret" not in line
+
+
 COMMON = ["ORDERS_LOG_LEVEL"]
 SERVER = ["ORDERS_SHUTDOWN_GRACE", "ORDERS_MAX_CONCURRENT_RPCS"]
 REDIS = ["ORDERS_REDIS_URL", "ORDERS_REDIS_PREFIX"]
 HELP_CASES = {
-    "write_service": ["ORDERS_POSTGRES_URL", "ORDERS_WRITE_ADDRESS", "ORDERS_POOL_SIZE", *SERVER, *COMMON],
-    "read_service": [*REDIS, "ORDERS_READ_ADDRESS", "ORDERS_MAX_CONSISTENCY_WAIT", *SERVER, *COMMON],
-    "sync_worker": ["ORDERS_POSTGRES_URL", *REDIS, "ORDERS_BATCH_SIZE", "ORDERS_POLL_INTERVAL", *COMMON],
+    "orders-write-service": ["ORDERS_POSTGRES_URL", "ORDERS_WRITE_ADDRESS", "ORDERS_POOL_SIZE", *SERVER, *COMMON],
+    "orders-read-service": [*REDIS, "ORDERS_READ_ADDRESS", "ORDERS_MAX_CONSISTENCY_WAIT", *SERVER, *COMMON],
+    "orders-sync-worker": ["ORDERS_POSTGRES_URL", *REDIS, "ORDERS_BATCH_SIZE", "ORDERS_POLL_INTERVAL", *COMMON],
     "orders-migrate": ["ORDERS_POSTGRES_URL", *COMMON],
 }
 
@@ -580,7 +602,7 @@ HELP_CASES = {
 @pytest.mark.parametrize(("program", "variables"), HELP_CASES.items(), ids=HELP_CASES.keys())
 async def test_help_exits_0_and_names_every_environment_variable(program: str, variables: list[str]) -> None:
     """--help works without any configuration and documents each environment variable the program reads."""
-    code, out, err = await run_to_end(program_command(program, "--help"), process_env())
+    code, out, err = await run_to_end(script_command(program, "--help"), process_env())
 
     assert code == 0, err
     assert "usage:" in out
