@@ -7,18 +7,50 @@ missing one stops it with one line naming the setting and what it expects.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import ssl
+import types
+import typing
 from collections.abc import Callable, Sequence
+from enum import StrEnum
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
-from orders.telemetry import logs, tracing
+from orders.telemetry import logs
 
 DEFAULT_WRITE_ADDRESS = "127.0.0.1:50051"
 DEFAULT_READ_ADDRESS = "127.0.0.1:50052"
+
+Choice = TypeVar("Choice", bound=StrEnum)
+Settings = TypeVar("Settings")
+Number = TypeVar("Number", int, float)
+
+
+class LogLevel(StrEnum):
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+
+
+class LogFormat(StrEnum):
+    """The values of orders.telemetry.logs.LOG_FORMATS."""
+
+    AUTO = "auto"
+    JSON = "json"
+    TEXT = "text"
+
+
+class TracingMode(StrEnum):
+    """The values of orders.telemetry.tracing.TRACING_MODES."""
+
+    AUTO = "auto"
+    OTLP = "otlp"
+    CONSOLE = "console"
+    OFF = "off"
 
 
 def env_name(flag: str) -> str:
@@ -104,32 +136,49 @@ def address(text: str) -> str:
     return text
 
 
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"expected a number > 0, got {text!r}")
+def _number(text: str, kind: type[Number], expected: str, acceptable: Callable[[Number], bool]) -> Number:
+    """`text` as an int or float that is `acceptable`; else a ValueError saying what was `expected`
+    (rather than Python's "invalid literal for int() with base 10")."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ValueError(f"expected {expected}, got {text!r}") from None
+    if not acceptable(value):
+        raise ValueError(f"expected {expected}, got {text!r}")
     return value
+
+
+def positive_float(text: str) -> float:
+    return _number(text, float, "a number > 0", lambda value: value > 0 and math.isfinite(value))
 
 
 def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise ValueError(f"expected an integer > 0, got {text!r}")
-    return value
+    return _number(text, int, "an integer > 0", lambda value: value > 0)
 
 
 def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError(f"expected an integer >= 0, got {text!r}")
-    return value
+    return _number(text, int, "an integer >= 0", lambda value: value >= 0)
 
 
-def log_level(text: str) -> str:
-    level = text.upper()
-    if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-        raise ValueError(f"expected DEBUG, INFO, WARNING or ERROR, got {text!r}")
-    return level
+def one_of(kind: type[Choice], *, fold: Callable[[str], str] = str) -> Callable[[str], Choice]:
+    """The parser of a setting whose values are the members of `kind` (after `fold`, e.g. str.upper);
+    a ValueError lists them: "expected auto, json or text, got 'x'"."""
+    values = [member.value for member in kind]
+    expected = ", ".join(values[:-1]) + " or " + values[-1]
+
+    def parse(text: str) -> Choice:
+        try:
+            return kind(fold(text))
+        except ValueError:
+            raise ValueError(f"expected {expected}, got {text!r}") from None
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+log_level = one_of(LogLevel, fold=str.upper)
+log_format = one_of(LogFormat)
+tracing_mode = one_of(TracingMode)
 
 
 def add_postgres_argument(parser: SettingsParser) -> None:
@@ -166,7 +215,7 @@ def add_log_argument(parser: SettingsParser) -> None:
         "log-format",
         "json (one object per line), text, or auto: text on a terminal, json otherwise",
         default="auto",
-        parse=logs.log_format,
+        parse=log_format,
     )
 
 
@@ -177,7 +226,7 @@ def add_tracing_argument(parser: SettingsParser) -> None:
         "OpenTelemetry tracing: otlp, console, off, or auto: on when OTEL_EXPORTER_OTLP_ENDPOINT or "
         "OTEL_TRACES_EXPORTER is set (needs the tracing extra)",
         default="auto",
-        parse=tracing.tracing_mode,
+        parse=tracing_mode,
     )
 
 
@@ -206,6 +255,35 @@ def in_setting(flag: str, check: Callable[[], Any]) -> Any:
         return check()
     except ValueError as error:
         raise ValueError(f"--{flag} ({env_name(flag)}): {error}") from None
+
+
+def settings_from(kind: type[Settings], namespace: argparse.Namespace) -> Settings:
+    """The dataclass `kind` made of the parsed settings, each checked against its field: a setting
+    without a field, or a value not of its field's type, is a TypeError that names them (a mistake
+    in the parser's code, not the user's), instead of a wrong value deep inside the process."""
+    values = vars(namespace)
+    fields = {field.name for field in dataclasses.fields(kind) if field.init}  # type: ignore[arg-type]
+    unknown = sorted(values.keys() - fields)
+    if unknown:
+        raise TypeError(f"{kind.__name__} has no field for the settings {', '.join(unknown)}")
+    hints = typing.get_type_hints(kind)
+    wrong = [f"{name}={value!r}" for name, value in values.items() if not _is_of(value, hints[name])]
+    if wrong:
+        raise TypeError(f"{kind.__name__}: settings of the wrong type: {', '.join(wrong)}")
+    return kind(**values)
+
+
+def _is_of(value: Any, hint: Any) -> bool:
+    """isinstance for the types of settings fields: classes, X | None, list[X] and the like (not their items)."""
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(_is_of(value, member) for member in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, int | float)
+    kind = origin or hint
+    return not isinstance(kind, type) or isinstance(value, kind)
 
 
 def pop_settings(namespace: argparse.Namespace, *flags: str) -> list[Any]:

@@ -33,11 +33,11 @@ class ReadSettings:
     max_concurrent_rpcs: int
     max_consistency_wait: float
     heartbeat_timeout: float
-    log_level: str
+    log_level: config.LogLevel
     metrics_address: str = ""
     security: ServerSecurity | None = None
-    log_format: str = "auto"
-    tracing: str = "auto"
+    log_format: config.LogFormat = config.LogFormat.AUTO
+    tracing: config.TracingMode = config.TracingMode.AUTO
 
 
 def parse_settings(argv: Sequence[str] | None = None) -> ReadSettings:
@@ -65,7 +65,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> ReadSettings:
     config.add_log_argument(parser)
     config.add_tracing_argument(parser)
     server_settings.add_security_arguments(parser)
-    return ReadSettings(**vars(parser.parse_args(argv)))
+    return config.settings_from(ReadSettings, parser.parse_args(argv))
 
 
 @dataclass

@@ -30,11 +30,11 @@ class WriteSettings:
     max_concurrent_rpcs: int
     pool_size: int
     state_cache_size: int
-    log_level: str
+    log_level: config.LogLevel
     metrics_address: str = ""
     security: ServerSecurity | None = None
-    log_format: str = "auto"
-    tracing: str = "auto"
+    log_format: config.LogFormat = config.LogFormat.AUTO
+    tracing: config.TracingMode = config.TracingMode.AUTO
 
 
 def parse_settings(argv: Sequence[str] | None = None) -> WriteSettings:
@@ -56,7 +56,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> WriteSettings:
     config.add_log_argument(parser)
     config.add_tracing_argument(parser)
     server_settings.add_security_arguments(parser)
-    return WriteSettings(**vars(parser.parse_args(argv)))
+    return config.settings_from(WriteSettings, parser.parse_args(argv))
 
 
 async def start_write_service(

@@ -106,6 +106,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parse=config.address,
     )
     client_settings.add_client_security_arguments(parser)
+    config.add_log_argument(parser)  # checked as the services check it, though only libraries log here
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="show every projection")
@@ -147,6 +148,7 @@ def open_channel(address: str, tls: TlsConfig | None) -> grpc.Channel:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    config.setup_logging(args.log_level, args.log_format)
     command, name, as_json = args.command, getattr(args, "projection", ""), args.json
     metadata = bearer_metadata(args.auth_token)
     with open_channel(args.admin_address, args.tls) as channel:

@@ -423,6 +423,7 @@ def build_parser() -> config.SettingsParser:
         parser, "timeout", "seconds each call may take", default=str(DEFAULT_TIMEOUT), parse=config.positive_float
     )
     client_settings.add_client_security_arguments(parser)
+    config.add_log_argument(parser)  # checked as the services check it, though only libraries log here
     parser.add_argument("--json", action="store_true", help=JSON_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_command_parsers(commands)
@@ -450,6 +451,7 @@ async def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    config.setup_logging(args.log_level, args.log_format)
     try:
         status = asyncio.run(run(args))
     except KeyboardInterrupt:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from importlib import resources
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
@@ -19,6 +20,7 @@ from orders.config import add_log_argument, add_postgres_argument, setup_logging
 
 log = logging.getLogger(__name__)
 _LOCK_KEY = 0x6F72646572730001  # "orders" + 1: arbitrary, fixed advisory lock id
+CONNECT_TIMEOUT = 10.0  # seconds orders-migrate waits for PostgreSQL to answer
 
 
 def migration_files() -> list[tuple[int, str, str]]:
@@ -64,5 +66,31 @@ def main() -> None:
     add_log_argument(parser)
     args = parser.parse_args()
     setup_logging(args.log_level, args.log_format)
-    applied = asyncio.run(migrate_url(args.postgres_url))
+    applied = asyncio.run(_migrate_or_exit(args.postgres_url))
     log.info("migrations applied: %s", ", ".join(applied) if applied else "none, schema is up to date")
+
+
+async def _migrate_or_exit(url: str) -> list[str]:
+    """migrate_url, but a PostgreSQL that cannot be reached or refuses the login ends the process
+    with one line naming the setting, as every other process says it, instead of a traceback."""
+    try:
+        conn = await asyncpg.connect(url, timeout=CONNECT_TIMEOUT)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        reason = " ".join((str(error) or type(error).__name__).split())
+        raise SystemExit(
+            f"orders-migrate: error: --postgres-url ({config.env_name('postgres-url')}): "
+            f"cannot connect to {_shown(url)}: {reason}"
+        ) from None
+    try:
+        return await migrate(conn)
+    finally:
+        await conn.close()
+
+
+def _shown(url: str) -> str:
+    """`url` without its password."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))

@@ -61,6 +61,7 @@ import secrets
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
@@ -75,7 +76,14 @@ DEFAULT_WRITER_ROLE = "orders_writer"
 DEFAULT_WORKER_ROLE = "orders_worker"
 DEFAULT_REDIS_WORKER_USER = "orders-worker"
 DEFAULT_REDIS_READER_USER = "orders-reader"
-STORES = ("postgres", "redis")
+
+
+class Store(StrEnum):
+    POSTGRES = "postgres"
+    REDIS = "redis"
+
+
+STORES = tuple(Store)
 
 # Memberships that choose how a role logs in (IAM database authentication) and grant no data rights:
 # kept, where every other membership is revoked.
@@ -132,7 +140,7 @@ class AccessSettings:
     redis_worker_password: str
     redis_reader_user: str
     redis_reader_password: str
-    stores: tuple[str, ...] = STORES
+    stores: tuple[Store, ...] = STORES
 
 
 @dataclass(frozen=True)
@@ -458,11 +466,11 @@ def _add_secret(parser: config.SettingsParser, flag: str, help: str) -> None:
     )
 
 
-def store_list(text: str) -> tuple[str, ...]:
+def store_list(text: str) -> tuple[Store, ...]:
     names = tuple(name.strip() for name in text.split(",") if name.strip())
     if not names or set(names) - set(STORES):
         raise ValueError(f"expected a comma-separated list of {', '.join(STORES)}, got {text!r}")
-    return names
+    return tuple(map(Store, names))
 
 
 def parse_settings(argv: Sequence[str] | None = None) -> AccessSettings:
@@ -502,7 +510,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> AccessSettings:
         parser, "redis-reader-user", "Redis ACL user of the read service", default=DEFAULT_REDIS_READER_USER
     )
     _add_secret(parser, "redis-reader-password", "password of the read service's Redis user")
-    settings = AccessSettings(**vars(parser.parse_args(argv)))
+    settings = config.settings_from(AccessSettings, parser.parse_args(argv))
     needed = {
         "postgres": ("postgres-url", "writer-password", "worker-password"),
         "redis": ("redis-url", "redis-worker-password", "redis-reader-password"),

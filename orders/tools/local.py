@@ -41,9 +41,9 @@ class LocalSettings:
     read_address: str
     admin_address: str
     shutdown_grace: float
-    log_level: str
-    log_format: str
-    tracing: str
+    log_level: config.LogLevel
+    log_format: config.LogFormat
+    tracing: config.TracingMode
     stops: list[Callable[[], None]] = field(default_factory=list)
 
 
@@ -96,7 +96,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> LocalSettings:
     )
     config.add_log_argument(parser)
     config.add_tracing_argument(parser)  # for the services
-    return LocalSettings(**vars(parser.parse_args(argv)))
+    return config.settings_from(LocalSettings, parser.parse_args(argv))
 
 
 def start_embedded_servers(settings: LocalSettings) -> None:

@@ -3,11 +3,12 @@ benchmark and the tests all do it.
 
 A service is named by its console script (`orders-write-service`), never by its package: the
 shared core does not know the service packages (see the import-linter contracts), and the console
-script is what an operator runs. It runs as `sys.executable -m <module behind the script>`, the
-module found in the installed entry points, rather than as the script file next to the
-interpreter: the child then runs on exactly the parent's interpreter (the same virtualenv,
-coverage and -X options) even where no script was installed or its #! line names another Python.
-Each service module calls its main() when run as __main__.
+script is what an operator runs. The child runs what the installed script runs (its entry point,
+found in the package metadata), but as `sys.executable -c "...; sys.exit(main())"` rather than as
+the script file next to the interpreter: it then runs on exactly the parent's interpreter (the
+same virtualenv and options) even where no script file was installed or its #! line names another
+Python. Not `python -m <module>` either: that runs only modules that end by calling main() when
+run as __main__ (orders-migrate's does not), and loads the module a second time if it is imported.
 
 A started process can be waited for until it is ready (gRPC health reports SERVING, or a port
 accepts connections), failing at once with the tail of its log if it exits first, and stopped:
@@ -58,16 +59,18 @@ class NotReady(RuntimeError):
 
 
 @functools.cache
-def _entry_module(script: str) -> str:
+def _entry_point(script: str) -> importlib.metadata.EntryPoint:
     found = importlib.metadata.entry_points(group="console_scripts", name=script)
     if not found:
         raise LookupError(f"no console script {script!r} is installed (pip install -e . installs them)")
-    return next(iter(found)).module
+    return next(iter(found))
 
 
 def script_command(script: str, *args: str) -> list[str]:
     """The command line that runs console script `script` with `args` on this interpreter."""
-    return [sys.executable, "-m", _entry_module(script), *args]
+    entry = _entry_point(script)
+    code = f"import sys; from {entry.module} import {entry.attr}; sys.exit({entry.attr}())"
+    return [sys.executable, "-c", code, *args]
 
 
 def child_environment(settings: Mapping[str, str] | None = None, *, inherit_settings: bool = False) -> dict[str, str]:

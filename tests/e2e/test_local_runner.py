@@ -4,10 +4,9 @@ Ctrl-C stops it cleanly, and a restart keeps the orders."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
+import socket
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 
 from orders.store.views import redis_client
 from orders.tools.embedded import free_port
+from orders.tools.processes import child_environment, script_command
 from orders.v1 import commands_pb2, commands_pb2_grpc, queries_pb2, queries_pb2_grpc
 from tests.conftest import Servers
 
@@ -25,10 +25,11 @@ pytestmark = pytest.mark.slow
 
 
 def start_runner(data_dir: Path, write: str, read: str, **settings: str) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERS_")}
-    env.update(ORDERS_DATA_DIR=str(data_dir), ORDERS_WRITE_ADDRESS=write, ORDERS_READ_ADDRESS=read, **settings)
+    env = child_environment(
+        {"ORDERS_DATA_DIR": str(data_dir), "ORDERS_WRITE_ADDRESS": write, "ORDERS_READ_ADDRESS": read, **settings}
+    )
     env.setdefault("ORDERS_ADMIN_ADDRESS", f"127.0.0.1:{free_port()}")
-    runner = subprocess.Popen([sys.executable, "-m", "orders.tools.local"], env=env, stdout=subprocess.PIPE, text=True)
+    runner = subprocess.Popen(script_command("orders-local"), env=env, stdout=subprocess.PIPE, text=True)
     assert runner.stdout is not None
     deadline = time.monotonic() + 90
     for line in runner.stdout:
@@ -52,7 +53,7 @@ def test_one_command_runs_the_system_and_a_restart_keeps_the_orders(server_dir: 
     runner = start_runner(server_dir / "data", write, read, ORDERS_ADMIN_ADDRESS=admin)
     try:
         listing = subprocess.run(
-            [sys.executable, "-m", "orders.cli.admin", "--admin-address", admin, "list"],
+            script_command("orders-admin", "--admin-address", admin, "list"),
             capture_output=True,
             text=True,
             timeout=30,
@@ -131,3 +132,23 @@ async def _delete_prefix(url: str, prefix: str) -> None:
     async for key in client.scan_iter(match=f"{prefix}*"):
         await client.delete(key)
     await client.aclose()
+
+
+def test_ports_in_use_are_named_in_one_line_before_anything_starts(tmp_path: Path) -> None:
+    """With another process listening on its write address, orders-local starts nothing (no data
+    directory, no services) and says which setting's port is taken, in one line."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        taken = f"127.0.0.1:{other.getsockname()[1]}"
+        env = child_environment({"ORDERS_DATA_DIR": str(tmp_path / "data"), "ORDERS_WRITE_ADDRESS": taken})
+        env |= {"ORDERS_READ_ADDRESS": f"127.0.0.1:{free_port()}", "ORDERS_ADMIN_ADDRESS": f"127.0.0.1:{free_port()}"}
+        command = script_command("orders-local")
+        ran = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
+
+    assert ran.returncode == 1
+    assert ran.stdout == ""  # no "ready" banner
+    assert ran.stderr.splitlines() == [
+        f"orders-local: error: already in use: --write-address (ORDERS_WRITE_ADDRESS) {taken} (another orders-local?)"
+    ]
+    assert not (tmp_path / "data").exists()

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 import shutil
-import signal
-import sys
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -32,6 +29,7 @@ from orders.store.event_store import head, open_connection
 from orders.store.migrations import migrate_url
 from orders.store.views import ViewKeys, redis_client
 from orders.tools.embedded import EmbeddedServer, free_port, start_postgres, start_redis
+from orders.tools.processes import ServiceProcess, child_environment, start_service
 from orders.v1 import commands_pb2 as cmd
 from orders.v1 import commands_pb2_grpc, queries_pb2_grpc
 from tests.helpers import add_item_request, an_address, assert_views_match_events, create_request, eventually
@@ -83,16 +81,12 @@ class OwnServers:
                 await asyncio.to_thread(server.stop)
 
 
-@dataclass
-class Service:
-    """One service process and its log file."""
-
-    name: str
-    process: asyncio.subprocess.Process
-    log_file: Path
+class Service(ServiceProcess):
+    """One service process (orders.tools.processes) and its log file."""
 
     @property
     def log(self) -> str:
+        assert self.log_file is not None
         return self.log_file.read_text(errors="replace")
 
     async def wait_for_log(self, text: str, timeout: float = 30) -> None:
@@ -100,20 +94,6 @@ class Service:
             assert text in self.log, f"{self.name} has not logged {text!r}"
 
         await eventually(logged, timeout=timeout, interval=0.05)
-
-    def signal(self, sig: signal.Signals) -> None:
-        if self.process.returncode is None:
-            self.process.send_signal(sig)
-
-    async def stop(self, timeout: float = 10) -> int | None:
-        self.signal(signal.SIGCONT)
-        self.signal(signal.SIGTERM)
-        try:
-            return await asyncio.wait_for(self.process.wait(), timeout)
-        except TimeoutError:
-            self.signal(signal.SIGKILL)
-            await self.process.wait()
-            return None
 
 
 @dataclass
@@ -127,10 +107,8 @@ class Cluster:
     channels: list[grpc.aio.Channel] = field(default_factory=list)
 
     def env(self, **extra: str) -> dict[str, str]:
-        base = {k: v for k, v in os.environ.items() if not k.startswith("ORDERS_")}
-        return (
-            base
-            | {
+        return child_environment(
+            {
                 "ORDERS_POSTGRES_URL": self.servers.postgres_url,
                 "ORDERS_REDIS_URL": self.servers.redis_url,
                 "ORDERS_REDIS_PREFIX": self.keys.prefix,
@@ -145,28 +123,26 @@ class Cluster:
             | extra
         )
 
-    async def spawn(self, module: str, **env: str) -> Service:
-        log_file = self.tmp / f"{module}-{len(self.services)}.log"
-        with log_file.open("wb") as log:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", module, env=self.env(**env), stdout=log, stderr=log
-            )
-        service = Service(module, process, log_file)
+    async def spawn(self, script: str, **env: str) -> Service:
+        """Starts console script `script` (orders-write-service, ...), its output in a log file of its own."""
+        log_file = self.tmp / f"{script}-{len(self.services)}.log"
+        started = await start_service(script, env=self.env(**env), log=log_file)
+        service = Service(started.name, started.process, started.log_file)
         self.services.append(service)
         return service
 
     async def start_write_service(self) -> Service:
-        service = await self.spawn("write_service")
+        service = await self.spawn("orders-write-service")
         await service.wait_for_log("listening on")
         return service
 
     async def start_read_service(self) -> Service:
-        service = await self.spawn("read_service")
+        service = await self.spawn("orders-read-service")
         await service.wait_for_log("listening on")
         return service
 
     async def start_worker(self, **env: str) -> Service:
-        service = await self.spawn("sync_worker", **env)
+        service = await self.spawn("orders-sync-worker", **env)
         await service.wait_for_log("tailing the event log")
         return service
 
@@ -193,7 +169,7 @@ class Cluster:
 
     async def close(self) -> None:
         for service in self.services:
-            await service.stop()
+            await service.stop(grace=10)
         for channel in self.channels:
             await channel.close()
 

@@ -82,11 +82,11 @@ async def start_watched(cluster: Cluster, http: aiohttp.ClientSession, which: st
     ops_port = free_port()
     metrics = {"ORDERS_METRICS_ADDRESS": f"127.0.0.1:{ops_port}"}
     if which == "write":
-        process = await cluster.spawn("write_service", **metrics)
+        process = await cluster.spawn("orders-write-service", **metrics)
         port, own = cluster.write_port, "orders.v1.OrderCommands"
         await process.wait_for_log("listening on")
     elif which == "read":
-        process = await cluster.spawn("read_service", **metrics)
+        process = await cluster.spawn("orders-read-service", **metrics)
         port, own = cluster.read_port, "orders.v1.OrderQueries"
         await process.wait_for_log("listening on")
     else:

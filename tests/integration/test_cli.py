@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
 import socket
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
+from orders.tools.processes import child_environment, script_command
 from orders.v1 import commands_pb2
 from tests.helpers import money
 from tests.integration.conftest import System
@@ -47,8 +46,7 @@ class Ran:
 
 def environment(write_address: str, read_address: str) -> dict[str, str]:
     """The test's environment without ORDERS_* settings, plus the services' two address settings."""
-    env = {name: value for name, value in os.environ.items() if not name.startswith("ORDERS_")}
-    return env | {"ORDERS_WRITE_ADDRESS": write_address, "ORDERS_READ_ADDRESS": read_address}
+    return child_environment({"ORDERS_WRITE_ADDRESS": write_address, "ORDERS_READ_ADDRESS": read_address})
 
 
 def system_env(system: System) -> dict[str, str]:
@@ -57,10 +55,7 @@ def system_env(system: System) -> dict[str, str]:
 
 async def start(env: dict[str, str], *argv: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "orders.cli.main",
-        *argv,
+        *script_command("orders", *argv),
         env=env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,

@@ -11,12 +11,12 @@ import asyncio
 import os
 import random
 import signal
-import sys
 from pathlib import Path
 
 from orders.domain.consistency import LogPosition
 from orders.store.event_store import head, open_connection, read_batch
 from orders.store.views import OrderView
+from orders.tools.processes import start_service
 from sync_worker.projection import fold
 from sync_worker.projector import OrdersProjector
 from tests.helpers import (
@@ -107,10 +107,10 @@ async def test_worker_killed_mid_batch_leaves_views_equal_to_the_fold(system: Sy
     load = asyncio.create_task(make_orders(system, orders=60, items=3))
     kills = 0
     while not load.done() or kills < 10:
-        worker = await asyncio.create_subprocess_exec(sys.executable, "-m", "sync_worker", env=env)
+        worker = await start_service("orders-sync-worker", env=env)
         await asyncio.sleep(rng.uniform(0.2, 0.6))
-        worker.send_signal(signal.SIGKILL)
-        await worker.wait()
+        worker.signal(signal.SIGKILL)
+        await worker.process.wait()
         kills += 1
     await load
     conn = await open_connection(system.database_url)
@@ -119,8 +119,7 @@ async def test_worker_killed_mid_batch_leaves_views_equal_to_the_fold(system: Sy
     assert last is not None
 
     log_file = tmp_path / "worker.log"
-    with log_file.open("wb") as log:
-        worker = await asyncio.create_subprocess_exec(sys.executable, "-m", "sync_worker", env=env, stderr=log)
+    worker = await start_service("orders-sync-worker", env=env, log=log_file)
     try:
 
         async def caught_up() -> None:
@@ -132,8 +131,7 @@ async def test_worker_killed_mid_batch_leaves_views_equal_to_the_fold(system: Sy
         await eventually(caught_up, timeout=30)
         await eventually(running)
     finally:
-        worker.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(worker.wait(), 10) == 0
+        assert await worker.stop(grace=10) == 0
 
     assert kills >= 10
     await assert_views_match_events(system.database_url, system.redis, system.keys)

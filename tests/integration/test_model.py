@@ -7,10 +7,11 @@ docs/errors.md. It deliberately shares no code with orders.domain.rules, orders.
 a copy of the production rules could only prove that the code agrees with itself.
 
 Hypothesis state machines are synchronous, so the three services run as child processes
-(`python -m write_service`, `python -m read_service`, `python -m sync_worker`), the way they run in
-production, on the session's PostgreSQL and Redis with this test's own database and key prefix. The
-machine talks to them over blocking gRPC channels, and counts events in PostgreSQL through an asyncpg
-connection on an event loop of its own, in a background thread. Every Hypothesis example shares the
+(`orders-write-service`, `orders-read-service`, `orders-sync-worker`, started by
+orders.tools.processes), the way they run in production, on the session's PostgreSQL and Redis
+with this test's own database and key prefix. The machine talks to them over blocking gRPC
+channels, and counts events in PostgreSQL through an asyncpg connection on an event loop of its
+own, in a background thread. Every Hypothesis example shares the
 services but uses ids of its own (a random tag per example), so examples never see each other's orders.
 
 ORDERS_MODEL_EXAMPLES and ORDERS_MODEL_STEPS make longer local runs, e.g. ORDERS_MODEL_EXAMPLES=500;
@@ -23,9 +24,6 @@ import asyncio
 import itertools
 import os
 import re
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -39,7 +37,6 @@ import grpc
 import pytest
 from google.protobuf import text_format
 from google.protobuf.message import Message
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, Phase, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -55,6 +52,13 @@ from hypothesis.stateful import (
 
 from orders.store.views import ViewKeys
 from orders.tools.embedded import free_port
+from orders.tools.processes import (
+    BlockingServiceProcess,
+    HealthServing,
+    ServiceExited,
+    child_environment,
+    start_service_blocking,
+)
 from orders.v1 import commands_pb2 as cmd
 from orders.v1 import commands_pb2_grpc, queries_pb2_grpc, types_pb2
 from orders.v1 import queries_pb2 as qry
@@ -426,26 +430,6 @@ class EventCounter:
 
 
 @dataclass
-class Child:
-    module: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def log_tail(self, lines: int = 30) -> str:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
-@dataclass
 class Harness:
     """The running system as the state machine sees it: blocking stubs and an event counter."""
 
@@ -454,50 +438,29 @@ class Harness:
     events: EventCounter
 
 
-def _spawn(module: str, env: dict[str, str], log: Path) -> Child:
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", module], env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
-        )
-    return Child(module, process, log)
+def _spawn(script: str, env: dict[str, str], log: Path) -> BlockingServiceProcess:
+    return start_service_blocking(script, env=env, log=log)
 
 
-def _serving(child: Child, address: str, service: str) -> bool:
-    """Waits until the child serves `service`; False if it exited first (e.g. its port was taken)."""
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if child.process.poll() is not None:
-            return False
-        with grpc.insecure_channel(address) as channel:  # a new channel each time: no reconnect backoff
-            try:
-                reply = health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(service=service), timeout=1
-                )
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return True
-            except grpc.RpcError:
-                pass
-        time.sleep(0.05)
-    raise AssertionError(f"{child.module} did not serve {service} within {START_TIMEOUT} s:\n{child.log_tail()}")
-
-
-def _start_server(module: str, setting: str, service: str, env: dict[str, str], logs: Path) -> tuple[Child, str]:
+def _start_server(
+    script: str, setting: str, service: str, env: dict[str, str], logs: Path
+) -> tuple[BlockingServiceProcess, str]:
     """Starts a gRPC service on a free port, trying other ports if another process takes it first."""
     for attempt in range(3):
         address = f"127.0.0.1:{free_port()}"
-        child = _spawn(module, {**env, setting: address}, logs / f"{module}-{attempt}.log")
+        child = _spawn(script, {**env, setting: address}, logs / f"{script}-{attempt}.log")
         try:
-            serving = _serving(child, address, service)
+            child.wait_ready(HealthServing(address, service), START_TIMEOUT)
+        except ServiceExited:
+            continue  # most likely because another process took the port first
         except BaseException:
             child.stop()
             raise
-        if serving:
-            return child, address
-        child.stop()  # it exited, most likely because another process took the port first
-    raise AssertionError(f"{module} exited before serving:\n{child.log_tail()}")
+        return child, address
+    raise AssertionError(f"{script} exited before serving:\n{child.log_tail(30)}")
 
 
-def _wait_views_ready(queries: queries_pb2_grpc.OrderQueriesStub, worker: Child) -> None:
+def _wait_views_ready(queries: queries_pb2_grpc.OrderQueriesStub, worker: BlockingServiceProcess) -> None:
     """The read side answers once the sync worker has written the views' first checkpoint."""
     deadline = time.monotonic() + START_TIMEOUT
     while True:
@@ -507,36 +470,37 @@ def _wait_views_ready(queries: queries_pb2_grpc.OrderQueriesStub, worker: Child)
         except grpc.RpcError as error:
             if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
                 raise
-            assert worker.process.poll() is None, f"sync_worker exited:\n{worker.log_tail()}"
+            assert worker.process.poll() is None, f"orders-sync-worker exited:\n{worker.log_tail(30)}"
             time.sleep(0.05)
 
 
 @pytest.fixture
 def harness(servers: Servers, database_url: str, keys: ViewKeys, tmp_path: Path) -> Iterator[Harness]:
     """The three services as child processes on this test's own database and Redis key prefix."""
-    env = {name: value for name, value in os.environ.items() if not name.startswith("ORDERS_")}
-    env |= {
-        "ORDERS_POSTGRES_URL": database_url,
-        "ORDERS_REDIS_URL": servers.redis_url,
-        "ORDERS_REDIS_PREFIX": keys.prefix,
-        "ORDERS_LOG_LEVEL": "WARNING",
-        "ORDERS_SHUTDOWN_GRACE": "1",
-        "ORDERS_POOL_SIZE": "4",
-        "ORDERS_POLL_INTERVAL": "0.5",
-    }
-    children: list[Child] = []
+    env = child_environment(
+        {
+            "ORDERS_POSTGRES_URL": database_url,
+            "ORDERS_REDIS_URL": servers.redis_url,
+            "ORDERS_REDIS_PREFIX": keys.prefix,
+            "ORDERS_LOG_LEVEL": "WARNING",
+            "ORDERS_SHUTDOWN_GRACE": "1",
+            "ORDERS_POOL_SIZE": "4",
+            "ORDERS_POLL_INTERVAL": "0.5",
+        }
+    )
+    children: list[BlockingServiceProcess] = []
     channels: list[grpc.Channel] = []
     events: EventCounter | None = None
     try:
         write, write_address = _start_server(
-            "write_service", "ORDERS_WRITE_ADDRESS", "orders.v1.OrderCommands", env, tmp_path
+            "orders-write-service", "ORDERS_WRITE_ADDRESS", "orders.v1.OrderCommands", env, tmp_path
         )
         children.append(write)
         read, read_address = _start_server(
-            "read_service", "ORDERS_READ_ADDRESS", "orders.v1.OrderQueries", env, tmp_path
+            "orders-read-service", "ORDERS_READ_ADDRESS", "orders.v1.OrderQueries", env, tmp_path
         )
         children.append(read)
-        worker = _spawn("sync_worker", env, tmp_path / "sync_worker.log")
+        worker = _spawn("orders-sync-worker", env, tmp_path / "sync_worker.log")
         children.append(worker)
         channels = [grpc.insecure_channel(write_address), grpc.insecure_channel(read_address)]
         queries = queries_pb2_grpc.OrderQueriesStub(channels[1])
@@ -544,11 +508,11 @@ def harness(servers: Servers, database_url: str, keys: ViewKeys, tmp_path: Path)
         events = EventCounter(database_url)
         yield Harness(commands_pb2_grpc.OrderCommandsStub(channels[0]), queries, events)
         for child in children:
-            assert child.process.poll() is None, f"{child.module} died during the test:\n{child.log_tail()}"
+            assert child.process.poll() is None, f"{child.name} died during the test:\n{child.log_tail(30)}"
     finally:
         for child in children:
             if child.process.poll() is not None:  # shown with the failure
-                print(f"{child.module} exited with {child.process.returncode}:\n{child.log_tail()}")
+                print(f"{child.name} exited with {child.process.returncode}:\n{child.log_tail(30)}")
         for channel in channels:
             channel.close()
         if events is not None:

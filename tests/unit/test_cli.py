@@ -346,3 +346,20 @@ def test_command_past_its_deadline_names_its_command_id() -> None:
         "orders: the command may or may not have been applied; run it again with --command-id c-42 to apply it "
         "at most once",
     ]
+
+
+@pytest.mark.parametrize("variable", ["ORDERS_LOG_LEVEL", "ORDERS_LOG_FORMAT"])
+def test_a_bad_log_setting_is_refused_as_the_services_refuse_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], variable: str
+) -> None:
+    """ORDERS_LOG_LEVEL=LOUD is not ignored: one error line naming the flag and the variable, status 2."""
+    monkeypatch.setenv(variable, "LOUD")
+
+    with pytest.raises(SystemExit) as caught:
+        build_parser().parse_args(["get", "order-1"])
+
+    [line] = capsys.readouterr().err.splitlines()
+    assert caught.value.code == USAGE_ERROR
+    flag = variable.removeprefix("ORDERS_").lower().replace("_", "-")
+    assert f"orders: error: argument --{flag}: ({variable}) expected " in line
+    assert "got 'LOUD'" in line

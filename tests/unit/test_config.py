@@ -3,6 +3,7 @@ missing values stop the process with status 2 and an error naming the setting.""
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -10,14 +11,17 @@ from typing import Any
 
 import pytest
 
-from orders.config import env_name
+from orders import config
+from orders.config import LogFormat, LogLevel, TracingMode, env_name
+from orders.telemetry import logs, tracing
 from read_service.main import ReadSettings
 from read_service.main import parse_settings as parse_read
-from sync_worker.main import SyncSettings
+from sync_worker.main import PoisonPolicy, SyncSettings
 from sync_worker.main import parse_settings as parse_sync
 from write_service.main import WriteSettings
 from write_service.main import parse_settings as parse_write
 
+STOP = PoisonPolicy.STOP
 PG = "postgresql://orders@db:5432/orders"
 REDIS = "redis://cache:6379/0"
 SUCCESS = 0
@@ -60,11 +64,13 @@ def error_lines(stderr: str) -> list[str]:
 @pytest.mark.parametrize(
     ("service", "expected"),
     [
-        ("write", WriteSettings(PG, "127.0.0.1:50051", 10.0, 1000, 20, 10_000, "INFO")),
-        ("read", ReadSettings(REDIS, "orders:", "127.0.0.1:50052", 10.0, 1000, 5.0, 5.0, "INFO")),
+        ("write", WriteSettings(PG, "127.0.0.1:50051", 10.0, 1000, 20, 10_000, LogLevel.INFO)),
+        ("read", ReadSettings(REDIS, "orders:", "127.0.0.1:50052", 10.0, 1000, 5.0, 5.0, LogLevel.INFO)),
         (
             "sync",
-            SyncSettings(PG, REDIS, "orders:", 500, 1.0, 5.0, "", ["orders", "customer_summary"], "stop", "", "INFO"),
+            SyncSettings(
+                PG, REDIS, "orders:", 500, 1.0, 5.0, "", ["orders", "customer_summary"], STOP, "", LogLevel.INFO
+            ),
         ),
     ],
 )
@@ -295,3 +301,105 @@ def test_required_setting_from_env_var(monkeypatch: pytest.MonkeyPatch) -> None:
 
     expected = (PG, REDIS)
     assert expected == (settings.postgres_url, settings.redis_url)
+
+
+# --- typed settings ------------------------------------------------------------------------------
+
+
+def test_closed_sets_are_enums() -> None:
+    """Log level, log format, tracing mode and poison policy parse to their enums, not strings."""
+    argv = [*required_args("sync"), "--log-level", "debug", "--log-format", "text", "--tracing", "off"]
+
+    settings = parse("sync", [*argv, "--poison-policy", "park"])
+
+    assert (settings.log_level, settings.log_format, settings.tracing, settings.poison_policy) == (
+        LogLevel.DEBUG,
+        LogFormat.TEXT,
+        TracingMode.OFF,
+        PoisonPolicy.PARK,
+    )
+    assert all(
+        type(value) is kind
+        for value, kind in [
+            (settings.log_level, LogLevel),
+            (settings.log_format, LogFormat),
+            (settings.tracing, TracingMode),
+            (settings.poison_policy, PoisonPolicy),
+        ]
+    )
+
+
+def test_the_enums_hold_what_telemetry_accepts() -> None:
+    """The settings' enums and the telemetry's own lists of formats and modes name the same values."""
+    assert [m.value for m in LogFormat] == list(logs.LOG_FORMATS)
+    assert [m.value for m in TracingMode] == list(tracing.TRACING_MODES)
+
+
+@pytest.mark.parametrize(
+    ("service", "flag", "value", "expected"),
+    [
+        ("write", "log-level", "LOUD", "expected DEBUG, INFO, WARNING or ERROR, got 'LOUD'"),
+        ("write", "log-format", "xml", "expected auto, json or text, got 'xml'"),
+        ("read", "tracing", "jaeger", "expected auto, otlp, console or off, got 'jaeger'"),
+        ("sync", "poison-policy", "skip", "expected stop or park, got 'skip'"),
+    ],
+)
+def test_a_value_outside_a_closed_set_lists_the_allowed_ones(
+    capsys: pytest.CaptureFixture[str], service: str, flag: str, value: str, expected: str
+) -> None:
+    with pytest.raises(SystemExit):
+        parse(service, [*required_args(service), f"--{flag}", value])
+
+    [line] = error_lines(capsys.readouterr().err)
+    assert f"--{flag}: ({env_name(flag)}) {expected}" in line
+
+
+@pytest.mark.parametrize(
+    ("service", "flag", "value", "expected"),
+    [
+        ("write", "pool-size", "twenty", "expected an integer > 0, got 'twenty'"),
+        ("write", "state-cache-size", "1e4", "expected an integer >= 0, got '1e4'"),
+        ("write", "shutdown-grace", "soon", "expected a number > 0, got 'soon'"),
+        ("sync", "batch-size", "", "expected an integer > 0, got ''"),
+    ],
+)
+def test_a_non_numeric_number_says_what_is_expected(
+    capsys: pytest.CaptureFixture[str], service: str, flag: str, value: str, expected: str
+) -> None:
+    """Not Python's "invalid literal for int() with base 10", but what the setting takes."""
+    with pytest.raises(SystemExit):
+        parse(service, [*required_args(service), f"--{flag}", value])
+
+    [line] = error_lines(capsys.readouterr().err)
+    assert expected in line
+    assert "invalid literal" not in line
+    assert "could not convert" not in line
+
+
+@dataclass(frozen=True)
+class Small:
+    count: int
+    level: LogLevel
+    note: str | None = None
+
+
+def test_settings_from_builds_the_dataclass() -> None:
+    namespace = argparse.Namespace(count=3, level=LogLevel.INFO, note=None)
+
+    assert config.settings_from(Small, namespace) == Small(3, LogLevel.INFO)
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        ({"count": 3, "level": LogLevel.INFO, "colour": "red"}, "no field for the settings colour"),
+        ({"count": "3", "level": LogLevel.INFO}, "count='3'"),
+        ({"count": 3, "level": "INFO"}, "level='INFO'"),
+    ],
+)
+def test_settings_from_names_a_setting_without_field_or_of_the_wrong_type(
+    values: dict[str, object], named: str
+) -> None:
+    """A mistake in a parser's code is named at start-up, not met later as a wrong value."""
+    with pytest.raises(TypeError, match=named):
+        config.settings_from(Small, argparse.Namespace(**values))
