@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 
 import asyncpg
 from redis.asyncio import Redis
@@ -31,6 +32,13 @@ log = logging.getLogger("sync_worker")
 PROJECTORS: dict[str, type[Projector]] = {PROJECTION: OrdersProjector, SUMMARY_PROJECTION: CustomerSummaryProjector}
 
 
+class PoisonPolicy(StrEnum):
+    """What a projection does with an event it cannot apply (sync_worker.worker.WorkerSettings)."""
+
+    STOP = "stop"  # stop there, until fixed
+    PARK = "park"  # put that order's events in a dead-letter list; the other orders go on
+
+
 @dataclass(frozen=True)
 class SyncSettings:
     postgres_url: str
@@ -41,14 +49,14 @@ class SyncSettings:
     lease_ttl: float
     worker_id: str
     projections: list[str]
-    poison_policy: str
+    poison_policy: PoisonPolicy
     admin_address: str
-    log_level: str
+    log_level: config.LogLevel
     metrics_address: str = ""
     projection_stuck_after: float = DEFAULT_STUCK_AFTER
     security: ServerSecurity | None = None  # of the ProjectionAdmin server
-    log_format: str = "auto"
-    tracing: str = "auto"
+    log_format: config.LogFormat = config.LogFormat.AUTO
+    tracing: config.TracingMode = config.TracingMode.AUTO
 
 
 def parse_settings(argv: Sequence[str] | None = None) -> SyncSettings:
@@ -91,7 +99,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> SyncSettings:
         "what a projection does with an event it cannot apply: stop (there, until fixed) or park "
         "(that order's events go to a dead-letter list; the other orders go on)",
         default="stop",
-        parse=poison_policy,
+        parse=config.one_of(PoisonPolicy),
     )
     config.add_setting(
         parser,
@@ -112,13 +120,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> SyncSettings:
     config.add_log_argument(parser)
     config.add_tracing_argument(parser)
     server_settings.add_security_arguments(parser)  # for the ProjectionAdmin server
-    return SyncSettings(**vars(parser.parse_args(argv)))
-
-
-def poison_policy(text: str) -> str:
-    if text not in {"stop", "park"}:
-        raise ValueError(f"expected stop or park, got {text!r}")
-    return text
+    return config.settings_from(SyncSettings, parser.parse_args(argv))
 
 
 def projection_list(text: str) -> list[str]:
