@@ -21,7 +21,7 @@ from orders.domain.errors import PoisonEvent
 from orders.domain.events import OrderCreated, RecordedEvent
 from orders.domain.status import SPENDING
 from orders.store.views import CustomerSummaryView, OrderView, ViewKeys
-from sync_worker.projector import BatchWrites, Projector, Values, Writes, fold_new, order_ids, order_views
+from sync_worker.projector import BatchWrites, Projector, Values, fold_new, order_ids, order_views
 
 CUSTOMER_HINTS = 50_000  # orders whose customer the projector remembers (about 10 MB)
 
@@ -63,7 +63,7 @@ class CustomerSummaryProjector(Projector):
         customers = created | {self._customer_of[i] for i in ids if i in self._customer_of}
         return [self.keys.summary_order(i) for i in ids] + [self.keys.summary_customer(c) for c in sorted(customers)]
 
-    async def stage(self, events: list[RecordedEvent], values: Values, announce: bool = True) -> Writes:
+    async def stage(self, events: list[RecordedEvent], values: Values, announce: bool = True) -> BatchWrites:
         before = order_views(values, self.keys.summary_order, order_ids(events))
         after = fold_new(before, events)
         changed = {i: view for i, view in after.items() if view is not None and view != before[i]}
@@ -79,13 +79,15 @@ class CustomerSummaryProjector(Projector):
                 summaries[view.customer_id] = summarize(summaries[view.customer_id], before[order_id], view)
             except Exception as error:
                 raise PoisonEvent(last_event[order_id].position, order_id, error) from error
+        return self._writes(changed, summaries)
 
-        def writes(queue: BatchWrites) -> None:
-            for order_id, view in changed.items():
-                queue.set(self.keys.summary_order(order_id), view.to_json())
-            for customer_id, summary in summaries.items():
-                queue.set(self.keys.summary_customer(customer_id), summary.to_json())
-
+    def _writes(self, orders: dict[str, OrderView], summaries: dict[str, CustomerSummaryView]) -> BatchWrites:
+        """The changed orders' copies and their customers' new summaries."""
+        writes = BatchWrites()
+        for order_id, view in orders.items():
+            writes.set(self.keys.summary_order(order_id), view.to_json())
+        for customer_id, summary in summaries.items():
+            writes.set(self.keys.summary_customer(customer_id), summary.to_json())
         return writes
 
     def _remember(self, customers: dict[str, str]) -> None:

@@ -25,7 +25,8 @@ from sync_worker.admin import ProjectionAdminServicer
 from sync_worker.customer_summary import CustomerSummaryProjector
 from sync_worker.health import DEFAULT_STUCK_AFTER, WORKER_SERVICE, WorkerHealth
 from sync_worker.projector import OrdersProjector, Projector
-from sync_worker.worker import SharedReads, SyncWorker, WorkerSettings, default_worker_id
+from sync_worker.reads import SharedReads
+from sync_worker.worker import SyncWorker, WorkerSettings, default_worker_id
 
 log = logging.getLogger("sync_worker")
 

@@ -11,12 +11,15 @@ guards back to the same values left the same views. Each projection also skips
 events its views already have (by version), so a replayed batch changes nothing.
 
 `Projector` holds that protocol; a projection subclasses it and says, in
-`reads`, which keys it needs and, in `stage`, what to write given their values.
+`reads`, which keys it needs and, in `stage`, what to write given their values:
+the batch's writes, returned as a value (BatchWrites) that the protocol
+completes with the checkpoint and sends, with the guard values it read, as one
+GuardedWrite.
 
 Round trips per batch: one read-only script that reads the guard keys, the
 batch's parked orders and the keys the projection needs, atomically; then the
-guarded write script. (Releasing parked orders, rare, still uses WATCH and
-MULTI/EXEC.)
+guarded write script. (Releasing parked orders and switching generations, both
+rare, still use WATCH and MULTI/EXEC.)
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import json
 from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import cast
 
 from redis.asyncio import Redis
@@ -77,12 +81,15 @@ _SCRIPTS = {script: hashlib.sha1(script.encode()).hexdigest() for script in (_RE
 MAX_MEMBERS = 1000  # per ZADD / ZREM: Lua's unpack() has a stack limit
 
 
+Command = tuple[Arg, ...]  # a Redis command and its arguments
+
+
 class BatchWrites:
     """A batch's writes as Redis commands, for the guarded write script (or a MULTI): built here
     rather than through redis-py's command methods, which cost a rebuild more than the commands."""
 
     def __init__(self) -> None:
-        self.commands: list[tuple[Arg, ...]] = []
+        self.commands: list[Command] = []
 
     def set(self, key: str, value: Arg) -> None:
         self.commands.append(("SET", key, value))
@@ -111,16 +118,26 @@ class BatchWrites:
         for start in range(0, len(members), MAX_MEMBERS):
             self.commands.append(("ZREM", key, *members[start : start + MAX_MEMBERS]))
 
+
+@dataclass(frozen=True)
+class GuardedWrite:
+    """A batch's whole write as the write script takes it: the guard keys with the values the batch
+    was read with (None: absent), and the commands to run only if every guard still has its value."""
+
+    guards: tuple[tuple[str, Raw], ...]
+    commands: tuple[Command, ...]
+
+    def script_keys(self) -> list[str]:
+        return [key for key, _ in self.guards]
+
     def script_args(self) -> list[Arg]:
-        """The commands as the write script reads them: each one's argument count, then its arguments."""
-        args: list[Arg] = []
+        """Each guard's expected value ("=" and the value, or "!" for absent), then each command's
+        argument count and its arguments."""
+        args: list[Arg] = ["!" if value is None else f"={_text(value)}" for _, value in self.guards]
         for command in self.commands:
             args.append(len(command))
             args.extend(command)
         return args
-
-
-Writes = Callable[[BatchWrites], None]  # queues a batch's writes
 
 
 class CheckpointMoved(Exception):
@@ -188,30 +205,33 @@ class Projector(ABC):
             raise CheckpointMoved(f"checkpoint is {current!r}, batch follows {after}")
         parked = {i for i, score in zip(ids, scores, strict=True) if score is not None} | set(park)
         batch = [e for e in events if e.stream_id not in parked]
-        writes = await self.stage(batch, values, announce=live) if batch else None
-
-        def queue(pipe: BatchWrites) -> None:
-            if writes is not None:
-                writes(pipe)
-            self._queue_parking(pipe, [e for e in events if e.stream_id in parked], park)
-            token = new_checkpoint.token()
-            pipe.set(keys.checkpoint, token)
-            pipe.incrby(keys.applied, len(batch))  # parked events count when they are released
-            if rebuild is not None and new_checkpoint >= LogPosition.parse(rebuild):
-                pipe.delete(keys.rebuild_target)
-            if live:
-                pipe.publish(keys.checkpoint_channel, token)
-
-        if not await self._write_if_unmoved(dict(zip(guards, seen, strict=True)), queue):
+        staged = await self.stage(batch, values, announce=live) if batch else BatchWrites()
+        rebuilt = rebuild is not None and new_checkpoint >= LogPosition.parse(rebuild)
+        own = self._own_writes([e for e in events if e.stream_id in parked], park, len(batch), new_checkpoint, rebuilt)
+        if live:  # wakes the readers waiting for a token
+            own.publish(keys.checkpoint_channel, new_checkpoint.token())
+        write = GuardedWrite(tuple(zip(guards, seen, strict=True)), (*staged.commands, *own.commands))
+        if not await self._write_if_unmoved(write):
             raise CheckpointMoved("checkpoint, lease, rebuild mark or generation changed during the batch")
         return new_checkpoint
 
-    async def _write_if_unmoved(self, guards: dict[str, Raw], queue: Writes) -> bool:
-        """Runs the writes `queue` makes, in one step, if every guard key still has its value."""
+    def _own_writes(
+        self, parked: list[RecordedEvent], park: dict[str, str], applied: int, checkpoint: LogPosition, rebuilt: bool
+    ) -> BatchWrites:
+        """The protocol's writes, after the projection's: the parked events, the new checkpoint, the
+        count of applied events (parked ones count when they are released) and, once the views have
+        reached the rebuild's target (`rebuilt`), the end of the rebuild mark."""
         writes = BatchWrites()
-        queue(writes)
-        expected: list[Arg] = ["!" if v is None else f"={_text(v)}" for v in guards.values()]
-        return bool(await self._script(_WRITE, list(guards), expected + writes.script_args()))
+        self._queue_parking(writes, parked, park)
+        writes.set(self.keys.checkpoint, checkpoint.token())
+        writes.incrby(self.keys.applied, applied)
+        if rebuilt:
+            writes.delete(self.keys.rebuild_target)
+        return writes
+
+    async def _write_if_unmoved(self, write: GuardedWrite) -> bool:
+        """Runs `write`'s commands, in one step, if every guard key still has its value."""
+        return bool(await self._script(_WRITE, write.script_keys(), write.script_args()))
 
     async def _script(self, script: str, keys: list[str], args: list[Arg]) -> object:
         try:
@@ -259,12 +279,12 @@ class Projector(ABC):
         except WatchError as error:
             raise CheckpointMoved("the generations moved during the switch") from error
 
-    def _queue_parking(self, pipe: BatchWrites, events: list[RecordedEvent], park: dict[str, str]) -> None:
+    def _queue_parking(self, writes: BatchWrites, events: list[RecordedEvent], park: dict[str, str]) -> None:
         for recorded in events:
-            pipe.zadd(self.keys.parked, {recorded.stream_id: recorded.position}, nx=True)
-            pipe.rpush(self.keys.parked_events(recorded.stream_id), recorded.position)
+            writes.zadd(self.keys.parked, {recorded.stream_id: recorded.position}, nx=True)
+            writes.rpush(self.keys.parked_events(recorded.stream_id), recorded.position)
         for order_id, why in park.items():
-            pipe.hset(self.keys.parked_errors, order_id, why)
+            writes.hset(self.keys.parked_errors, order_id, why)
 
     async def apply_parked(self, order_id: str, events: list[RecordedEvent], holder: str) -> None:
         """Applies an order's parked events, in order, and releases them from the dead-letter list.
@@ -277,8 +297,7 @@ class Projector(ABC):
                 if lease != holder:
                     raise LeaseLost("the lease moved")
                 self._check_generation(pointer, None, live=True)
-                writes = BatchWrites()
-                (await self.stage(events, values))(writes)
+                writes = await self.stage(events, values)
                 pipe.multi()  # type: ignore[no-untyped-call]
                 for command in writes.commands:
                     pipe.execute_command(*command)
@@ -295,10 +314,11 @@ class Projector(ABC):
         """The (string) keys that staging `events` needs, read in the same round trip as the guard keys."""
 
     @abstractmethod
-    async def stage(self, events: list[RecordedEvent], values: Values, announce: bool = True) -> Writes:
-        """Returns the function that queues the batch's writes (announcing them to readers if
-        `announce`), from `values`: the keys `reads` named, possibly for more events than `events`.
-        A key found missing there may still be read (the lease keeps other writers away)."""
+    async def stage(self, events: list[RecordedEvent], values: Values, announce: bool = True) -> BatchWrites:
+        """The batch's writes (announcing them to readers if `announce`), from `values`: the keys
+        `reads` named, possibly for more events than `events`. A key found missing there may still be
+        read (the lease keeps other writers away). The protocol sends them, followed by its own (parking,
+        checkpoint, counters), in the batch's GuardedWrite."""
 
 
 class OrdersProjector(Projector):
@@ -307,18 +327,14 @@ class OrdersProjector(Projector):
     def reads(self, events: list[RecordedEvent]) -> list[str]:
         return [self.keys.order(i) for i in order_ids(events)]
 
-    async def stage(self, events: list[RecordedEvent], values: Values, announce: bool = True) -> Writes:
+    async def stage(self, events: list[RecordedEvent], values: Values, announce: bool = True) -> BatchWrites:
         before = order_views(values, self.keys.order, order_ids(events))
-        after = fold_new(before, events)
-        return lambda queue: self._queue_writes(queue, before, after, announce)
+        return self._writes(before, fold_new(before, events), announce)
 
-    def _queue_writes(
-        self,
-        pipe: BatchWrites,
-        before: dict[str, OrderView | None],
-        after: dict[str, OrderView | None],
-        announce: bool,
-    ) -> None:
+    def _writes(
+        self, before: dict[str, OrderView | None], after: dict[str, OrderView | None], announce: bool
+    ) -> BatchWrites:
+        writes = BatchWrites()
         changed: list[dict[str, str | int]] = []
         # One ZREM / ZADD per index for the whole batch. A view and its index entries are only ever
         # written together, and an order's index member (creation time, id) never changes, so only
@@ -329,7 +345,7 @@ class OrdersProjector(Projector):
             old = before[order_id]
             if view is None or view == old:
                 continue
-            pipe.set(self.keys.order(order_id), view.to_json())
+            writes.set(self.keys.order(order_id), view.to_json())
             old_indexes, new_indexes = set(self.keys.indexes_of(old) if old else ()), self.keys.indexes_of(view)
             for key in old_indexes.difference(new_indexes):
                 leaving[key].append(view.index_member())
@@ -338,13 +354,14 @@ class OrdersProjector(Projector):
                     entering[key][view.index_member()] = 0
             changed.append({"order_id": order_id, "customer_id": view.customer_id, "version": view.version})
         for key, members in leaving.items():
-            pipe.zrem(key, *members)
+            writes.zrem(key, *members)
         for key, scores in entering.items():
-            pipe.zadd(key, scores)
+            writes.zadd(key, scores)
         if changed and announce:
             # In the atomic write with the views: no reader hears of a change before it can read it, and
             # a batch that fails announces nothing. Live watches re-read the views they are told of.
-            pipe.publish(self.keys.changes_channel, json.dumps(changed, separators=(",", ":")))
+            writes.publish(self.keys.changes_channel, json.dumps(changed, separators=(",", ":")))
+        return writes
 
 
 def _text(value: str | bytes) -> str:

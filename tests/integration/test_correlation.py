@@ -28,7 +28,7 @@ from orders.store.views import ViewKeys
 from orders.telemetry import tracing
 from orders.telemetry.logs import ContextFilter, correlation_id
 from orders.v1 import commands_pb2, commands_pb2_grpc, queries_pb2
-from sync_worker import worker as worker_module
+from sync_worker import progress
 from tests.conftest import Servers
 from tests.helpers import create_request, eventually
 from tests.integration.conftest import System
@@ -322,7 +322,7 @@ async def test_the_worker_sums_up_applied_events_at_info_level(
     system: System, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """INFO gets a periodic summary of applied events instead of a line per batch."""
-    monkeypatch.setattr(worker_module, "SUMMARY_EVERY", 0.0)
+    monkeypatch.setattr(progress, "SUMMARY_EVERY", 0.0)
     caplog.set_level(logging.INFO, logger=WORKER_LOGGER)
     result = (await system.commands.CreateOrder(create_request(), timeout=10)).result
 

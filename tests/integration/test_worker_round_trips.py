@@ -1,9 +1,10 @@
 """The sync worker's cost per step in Redis round trips, and the guarantees its batched reads keep.
 
 A quiet step (nothing to apply, nothing parked, rebuilt or retired) is one round trip; a small batch
-adds three (WATCH, one read of the guard keys, parked orders and views, MULTI/EXEC). Round trips are
-counted on the client's connections, so other users of the Redis server do not disturb the count.
-A guard key moved between that read and the MULTI still fails the batch, which is then retried.
+adds two: one read-only script (the guard keys, parked orders and views), then one guarded write
+script. Round trips are counted on the client's connections, so other users of the Redis server do
+not disturb the count. A guard key moved between that read and the write still fails the batch
+(the write script compares it and writes nothing), which is then retried.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from orders.store.event_store import open_connection, read_batch
 from orders.store.views import PROJECTION, SUMMARY_PROJECTION, CustomerSummaryView, ViewKeys
 from orders.v1 import commands_pb2 as cmd
 from sync_worker import projector as projector_module
-from sync_worker import worker as worker_module
+from sync_worker import reads as reads_module
 from sync_worker.main import build_workers
-from sync_worker.projector import CheckpointMoved, OrdersProjector, Values, Writes
+from sync_worker.projector import BatchWrites, CheckpointMoved, OrdersProjector, Values
 from sync_worker.worker import SyncWorker, WorkerSettings
 from tests.helpers import add_item_request, assert_views_match_events, create_request, eventually, views_in_redis
 from tests.integration.conftest import System
@@ -76,7 +77,7 @@ async def round_trips_of_a_step(
     try:
         await worker._lease.hold(worker._status())  # renewed by the loop every ttl/5, not per step
         if not reuse:
-            worker._known = None
+            worker._states.forget()
         before = counting.round_trips
         _, busy = await worker._step(conn)
         return counting.round_trips - before, busy
@@ -141,7 +142,7 @@ async def test_under_load_a_step_reuses_the_last_ones_state(
 ) -> None:
     """Within STATE_REUSE of a quiet step, the next takes its state from it: a batch is then two round
     trips (read, guarded write) and a quiet step none."""
-    monkeypatch.setattr(worker_module, "STATE_REUSE", 60.0)
+    monkeypatch.setattr(reads_module, "STATE_REUSE", 60.0)
     for worker in workers.values():
         await round_trips_of_a_step(worker, counting, system.database_url)
     await system.commands.CreateOrder(create_request("reused"))
@@ -157,7 +158,7 @@ async def test_a_reused_state_that_went_stale_fails_the_batch_and_is_read_again(
 ) -> None:
     """The views are reset behind the worker's back (checkpoint and views deleted) while it reuses
     its state: the batch's guarded write refuses, and the next step reads the state and rebuilds."""
-    monkeypatch.setattr(worker_module, "STATE_REUSE", 60.0)
+    monkeypatch.setattr(reads_module, "STATE_REUSE", 60.0)
     orders = workers[PROJECTION]
     await system.commands.CreateOrder(create_request(order_id="before-reset"))
     while (await round_trips_of_a_step(orders, counting, system.database_url))[1]:
@@ -189,7 +190,7 @@ class Interfering(OrdersProjector):
     def at(self, generation: int) -> OrdersProjector:
         return Interfering(self.redis, self.keys.at(generation), self.other, self.guard, self.times)
 
-    async def stage(self, events: list[RecordedEvent], values: Values, announce: bool = True) -> Writes:
+    async def stage(self, events: list[RecordedEvent], values: Values, announce: bool = True) -> BatchWrites:
         if self.times > 0:
             self.times -= 1
             key = getattr(self.keys, self.guard)
@@ -216,7 +217,7 @@ class Interfering(OrdersProjector):
 
 
 @pytest.mark.parametrize("guard", GUARDS)
-async def test_a_guard_key_moved_between_the_read_and_the_multi_fails_the_batch(system: System, guard: str) -> None:
+async def test_a_guard_key_moved_between_the_read_and_the_write_fails_the_batch(system: System, guard: str) -> None:
     """Checkpoint, lease, rebuild target, generation pointer or next generation: moved by someone else
     after the one-round-trip read, the guarded write fails and writes nothing; applied again, it succeeds."""
     await system.stop_worker()
@@ -325,7 +326,7 @@ async def log_reads_of_a_step(worker: SyncWorker, database_url: str) -> tuple[in
     conn.add_query_logger(lambda query: reads.append(query.query) if "pg_snapshot_xmin" in query.query else None)
     try:
         await worker._lease.hold(worker._status())
-        worker._known = None
+        worker._states.forget()
         _, busy = await worker._step(conn)
         await asyncio.sleep(0)  # asyncpg calls query loggers soon after, not at once
         return len(reads), busy
