@@ -6,6 +6,8 @@ process tests run the services' console entry points as child processes."""
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -17,17 +19,19 @@ import asyncpg
 import grpc
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from redis.asyncio import Redis
 
 from orders.server.grpc_server import RunningServer
+from orders.server.readiness import Readiness
 from orders.store.event_store import connect
-from orders.store.views import ViewKeys, redis_client
+from orders.store.views import PROJECTIONS, ViewKeys, redis_client
 from orders.tools.embedded import free_port
 from orders.tools.processes import PIPE, child_environment, script_command, start_service
 from orders.v1 import commands_pb2_grpc, queries_pb2, queries_pb2_grpc
 from read_service.main import start_read_service
+from read_service.projection_health import ProjectionHealth
 from tests.conftest import Servers
 from tests.helpers import create_request, error_reason, eventually, rich_details
 from tests.integration.conftest import System
@@ -206,6 +210,94 @@ async def test_reflection_shows_only_the_services_a_server_serves(
     assert {s.name for s in listed.list_services_response.service} == {server.name, HEALTH_SERVICE, REFLECTION_SERVICE}
     assert [reply.error_response.error_code for reply in replies] == [grpc.StatusCode.NOT_FOUND.value[0]] * 2
     assert details.file_descriptor_response.file_descriptor_proto
+
+
+# ---------------------------------------------------------------- projection health at start
+
+
+async def beat(redis: Redis, keys: ViewKeys, *, age_s: float, state: str = "active") -> None:
+    """Writes every projection's heartbeat as a worker would have, `age_s` seconds ago by Redis's clock."""
+    seconds, micros = await redis.time()
+    at_ms = seconds * 1000 + micros // 1000 - int(age_s * 1000)
+    for name in PROJECTIONS:
+        heartbeat = {"worker": "previous-run", "state": state, "error": "poison event", "at_ms": at_ms}
+        await redis.set(keys.of(name).heartbeat, json.dumps(heartbeat))
+
+
+def health_lines(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "read_service.projection_health" and r.levelno == level]
+
+
+def projection_health(start_grace: float, redis: Redis, keys: ViewKeys) -> ProjectionHealth:
+    return ProjectionHealth(redis, keys, health.aio.HealthServicer(), Readiness(), 5.0, start_grace=start_grace)
+
+
+async def test_read_service_starting_on_a_previous_runs_heartbeat_is_quiet(
+    redis: Redis, keys: ViewKeys, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On an existing data directory Redis still holds the last run's heartbeat, long stale: until the
+    new worker beats, the read service says at INFO that it waits for one, and warns of nothing."""
+    await beat(redis, keys, age_s=3600)
+
+    with caplog.at_level(logging.INFO, logger="read_service.projection_health"):
+        service = await start_read_service(redis, keys, "127.0.0.1:0")
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{service.server.port}") as channel:
+                status = await check(channel, "orders.projection")
+        finally:
+            await service.stop(0)
+
+    assert status == NOT_SERVING
+    assert not health_lines(caplog, logging.WARNING)
+    waiting = health_lines(caplog, logging.INFO)
+    assert len(waiting) == 3
+    assert all("waiting for a sync worker" in line and "previous-run" in line for line in waiting)
+
+
+async def test_a_worker_still_missing_once_start_up_is_over_is_a_warning(
+    redis: Redis, keys: ViewKeys, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The start-up grace only delays the warning: after it, a missing worker is a WARNING, once."""
+    grace = 0.05
+    projection = projection_health(grace, redis, keys)
+    with caplog.at_level(logging.INFO, logger="read_service.projection_health"):
+        await projection.check()
+        quiet = health_lines(caplog, logging.WARNING)
+        await asyncio.sleep(grace * 2)  # past the start-up grace
+        await projection.check()
+        await projection.check()
+
+    assert not quiet
+    warnings = health_lines(caplog, logging.WARNING)
+    assert len(warnings) == 3
+    assert all("still NOT_SERVING (" in line and "last never" in line for line in warnings)
+
+
+async def test_without_start_up_grace_a_missing_worker_is_a_warning_at_once(
+    redis: Redis, keys: ViewKeys, caplog: pytest.LogCaptureFixture
+) -> None:
+    await beat(redis, keys, age_s=3600)
+    with caplog.at_level(logging.INFO, logger="read_service.projection_health"):
+        await projection_health(0, redis, keys).check()
+
+    warnings = health_lines(caplog, logging.WARNING)
+    assert len(warnings) == 3
+    assert all("no sync worker heartbeat" in line for line in warnings)
+    assert not health_lines(caplog, logging.INFO)
+
+
+async def test_a_projection_stopped_on_an_error_is_a_warning_even_while_starting(
+    redis: Redis, keys: ViewKeys, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The start-up grace is for a worker that has not beaten yet, not for real trouble."""
+    await beat(redis, keys, age_s=0, state="failed")
+    with caplog.at_level(logging.INFO, logger="read_service.projection_health"):
+        await projection_health(60, redis, keys).check()
+
+    warnings = health_lines(caplog, logging.WARNING)
+    assert len(warnings) == 3
+    assert all("stopped on an error: poison event" in line for line in warnings)
+    assert not health_lines(caplog, logging.INFO)
 
 
 # ---------------------------------------------------------------- unreachable stores
