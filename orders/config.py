@@ -20,6 +20,8 @@ from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 from orders.telemetry import logs
+from orders.telemetry.logs import LogFormat, LogLevel
+from orders.telemetry.tracing import TracingMode
 
 DEFAULT_WRITE_ADDRESS = "127.0.0.1:50051"
 DEFAULT_READ_ADDRESS = "127.0.0.1:50052"
@@ -27,30 +29,6 @@ DEFAULT_READ_ADDRESS = "127.0.0.1:50052"
 Choice = TypeVar("Choice", bound=StrEnum)
 Settings = TypeVar("Settings")
 Number = TypeVar("Number", int, float)
-
-
-class LogLevel(StrEnum):
-    DEBUG = "DEBUG"
-    INFO = "INFO"
-    WARNING = "WARNING"
-    ERROR = "ERROR"
-
-
-class LogFormat(StrEnum):
-    """The values of orders.telemetry.logs.LOG_FORMATS."""
-
-    AUTO = "auto"
-    JSON = "json"
-    TEXT = "text"
-
-
-class TracingMode(StrEnum):
-    """The values of orders.telemetry.tracing.TRACING_MODES."""
-
-    AUTO = "auto"
-    OTLP = "otlp"
-    CONSOLE = "console"
-    OFF = "off"
 
 
 def env_name(flag: str) -> str:

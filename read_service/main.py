@@ -16,6 +16,8 @@ from orders.server.readiness import Readiness
 from orders.server.security import ServerSecurity
 from orders.store.views import PROJECTIONS, ViewKeys, redis_client
 from orders.telemetry import tracing
+from orders.telemetry.logs import LogFormat, LogLevel
+from orders.telemetry.tracing import TracingMode
 from read_service.freshness import CheckpointWatcher
 from read_service.projection_health import ProjectionHealth
 from read_service.servicer import SERVICE, OrderQueriesServicer
@@ -33,11 +35,11 @@ class ReadSettings:
     max_concurrent_rpcs: int
     max_consistency_wait: float
     heartbeat_timeout: float
-    log_level: config.LogLevel
+    log_level: LogLevel
     metrics_address: str = ""
     security: ServerSecurity | None = None
-    log_format: config.LogFormat = config.LogFormat.AUTO
-    tracing: config.TracingMode = config.TracingMode.AUTO
+    log_format: LogFormat = LogFormat.AUTO
+    tracing: TracingMode = TracingMode.AUTO
 
 
 def parse_settings(argv: Sequence[str] | None = None) -> ReadSettings:

@@ -6,7 +6,6 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 
 import asyncpg
 from redis.asyncio import Redis
@@ -20,10 +19,13 @@ from orders.server.security import ServerSecurity
 from orders.store.event_store import connect
 from orders.store.views import PROJECTION, SUMMARY_PROJECTION, ViewKeys, redis_client
 from orders.telemetry import tracing
+from orders.telemetry.logs import LogFormat, LogLevel
+from orders.telemetry.tracing import TracingMode
 from sync_worker.admin import SERVICE as ADMIN_SERVICE
 from sync_worker.admin import ProjectionAdminServicer
 from sync_worker.customer_summary import CustomerSummaryProjector
 from sync_worker.health import DEFAULT_STUCK_AFTER, WORKER_SERVICE, WorkerHealth
+from sync_worker.parking import PoisonPolicy
 from sync_worker.projector import OrdersProjector, Projector
 from sync_worker.reads import SharedReads
 from sync_worker.worker import SyncWorker, WorkerSettings, default_worker_id
@@ -31,13 +33,6 @@ from sync_worker.worker import SyncWorker, WorkerSettings, default_worker_id
 log = logging.getLogger("sync_worker")
 
 PROJECTORS: dict[str, type[Projector]] = {PROJECTION: OrdersProjector, SUMMARY_PROJECTION: CustomerSummaryProjector}
-
-
-class PoisonPolicy(StrEnum):
-    """What a projection does with an event it cannot apply (sync_worker.worker.WorkerSettings)."""
-
-    STOP = "stop"  # stop there, until fixed
-    PARK = "park"  # put that order's events in a dead-letter list; the other orders go on
 
 
 @dataclass(frozen=True)
@@ -52,12 +47,12 @@ class SyncSettings:
     projections: list[str]
     poison_policy: PoisonPolicy
     admin_address: str
-    log_level: config.LogLevel
+    log_level: LogLevel
     metrics_address: str = ""
     projection_stuck_after: float = DEFAULT_STUCK_AFTER
     security: ServerSecurity | None = None  # of the ProjectionAdmin server
-    log_format: config.LogFormat = config.LogFormat.AUTO
-    tracing: config.TracingMode = config.TracingMode.AUTO
+    log_format: LogFormat = LogFormat.AUTO
+    tracing: TracingMode = TracingMode.AUTO
 
 
 def parse_settings(argv: Sequence[str] | None = None) -> SyncSettings:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from enum import StrEnum
 
 from orders.domain.consistency import LogPosition
 from orders.domain.errors import PoisonEvent
@@ -23,14 +24,21 @@ from sync_worker.projector import Projector
 log = logging.getLogger(WORKER_LOGGER)
 
 
+class PoisonPolicy(StrEnum):
+    """What a projection does with an event it cannot apply."""
+
+    STOP = "stop"  # stop there, until fixed
+    PARK = "park"  # put that order's events in a dead-letter list; the other orders go on
+
+
 class ParkedOrders:
     """One projection loop's parked orders: applying a batch under the poison policy, and serving
     operators' requests to retry an order's parked events."""
 
-    def __init__(self, projection: str, worker_id: str, policy: str) -> None:
+    def __init__(self, projection: str, worker_id: str, policy: PoisonPolicy) -> None:
         self._projection = projection
         self._worker_id = worker_id
-        self._policy = policy  # "stop" or "park"
+        self._policy = policy
 
     async def apply(
         self, projector: Projector, checkpoint: LogPosition | None, events: list[RecordedEvent], live: bool
@@ -42,7 +50,7 @@ class ParkedOrders:
             try:
                 applied = await projector.apply(checkpoint, events, holder=self._worker_id, park=park, live=live)
             except PoisonEvent as poison:
-                if self._policy != "park" or poison.stream_id in park:
+                if self._policy != PoisonPolicy.PARK or poison.stream_id in park:
                     raise
                 log.warning(
                     "projection %s parked order %r from the %s; its later events wait with it",

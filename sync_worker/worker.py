@@ -45,7 +45,7 @@ from orders.telemetry import tracing
 from orders.telemetry.metrics import ProjectionMetrics, count_store_error
 from sync_worker.generations import Generations
 from sync_worker.lease import Lease
-from sync_worker.parking import ParkedOrders
+from sync_worker.parking import ParkedOrders, PoisonPolicy
 from sync_worker.progress import WORKER_LOGGER, Progress
 from sync_worker.projector import CheckpointMoved, LeaseLost, Projector
 from sync_worker.reads import SharedReads, StepStates
@@ -84,8 +84,7 @@ class WorkerSettings:
     max_backoff: float = 5.0
     lease_ttl: float = 5.0  # a standby takes over this long after the active worker stops renewing
     retry_failed_after: float = 10.0  # a projection stopped on a poison event tries that event again this often
-    poison_policy: str = "stop"  # "stop": the projection stops at a poison event; "park": that order's events
-    # are set aside in a dead-letter list while the other orders go on
+    poison_policy: PoisonPolicy = PoisonPolicy.STOP
 
 
 class SyncWorker:

@@ -16,6 +16,8 @@ from orders.server.readiness import Readiness, StoreProbe, postgres_probe
 from orders.server.security import ServerSecurity
 from orders.store.event_store import EventStore, connect
 from orders.telemetry import tracing
+from orders.telemetry.logs import LogFormat, LogLevel
+from orders.telemetry.tracing import TracingMode
 from write_service.command_bus import DEFAULT_CACHE_SIZE, CommandBus
 from write_service.servicer import SERVICE, OrderCommandsServicer
 
@@ -30,11 +32,11 @@ class WriteSettings:
     max_concurrent_rpcs: int
     pool_size: int
     state_cache_size: int
-    log_level: config.LogLevel
+    log_level: LogLevel
     metrics_address: str = ""
     security: ServerSecurity | None = None
-    log_format: config.LogFormat = config.LogFormat.AUTO
-    tracing: config.TracingMode = config.TracingMode.AUTO
+    log_format: LogFormat = LogFormat.AUTO
+    tracing: TracingMode = TracingMode.AUTO
 
 
 def parse_settings(argv: Sequence[str] | None = None) -> WriteSettings:

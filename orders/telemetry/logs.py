@@ -30,6 +30,7 @@ import sys
 from collections.abc import Iterable
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any, TextIO
 
 from orders.telemetry import tracing
@@ -43,12 +44,26 @@ rpc_method: ContextVar[str | None] = ContextVar("orders.telemetry.logs.rpc_metho
 current_caller: ContextVar[str | None] = ContextVar("orders.telemetry.logs.current_caller", default=None)
 
 CORRELATION_HEADERS = ("x-correlation-id", "x-request-id")  # in order of preference
-LOG_FORMATS = ("auto", "json", "text")
 _VALID_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 # Attributes every LogRecord has; whatever else a record holds came with `extra=` and is logged.
 _RECORD_ATTRIBUTES = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 _CONTEXT_FIELDS = ("correlation_id", "caller", "rpc_method", "trace_id", "span_id")
+
+
+class LogLevel(StrEnum):
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+
+
+class LogFormat(StrEnum):
+    """json: one object per line; text: one readable line; auto: text on a terminal, json otherwise."""
+
+    AUTO = "auto"
+    JSON = "json"
+    TEXT = "text"
 
 
 def valid_correlation_id(value: object) -> str | None:
@@ -145,13 +160,6 @@ def _text_value(value: object) -> str:
     return json.dumps(text, ensure_ascii=False) if not text or any(c.isspace() or c in "\"'=" for c in text) else text
 
 
-def log_format(text: str) -> str:
-    """The --log-format setting."""
-    if text not in LOG_FORMATS:
-        raise ValueError(f"expected auto, json or text, got {text!r}")
-    return text
-
-
 def uses_json(fmt: str, stream: TextIO) -> bool:
     """Whether `fmt` means JSON lines on `stream`: "auto" means JSON unless it is a terminal."""
     if fmt == "auto":
@@ -168,7 +176,7 @@ def setup_logging(level: str = "INFO", fmt: str = "auto", stream: TextIO | None 
     """Logs records of `level` and above to `stream` (stderr) in format `fmt` (auto, json or text)."""
     stream = stream or sys.stderr
     handler = _Handler(stream)
-    handler.setFormatter(StructuredFormatter(json_lines=uses_json(log_format(fmt), stream)))
+    handler.setFormatter(StructuredFormatter(json_lines=uses_json(LogFormat(fmt), stream)))
     handler.addFilter(ContextFilter())
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _Handler)]:

@@ -26,6 +26,7 @@ import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from orders.domain.events import RecordedEvent, event_type
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TRACING_MODES = ("auto", "otlp", "console", "off")
 # gRPC codes that make a server span an error (OpenTelemetry's semantic conventions for RPC servers).
 _SERVER_ERROR_CODES = frozenset(
     {"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS"}
@@ -48,11 +48,13 @@ _tracer: Tracer | None = None  # None: tracing is off
 _propagator: TraceContextTextMapPropagator | None = None
 
 
-def tracing_mode(text: str) -> str:
-    """The --tracing setting."""
-    if text not in TRACING_MODES:
-        raise ValueError(f"expected auto, otlp, console or off, got {text!r}")
-    return text
+class TracingMode(StrEnum):
+    """auto: on when the standard OpenTelemetry variables say so (see `resolve`)."""
+
+    AUTO = "auto"
+    OTLP = "otlp"
+    CONSOLE = "console"
+    OFF = "off"
 
 
 def resolve(mode: str, environ: Mapping[str, str] = os.environ) -> str:

@@ -22,6 +22,8 @@ import asyncpg
 from orders import config
 from orders.server.grpc_server import run, stop_on_signals
 from orders.store.migrations import migrate_url
+from orders.telemetry.logs import LogFormat, LogLevel
+from orders.telemetry.tracing import TracingMode
 from orders.tools.processes import HealthServing, ServiceProcess, child_environment, port_in_use, start_service
 
 log = logging.getLogger("orders.local")
@@ -41,9 +43,9 @@ class LocalSettings:
     read_address: str
     admin_address: str
     shutdown_grace: float
-    log_level: config.LogLevel
-    log_format: config.LogFormat
-    tracing: config.TracingMode
+    log_level: LogLevel
+    log_format: LogFormat
+    tracing: TracingMode
     stops: list[Callable[[], None]] = field(default_factory=list)
 
 

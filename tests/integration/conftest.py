@@ -18,6 +18,7 @@ from orders.store.views import PROJECTIONS, ViewKeys
 from orders.v1 import commands_pb2_grpc, queries_pb2_grpc
 from read_service.main import ReadService, start_read_service
 from sync_worker.main import build_workers
+from sync_worker.parking import PoisonPolicy
 from sync_worker.worker import SyncWorker, WorkerSettings
 from tests.conftest import Servers
 from tests.helpers import eventually
@@ -55,7 +56,7 @@ class System:
             batch_size,
             poll_interval,
             retry_failed_after=retry_failed_after,
-            poison_policy=poison_policy,
+            poison_policy=PoisonPolicy(poison_policy),
         )
         self.workers = build_workers(settings, self.redis, self.keys.prefix, list(projections))
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from orders import config
 from orders.telemetry import logs
 from orders.telemetry.logs import (
     ContextFilter,
@@ -192,7 +193,7 @@ def test_a_records_own_correlation_id_wins_over_the_calls() -> None:
 
 def test_an_unknown_format_is_refused() -> None:
     with pytest.raises(ValueError, match="expected auto, json or text"):
-        logs.log_format("yaml")
+        config.log_format("yaml")
 
 
 # ---------------------------------------------------------------------------- correlation ids

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from orders import config
 from orders.telemetry import tracing
 from orders.telemetry.tracing import resolve
 
@@ -33,7 +34,7 @@ def test_what_turns_tracing_on(mode: str, environ: dict[str, str], expected: str
 
 def test_an_unknown_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="expected auto, otlp, console or off"):
-        tracing.tracing_mode("jaeger")
+        config.tracing_mode("jaeger")
 
 
 def test_off_returns_at_once() -> None:
