@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 import shutil
 import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import NamedTuple, TypeVar
 
 import grpc
 import pytest
@@ -121,6 +122,35 @@ def error_reason(error: grpc.aio.AioRpcError) -> str:
     info = rich_details(error)["ErrorInfo"]
     assert isinstance(info, error_details_pb2.ErrorInfo)
     return str(info.reason)
+
+
+class Ran(NamedTuple):
+    """How a command that ran to its end ended."""
+
+    status: int
+    out: str
+    err: str
+
+
+async def run_to_end(command: Sequence[str], env: Mapping[str, str] | None = None, timeout: float = 60) -> Ran:
+    """Runs `command` (e.g. script_command("orders", ...)) to its end without blocking the event loop,
+    where the test's servers may run; `env` is its whole environment (None: this one's). Fails the
+    test, after killing the command, if it has not ended within `timeout` seconds."""
+    process = await asyncio.create_subprocess_exec(
+        *command,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), timeout)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        pytest.fail(f"{shlex.join(command)} did not end within {timeout:g} s")
+    assert process.returncode is not None
+    return Ran(process.returncode, out.decode(), err.decode())
 
 
 def in_ci() -> bool:

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import asyncpg
 import pytest
 
 from orders.store.views import redis_client
+from orders.tools.processes import child_environment, script_command
 from orders_bench.main import BY_NAME, MEASUREMENTS
 from tests.conftest import Servers
 
@@ -26,11 +25,13 @@ LATENCY = CEILINGS | {"create", "lifecycle", "ack", "get", "list", "lag"}
 
 
 def run_bench(servers: Servers, json_out: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERS_")}
-    command = [sys.executable, "-m", "orders_bench", "--quick", "--rounds", "1", "--duration", "0.5", "--warmup", "0.2"]
-    command += ["--rebuild-events", "2000", "--read-orders", "100", "--json-out", str(json_out)]
-    command += ["--postgres-url", servers.postgres_url, "--redis-url", servers.redis_url]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240, check=False)
+    command = script_command(
+        "orders-bench",
+        *("--quick", "--rounds", "1", "--duration", "0.5", "--warmup", "0.2"),
+        *("--rebuild-events", "2000", "--read-orders", "100", "--json-out", str(json_out)),
+        *("--postgres-url", servers.postgres_url, "--redis-url", servers.redis_url),
+    )
+    return subprocess.run(command, env=child_environment(), capture_output=True, text=True, timeout=240, check=False)
 
 
 async def leftovers(servers: Servers) -> tuple[list[str], list[str]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from collections.abc import AsyncIterator
 
 import grpc
@@ -12,12 +11,13 @@ import pytest
 
 from orders.server.grpc_server import RunningServer
 from orders.store.event_store import connect
+from orders.tools.processes import script_command
 from orders.v1 import admin_pb2 as pb
 from orders.v1 import admin_pb2_grpc
 from orders.v1 import queries_pb2 as qry
 from sync_worker import admin as admin_module
 from sync_worker.main import start_admin
-from tests.helpers import add_item_request, create_request, error_reason, eventually, require_tools
+from tests.helpers import Ran, add_item_request, create_request, error_reason, eventually, require_tools, run_to_end
 from tests.integration.conftest import System
 
 
@@ -170,12 +170,9 @@ async def test_a_rebuild_whose_worker_does_not_pause_leaves_the_projection_runni
 
 
 async def run(*command: str) -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(
-        *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-    )
-    output, _ = await process.communicate()
-    assert process.returncode is not None
-    return process.returncode, output.decode()
+    """A program's status and its output (stdout, then stderr), for the grpcurl checks."""
+    ran = await run_to_end(command)
+    return ran.status, ran.out + ran.err
 
 
 async def test_command_line_lists_pauses_resumes_and_rebuilds(
@@ -185,23 +182,25 @@ async def test_command_line_lists_pauses_resumes_and_rebuilds(
     _, port = admin
     last = await make_orders(system, 5)
     await system.queries.GetOrder(last)
-    cli = [sys.executable, "-m", "orders.cli.admin", "--admin-address", f"127.0.0.1:{port}"]
 
-    listed = await run(*cli, "list")
-    as_json = await run(*cli, "--json", "list")
-    paused = await run(*cli, "pause", "customer_summary")
-    resumed = await run(*cli, "resume", "customer_summary")
-    rebuilt = await run(*cli, "rebuild", "customer_summary", "--wait")
-    unknown = await run(*cli, "pause", "nope")
+    async def admin_cli(*argv: str) -> Ran:
+        return await run_to_end(script_command("orders-admin", "--admin-address", f"127.0.0.1:{port}", *argv))
 
-    assert listed[0] == 0
-    assert listed[1].splitlines()[0].split()[:3] == ["PROJECTION", "STATE", "CHECKPOINT"]
-    assert {p["name"] for p in json.loads(as_json[1])["projections"]} == {"orders", "customer_summary"}
-    assert (paused[0], "paused" in paused[1]) == (0, True)
-    assert resumed[0] == 0
-    assert rebuilt[0] == 0
-    assert "running" in rebuilt[1].splitlines()[-1]
-    assert (unknown[0], "INVALID_ARGUMENT" in unknown[1]) == (1, True)
+    listed = await admin_cli("list")
+    as_json = await admin_cli("--json", "list")
+    paused = await admin_cli("pause", "customer_summary")
+    resumed = await admin_cli("resume", "customer_summary")
+    rebuilt = await admin_cli("rebuild", "customer_summary", "--wait")
+    unknown = await admin_cli("pause", "nope")
+
+    assert listed.status == 0
+    assert listed.out.splitlines()[0].split()[:3] == ["PROJECTION", "STATE", "CHECKPOINT"]
+    assert {p["name"] for p in json.loads(as_json.out)["projections"]} == {"orders", "customer_summary"}
+    assert (paused.status, "paused" in paused.out) == (0, True)
+    assert resumed.status == 0
+    assert rebuilt.status == 0
+    assert "running" in rebuilt.out.splitlines()[-1]
+    assert (unknown.status, "INVALID_ARGUMENT" in unknown.err) == (1, True)
 
 
 async def test_grpcurl_lists_and_calls_projection_admin(admin: tuple[admin_pb2_grpc.ProjectionAdminStub, int]) -> None:

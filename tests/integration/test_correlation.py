@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import re
-import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from orders.store.event_store import connect
 from orders.store.views import ViewKeys
 from orders.telemetry import tracing
 from orders.telemetry.logs import ContextFilter, correlation_id
+from orders.tools.processes import PIPE, start_service
 from orders.v1 import commands_pb2, commands_pb2_grpc, queries_pb2
 from sync_worker import progress
 from tests.conftest import Servers
@@ -286,27 +286,27 @@ async def test_the_sync_worker_process_logs_the_id_as_json(database_url: str, se
         ORDERS_LOG_FORMAT="json",
         ORDERS_LOG_LEVEL="DEBUG",
     )
-    worker = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sync_worker", env=env, stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
-    )
-    assert worker.stderr is not None
+    worker = await start_service("orders-sync-worker", env=env, log=PIPE)
+    stderr = worker.process.stderr  # where it logs
+    assert stderr is not None
     lines: list[str] = []
     found: dict[str, Any] | None = None
     try:
         async with asyncio.timeout(30):
             while found is None:
-                raw = await worker.stderr.readline()
-                assert raw, f"the worker exited ({await worker.wait()}) without logging the id:\n" + "\n".join(lines)
+                raw = await stderr.readline()
+                if not raw:
+                    exited = await worker.process.wait()
+                    pytest.fail(f"the worker exited ({exited}) without logging the id:\n" + "\n".join(lines))
                 lines.append(raw.decode().rstrip("\n"))
                 record = json.loads(lines[-1])  # every line is one JSON object
                 if record.get("correlation_id") == "test-corr-process":
                     found = record
     finally:
-        if worker.returncode is None:
-            worker.terminate()
-        _, rest = await asyncio.wait_for(worker.communicate(), 15)
-    lines += rest.decode().splitlines()
-    assert worker.returncode == 0, "\n".join(lines)
+        rest = asyncio.create_task(stderr.read())  # read while it stops, so that a full pipe cannot block it
+        status = await worker.stop()
+    lines += (await rest).decode().splitlines()
+    assert status == 0, "\n".join(lines)
     assert found is not None
     assert found["level"] == "DEBUG"
     assert found["logger"] == WORKER_LOGGER

@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
 import re
 import shlex
 import sys
@@ -21,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from orders.tools.processes import child_environment, script_command
+from tests.helpers import run_to_end
 from tests.integration.conftest import System
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,15 +40,6 @@ def python_programs(page: str) -> list[str]:
     return [block for block in blocks if block.rstrip().endswith("asyncio.run(main())")]
 
 
-async def run(argv: list[str], env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
-
-
 @pytest.mark.parametrize("page", sorted(PROGRAM_OUTPUT))
 async def test_python_program_runs_as_printed(system: System, page: str) -> None:
     """The page holds one complete program; it runs to its end and prints what it says it prints."""
@@ -56,7 +47,7 @@ async def test_python_program_runs_as_printed(system: System, page: str) -> None
     program = program.replace(WRITE_ADDRESS, f"127.0.0.1:{system.write_port}")
     program = program.replace(READ_ADDRESS, f"127.0.0.1:{system.read_port}")
 
-    status, out, err = await run([sys.executable, "-c", program])
+    status, out, err = await run_to_end([sys.executable, "-c", program])
 
     assert status == 0, err
     assert re.fullmatch(PROGRAM_OUTPUT[page], out), out
@@ -93,18 +84,19 @@ def trim(lines: list[str]) -> list[str]:
 async def test_cli_session_prints_what_the_page_shows(system: System) -> None:
     """Each command of docs/cli.md prints the lines shown under it (stdout, then stderr), and exits 0
     exactly when it shows no `orders:` error line."""
-    env = {name: value for name, value in os.environ.items() if not name.startswith("ORDERS_")}
-    env |= {
-        "ORDERS_WRITE_ADDRESS": f"127.0.0.1:{system.write_port}",
-        "ORDERS_READ_ADDRESS": f"127.0.0.1:{system.read_port}",
-    }
+    env = child_environment(
+        {
+            "ORDERS_WRITE_ADDRESS": f"127.0.0.1:{system.write_port}",
+            "ORDERS_READ_ADDRESS": f"127.0.0.1:{system.read_port}",
+        }
+    )
     real_tokens: dict[str, str] = {}  # token shown on the page -> token printed in this run
     steps = cli_session()
     assert len(steps) >= 10
 
     for step in steps:
         argv = [real_tokens.get(arg, arg) for arg in step.argv]
-        status, out, err = await run([sys.executable, "-m", "orders.cli.main", *argv], env)
+        status, out, err = await run_to_end(script_command("orders", *argv), env)
         printed = trim((out + err).splitlines())
         for shown, got in zip(step.shown, printed, strict=False):
             page_token, run_token = RESULT_TOKEN.search(shown), RESULT_TOKEN.search(got)

@@ -12,7 +12,6 @@ import asyncio
 import base64
 import hashlib
 import hmac
-import os
 import re
 import subprocess
 import sys
@@ -53,6 +52,7 @@ from orders.tools.access import (
     setup_access,
     with_credentials,
 )
+from orders.tools.processes import child_environment, script_command
 from orders.v1 import admin_pb2 as adm
 from orders.v1 import admin_pb2_grpc, commands_pb2_grpc, queries_pb2_grpc, types_pb2
 from orders.v1 import commands_pb2 as cmd
@@ -63,7 +63,7 @@ from sync_worker.admin import LAG_QUERY
 from sync_worker.main import build_workers, start_admin
 from sync_worker.worker import WorkerSettings
 from tests.conftest import Servers
-from tests.helpers import add_item_request, an_address, create_request, eventually
+from tests.helpers import Ran, add_item_request, an_address, create_request, eventually, run_to_end
 from write_service.main import start_write_service
 
 # Passwords that need quoting everywhere: SQL literals, URLs, ACL rules.
@@ -710,23 +710,9 @@ async def test_setting_up_again_converges_and_changes_passwords(access: Access) 
     assert (refused, accepted) == ("AuthenticationError", True)
 
 
-@dataclass(frozen=True)
-class Finished:
-    returncode: int | None
-    stdout: str
-    stderr: str
-
-
-async def setup_command(argv: list[str], env: dict[str, str]) -> Finished:
-    """Runs `orders-setup-access` (as its console script does) in a child process."""
-    process = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-c", "from orders.tools.access import main; main()", *argv),
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
-    return Finished(process.returncode, stdout.decode(), stderr.decode())
+async def setup_command(argv: list[str], env: dict[str, str]) -> Ran:
+    """Runs `orders-setup-access ARGV...` in a child process."""
+    return await run_to_end(script_command("orders-setup-access", *argv), env)
 
 
 async def test_the_command_line_prints_masked_urls(access: Access) -> None:
@@ -739,7 +725,7 @@ async def test_the_command_line_prints_masked_urls(access: Access) -> None:
         "ORDERS_REDIS_WORKER_PASSWORD": settings.redis_worker_password,
         "ORDERS_REDIS_READER_PASSWORD": settings.redis_reader_password,
     }
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERS_")} | secrets
+    env = child_environment(secrets)
     argv = [
         *("--postgres-url", settings.postgres_url, "--redis-url", settings.redis_url),
         *("--redis-prefix", settings.redis_prefix, "--writer-role", settings.writer_role),
@@ -751,20 +737,19 @@ async def test_the_command_line_prints_masked_urls(access: Access) -> None:
     helped = await setup_command(["--help"], env)
     missing = await setup_command([], {k: v for k, v in env.items() if k not in secrets})
 
-    assert (done.returncode, done.stderr) == (0, "")
-    assert helped.returncode == 0
-    assert [secret for secret in secrets.values() if secret in done.stdout + helped.stdout] == []
+    assert (done.status, done.err) == (0, "")
+    assert helped.status == 0
+    assert [secret for secret in secrets.values() if secret in done.out + helped.out] == []
     writer_url = with_credentials(settings.postgres_url, settings.writer_role, "", mask=True)
     reader_url = with_credentials(settings.redis_url, settings.redis_reader_user, "", mask=True)
-    assert f"orders-write-service: ORDERS_POSTGRES_URL={writer_url}\n" in done.stdout
+    assert f"orders-write-service: ORDERS_POSTGRES_URL={writer_url}\n" in done.out
     assert (
-        f"orders-read-service:  ORDERS_REDIS_URL={reader_url} ORDERS_REDIS_PREFIX={settings.redis_prefix}"
-        in done.stdout
+        f"orders-read-service:  ORDERS_REDIS_URL={reader_url} ORDERS_REDIS_PREFIX={settings.redis_prefix}" in done.out
     )
-    assert "ORDERS_WRITER_PASSWORD; set]" in " ".join(helped.stdout.split())
-    assert missing.returncode == 2
-    assert "missing setting --writer-password (or ORDERS_WRITER_PASSWORD), needed to set up postgres" in missing.stderr
-    assert "missing setting --redis-reader-password (or ORDERS_REDIS_READER_PASSWORD)" in missing.stderr
+    assert "ORDERS_WRITER_PASSWORD; set]" in " ".join(helped.out.split())
+    assert missing.status == 2
+    assert "missing setting --writer-password (or ORDERS_WRITER_PASSWORD), needed to set up postgres" in missing.err
+    assert "missing setting --redis-reader-password (or ORDERS_REDIS_READER_PASSWORD)" in missing.err
 
 
 # --- the lists stay in step with the code and the docs --------------------------------------------

@@ -3,9 +3,7 @@ once fixed; the other projections go on meanwhile."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
 from typing import Any
 
 import grpc
@@ -16,12 +14,13 @@ from orders.domain.events import RecordedEvent
 from orders.store.event_store import connect
 from orders.store.heartbeat import read_heartbeat
 from orders.store.views import SUMMARY_PROJECTION, CustomerSummaryView, OrderView
+from orders.tools.processes import script_command
 from orders.v1 import admin_pb2, admin_pb2_grpc
 from orders.v1 import queries_pb2 as qry
 from read_service.projection_health import NOT_SERVING, PROJECTION_SERVICE, SERVING
 from sync_worker import customer_summary, projection, projector
 from sync_worker.main import start_admin
-from tests.helpers import add_item_request, create_request, eventually
+from tests.helpers import add_item_request, create_request, eventually, run_to_end
 from tests.integration.conftest import System
 
 
@@ -144,9 +143,9 @@ async def test_parking_sets_one_order_aside_and_a_retry_releases_it_in_order(
 
         parked_order = await eventually(parked)
         monkeypatch.setattr(customer_summary, "summarize", real_summarize)  # the fix
-        cli = [sys.executable, "-m", "orders.cli.admin", "--admin-address", f"127.0.0.1:{server.port}"]
-        listed = await _run(*cli, "parked", SUMMARY_PROJECTION)
-        retried = await _run(*cli, "retry", SUMMARY_PROJECTION, "poison")
+        cli = ("--admin-address", f"127.0.0.1:{server.port}")
+        listed = await admin_cli(*cli, "parked", SUMMARY_PROJECTION)
+        retried = await admin_cli(*cli, "retry", SUMMARY_PROJECTION, "poison")
 
         async def released() -> None:
             reply = await admin.ListParkedOrders(admin_pb2.ListParkedOrdersRequest(name=SUMMARY_PROJECTION))
@@ -170,11 +169,11 @@ async def test_parking_sets_one_order_aside_and_a_retry_releases_it_in_order(
     assert int(await system.redis.get(system.keys.of(SUMMARY_PROJECTION).applied) or 0) == 3
 
 
-async def _run(*command: str) -> str:
-    process = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
-    output, _ = await process.communicate()
-    assert process.returncode == 0
-    return output.decode()
+async def admin_cli(*argv: str) -> str:
+    """What `orders-admin ARGV...` prints; it must succeed."""
+    ran = await run_to_end(script_command("orders-admin", *argv))
+    assert ran.status == 0, ran.err
+    return ran.out
 
 
 async def test_a_parked_order_reads_as_stale_until_released(system: System, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,11 +9,8 @@ that nobody trusts.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import os
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +37,12 @@ from orders.server.grpc_server import RunningServer, start_server
 from orders.server.security import ServerSecurity, token_sha256
 from orders.store.event_store import connect
 from orders.telemetry.logs import current_caller
+from orders.tools.processes import child_environment, script_command
 from orders.v1 import admin_pb2, admin_pb2_grpc, commands_pb2_grpc, queries_pb2, queries_pb2_grpc
 from read_service.main import ReadService, start_read_service
 from read_service.servicer import SERVICE as QUERIES
 from sync_worker.main import start_admin
-from tests.helpers import create_request, error_reason, rich_details
+from tests.helpers import create_request, error_reason, rich_details, run_to_end
 from tests.integration.conftest import System
 from write_service.main import parse_settings, start_write_service
 
@@ -518,48 +516,32 @@ async def test_refusals_are_logged_without_the_token(
 # ---------------------------------------------------------------------------- command lines
 
 
-async def run_tool(module: str, env: dict[str, str], *argv: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        module,
-        *argv,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
-
-
-def clean_environment(**settings: str) -> dict[str, str]:
-    env = {name: value for name, value in os.environ.items() if not name.startswith("ORDERS_")}
-    return env | settings
-
-
 async def test_orders_cli_against_a_server_with_mutual_tls_and_tokens(start_secured: StartSecured, pki: Pki) -> None:
     """`orders --auth-token ... --tls-ca-file ...` (flags, or the same settings from the environment)
     works against services with mutual TLS and tokens; without the token it says what is missing."""
     secured = await start_secured(security_from(*mtls_settings(pki), *token_settings(pki)))
-    env = clean_environment(
-        ORDERS_WRITE_ADDRESS=secured.write_address,
-        ORDERS_READ_ADDRESS=secured.read_address,
-        ORDERS_TLS_CERT_FILE=str(pki.client_cert),
-        ORDERS_TLS_KEY_FILE=str(pki.client_key),
+    env = child_environment(
+        {
+            "ORDERS_WRITE_ADDRESS": secured.write_address,
+            "ORDERS_READ_ADDRESS": secured.read_address,
+            "ORDERS_TLS_CERT_FILE": str(pki.client_cert),
+            "ORDERS_TLS_KEY_FILE": str(pki.client_key),
+        }
     )
     flags = ["--auth-token", SHOP_TOKEN, "--tls-ca-file", str(pki.ca)]
 
-    created = await run_tool(
-        "orders.cli.main", env, *flags, "--json", "create", "--customer", "cli-eve", "--currency", "EUR"
+    created = await run_to_end(
+        script_command("orders", *flags, "--json", "create", "--customer", "cli-eve", "--currency", "EUR"), env
     )
     assert created[0] == 0, created[2]
     result = commands_json(created[1])
     env_settings = env | {"ORDERS_AUTH_TOKEN": SHOP_TOKEN, "ORDERS_TLS_CA_FILE": str(pki.ca)}
-    shown = await run_tool(
-        "orders.cli.main", env_settings, "get", result["order_id"], "--token", result["consistency_token"]
+    shown = await run_to_end(
+        script_command("orders", "get", result["order_id"], "--token", result["consistency_token"]), env_settings
     )
-    refused = await run_tool("orders.cli.main", env | {"ORDERS_TLS_CA_FILE": str(pki.ca)}, "get", result["order_id"])
+    refused = await run_to_end(
+        script_command("orders", "get", result["order_id"]), env | {"ORDERS_TLS_CA_FILE": str(pki.ca)}
+    )
 
     assert shown[0] == 0, shown[2]
     assert "cli-eve" in shown[1]
@@ -580,10 +562,10 @@ async def test_orders_admin_against_a_secured_projection_admin(system: System, p
     pool = await connect(system.database_url, max_size=2)
     security = security_from(*tls_settings(pki), *token_settings(pki))
     server = await start_admin("127.0.0.1:0", pool, system.redis, system.keys.prefix, security)
-    env = clean_environment(ORDERS_ADMIN_ADDRESS=f"localhost:{server.port}", ORDERS_TLS_CA_FILE=str(pki.ca))
+    env = child_environment({"ORDERS_ADMIN_ADDRESS": f"localhost:{server.port}", "ORDERS_TLS_CA_FILE": str(pki.ca)})
     try:
-        listed = await run_tool("orders.cli.admin", env | {"ORDERS_AUTH_TOKEN": OPS_TOKEN}, "list")
-        denied = await run_tool("orders.cli.admin", env | {"ORDERS_AUTH_TOKEN": SHOP_TOKEN}, "list")
+        listed = await run_to_end(script_command("orders-admin", "list"), env | {"ORDERS_AUTH_TOKEN": OPS_TOKEN})
+        denied = await run_to_end(script_command("orders-admin", "list"), env | {"ORDERS_AUTH_TOKEN": SHOP_TOKEN})
     finally:
         await server.stop(0)
         await pool.close()

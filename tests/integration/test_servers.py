@@ -33,7 +33,7 @@ from orders.v1 import commands_pb2_grpc, queries_pb2, queries_pb2_grpc
 from read_service.main import start_read_service
 from read_service.projection_health import ProjectionHealth
 from tests.conftest import Servers
-from tests.helpers import create_request, error_reason, eventually, rich_details
+from tests.helpers import create_request, error_reason, eventually, rich_details, run_to_end
 from tests.integration.conftest import System
 from write_service.main import start_write_service
 
@@ -616,18 +616,7 @@ async def test_sync_worker_process_stops_gracefully_on_signal(
 # ---------------------------------------------------------------- configuration
 
 
-async def run_to_end(command: list[str], env: dict[str, str]) -> tuple[int, str, str]:
-    """Runs a command to completion: (exit code, stdout, stderr)."""
-    process = await asyncio.create_subprocess_exec(
-        *command,
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+RUN_TIMEOUT = 30.0  # seconds before a program that ends by itself counts as hung
 
 
 MISSING_CASES = {
@@ -646,7 +635,7 @@ async def test_missing_required_setting_exits_2_naming_flag_and_variable(
     start with exit code 2 and one message naming both, e.g. --postgres-url and ORDERS_POSTGRES_URL."""
     settings, flag = case
 
-    code, _, err = await run_to_end(script_command(program), process_env(**settings))
+    code, _, err = await run_to_end(script_command(program), process_env(**settings), RUN_TIMEOUT)
 
     assert code == 2
     assert f"--{flag}" in err
@@ -659,7 +648,7 @@ async def test_write_service_with_a_malformed_address_exits_2_naming_the_variabl
     message naming both the flag and the environment variable."""
     env = process_env(ORDERS_POSTGRES_URL=f"postgresql://postgres@{dead_address()}/x", ORDERS_WRITE_ADDRESS="nonsense")
 
-    code, _, err = await run_to_end(script_command("orders-write-service"), env)
+    code, _, err = await run_to_end(script_command("orders-write-service"), env, RUN_TIMEOUT)
 
     assert code == 2
     assert "ORDERS_WRITE_ADDRESS" in err
@@ -672,7 +661,7 @@ async def test_migrate_against_an_unreachable_postgresql_says_so_in_one_line() -
     reason (not a traceback), and never shows the URL's password."""
     url = f"postgresql://postgres:secret@{dead_address()}/orders"
 
-    code, _, err = await run_to_end(script_command("orders-migrate"), process_env(ORDERS_POSTGRES_URL=url))
+    code, _, err = await run_to_end(script_command("orders-migrate"), process_env(ORDERS_POSTGRES_URL=url), RUN_TIMEOUT)
 
     assert code == 1
     [line] = err.splitlines()
@@ -694,7 +683,7 @@ HELP_CASES = {
 @pytest.mark.parametrize(("program", "variables"), HELP_CASES.items(), ids=HELP_CASES.keys())
 async def test_help_exits_0_and_names_every_environment_variable(program: str, variables: list[str]) -> None:
     """--help works without any configuration and documents each environment variable the program reads."""
-    code, out, err = await run_to_end(script_command(program, "--help"), process_env())
+    code, out, err = await run_to_end(script_command(program, "--help"), process_env(), RUN_TIMEOUT)
 
     assert code == 0, err
     assert "usage:" in out

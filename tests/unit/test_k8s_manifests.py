@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
 import yaml
+
+from orders.tools.processes import script_command
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ROOT / "deploy" / "k8s"
@@ -59,9 +60,8 @@ def test_kustomization_lists_every_manifest() -> None:
 
 def settings_of(script: str) -> set[str]:
     """The ORDERS_* variables a console script reads, from its --help."""
-    executable = Path(sys.executable).parent / script  # installed beside this interpreter
     help_text = subprocess.run(
-        [str(executable), "--help"], capture_output=True, text=True, check=True, timeout=60
+        script_command(script, "--help"), capture_output=True, text=True, check=True, timeout=60
     ).stdout
     return set(re.findall(r"env\s+(ORDERS_[A-Z_]+)", help_text))
 
