@@ -27,6 +27,7 @@ import grpc
 from redis.asyncio import Redis
 
 from orders.domain.events import Address, OrderCreated, to_payload
+from orders.domain.status import OrderStatus
 from orders.server.grpc_server import SERVER_OPTIONS, run, start_server, stop_on_signals
 from orders.store.views import OrderView, ViewLine, redis_client
 from orders.v1 import commands_pb2, commands_pb2_grpc, queries_pb2, queries_pb2_grpc
@@ -47,7 +48,7 @@ def sample_view() -> OrderView:
     """An order view as the orders projection stores it: two lines and an address."""
     lines = (ViewLine("SKU-1", "Bench item", 2, 250), ViewLine("SKU-2", "Bench item", 1, 990))
     address = Address("Ada Lovelace", "Main St 1", "Berlin", "10115", "DE")
-    return OrderView("bench-order", "bench-customer", "EUR", "CONFIRMED", 1, 2, 4, lines, address)
+    return OrderView("bench-order", "bench-customer", "EUR", OrderStatus.CONFIRMED, 1, 2, 4, lines, address)
 
 
 def sample_view_json() -> str:
