@@ -206,12 +206,16 @@ class ClientPool:
     def pids(self) -> list[int]:
         return [p.pid for p in self.processes if p.pid is not None]
 
-    async def run(self, job: Job) -> JobResult:
-        """Runs `job` split over the processes: concurrency and rate are divided between them."""
+    async def run(self, job: Job, on_start: Callable[[float], None] | None = None) -> JobResult:
+        """Runs `job` split over the processes: concurrency and rate are divided between them.
+        `on_start` learns the wall-clock time (time.time()) the job starts at: its measured window
+        is the `job.duration` seconds after `job.warmup` more."""
         for index, conn in enumerate(self._conns):
             conn.send(self._share(job, index))
         await asyncio.gather(*(self._expect(conn, "ready") for conn in self._conns))
         start = time.time() + 0.05
+        if on_start is not None:
+            on_start(start)
         for conn in self._conns:
             conn.send(start)
         results: list[JobResult] = await asyncio.gather(*(self._expect(conn, "result") for conn in self._conns))

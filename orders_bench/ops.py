@@ -1,7 +1,8 @@
 """Workloads against the services under test: commands, queries and the lag probe.
 
 They call the raw generated stubs on one channel per client process, as the ceilings' echo client
-does, so that ratios compare servers and not client code. (`create-client` runs CreateOrder
+does, so that ratios compare servers and not client code (several channels, each its own
+connection, against services that run several processes). (`create-client` runs CreateOrder
 through OrdersClient instead, to show what the client library itself costs.)
 """
 
@@ -17,13 +18,16 @@ from typing import Any
 import grpc
 
 from orders.client import OrdersClient
+from orders.store.views import redis_client
 from orders.v1 import commands_pb2, commands_pb2_grpc, queries_pb2, queries_pb2_grpc, types_pb2
 from orders_bench.load import Job, JobResult
+from orders_bench.naive import order_key
 
 CALL_TIMEOUT = 10.0
 CUSTOMERS = 100  # per client process, for the write workloads
 LAG_DRAIN = 5.0  # seconds the lag probe waits for the last changes to show
 READY_TIMEOUT = 30.0
+NAIVE_PROBE_EVERY = 0.002  # seconds between the naive lag probe's looks
 EUR = "EUR"
 ADDRESS = types_pb2.ShippingAddress(
     recipient="Ada Lovelace", line1="Main St 1", city="Berlin", postal_code="10115", country_code="DE"
@@ -49,27 +53,36 @@ def add_item_request(order_id: str, n: int = 1) -> commands_pb2.AddItemRequest:
 
 
 class _Channel:
-    """One channel per client process and job; nothing to add to the result by default."""
+    """The job's channels (params "channels", default one), each on a connection of its own, so
+    that the kernel can spread them over the processes of a service that listens with several
+    (SO_REUSEPORT spreads connections, not calls); nothing to add to the result by default."""
 
-    def __init__(self, address: str) -> None:
-        self.channel = grpc.aio.insecure_channel(address)
+    def __init__(self, job: Job, address: str) -> None:
+        count = int(job.params.get("channels", 1))
+        # A channel shares its connection with every channel of the same target and options, unless
+        # it keeps its subchannels to itself.
+        options = [("grpc.use_local_subchannel_pool", 1)] if count > 1 else []
+        self.channels = [grpc.aio.insecure_channel(address, options=options) for _ in range(count)]
+        self.turn = 0  # calls so far: each goes to the next channel in turn
 
     async def finish(self, result: JobResult) -> None:
         pass
 
     async def aclose(self) -> None:
-        await self.channel.close()
+        for channel in self.channels:
+            await channel.close()
 
 
 class CreateOrders(_Channel):
     def __init__(self, job: Job) -> None:
-        super().__init__(job.params["write"])
-        self.stub = commands_pb2_grpc.OrderCommandsStub(self.channel)
+        super().__init__(job, job.params["write"])
+        self.stubs = [commands_pb2_grpc.OrderCommandsStub(channel) for channel in self.channels]
         self.tag, self.sent = job.tag, 0
 
     async def call(self, slot: int, measured: bool) -> int:
         self.sent += 1
-        await self.stub.CreateOrder(create_request(self.tag, self.sent), timeout=CALL_TIMEOUT)
+        stub = self.stubs[self.sent % len(self.stubs)]
+        await stub.CreateOrder(create_request(self.tag, self.sent), timeout=CALL_TIMEOUT)
         return 1
 
 
@@ -78,8 +91,8 @@ class Lifecycle(_Channel):
     command per call, then starts the next order."""
 
     def __init__(self, job: Job) -> None:
-        super().__init__(job.params["write"])
-        self.stub = commands_pb2_grpc.OrderCommandsStub(self.channel)
+        super().__init__(job, job.params["write"])
+        self.stub = commands_pb2_grpc.OrderCommandsStub(self.channels[0])
         self.tag, self.orders = job.tag, 0
         self.stage: dict[int, tuple[str, int]] = {}  # slot -> (order id, next step)
 
@@ -107,20 +120,21 @@ class Lifecycle(_Channel):
 
 class GetOrders(_Channel):
     def __init__(self, job: Job) -> None:
-        super().__init__(job.params["read"])
-        self.stub = queries_pb2_grpc.OrderQueriesStub(self.channel)
+        super().__init__(job, job.params["read"])
+        self.stubs = [queries_pb2_grpc.OrderQueriesStub(channel) for channel in self.channels]
         self.order_ids: list[str] = job.params["order_ids"]
 
     async def call(self, slot: int, measured: bool) -> int:
         request = queries_pb2.GetOrderRequest(order_id=random.choice(self.order_ids))
-        await self.stub.GetOrder(request, timeout=CALL_TIMEOUT)
+        self.turn += 1
+        await self.stubs[self.turn % len(self.stubs)].GetOrder(request, timeout=CALL_TIMEOUT)
         return 1
 
 
 class ListOrders(_Channel):
     def __init__(self, job: Job) -> None:
-        super().__init__(job.params["read"])
-        self.stub = queries_pb2_grpc.OrderQueriesStub(self.channel)
+        super().__init__(job, job.params["read"])
+        self.stub = queries_pb2_grpc.OrderQueriesStub(self.channels[0])
         self.customers: list[str] = job.params["customers"]
         self.page_size: int = job.params["page_size"]
 
@@ -218,3 +232,57 @@ class Lag:
                 await reader
         await self.write.close()
         await self.read.close()
+
+
+class NaiveLag:
+    """The lag probe for the naive pipeline, which has no change stream: creates orders on a clock
+    and times, per order, from the command's acknowledgement until its key exists in Redis (what
+    the naive GetOrder reads), probed every NAIVE_PROBE_EVERY seconds with one MGET of the keys
+    still awaited."""
+
+    def __init__(self, job: Job) -> None:
+        self.channel = grpc.aio.insecure_channel(job.params["write"])
+        self.commands = commands_pb2_grpc.OrderCommandsStub(self.channel)
+        self.redis = redis_client(job.params["redis_url"])
+        self.prefix: str = job.params["prefix"]
+        self.tag, self.sent = job.tag, 0
+        self.acked: dict[str, float] = {}  # measured orders only
+        self.seen: dict[str, float] = {}
+        self.arrived = asyncio.Event()  # set whenever the probe found keys, for the drain at the end
+        self.probe = asyncio.create_task(self._probe())
+
+    async def _probe(self) -> None:
+        while True:
+            awaited = [o for o in self.acked if o not in self.seen]
+            if awaited:
+                values = await self.redis.mget([order_key(self.prefix, o) for o in awaited])
+                now = time.perf_counter()
+                found = {o: now for o, value in zip(awaited, values, strict=True) if value is not None}
+                self.seen.update(found)
+                if found:
+                    self.arrived.set()
+            await asyncio.sleep(NAIVE_PROBE_EVERY)
+
+    async def call(self, slot: int, measured: bool) -> int:
+        self.sent += 1
+        request = create_request(self.tag, self.sent)
+        await self.commands.CreateOrder(request, timeout=CALL_TIMEOUT)
+        if measured:
+            self.acked[request.order_id] = time.perf_counter()
+        return 1
+
+    async def finish(self, result: JobResult) -> None:
+        deadline = time.perf_counter() + LAG_DRAIN
+        while any(o not in self.seen for o in self.acked) and (left := deadline - time.perf_counter()) > 0:
+            self.arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.arrived.wait(), left)
+        result.samples = [self.seen[o] - acked for o, acked in self.acked.items() if o in self.seen]
+        result.extra["missing"] = float(len(self.acked) - len(result.samples))
+
+    async def aclose(self) -> None:
+        self.probe.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.probe
+        await self.redis.aclose()
+        await self.channel.close()

@@ -151,7 +151,7 @@ def _ms(row: Row, name: str, worst: bool = False) -> str:
     return "-" if found is None else f"{found.max if worst else found.median:.2f}"
 
 
-def _aligned(lines: list[list[str]]) -> str:
+def aligned(lines: list[list[str]]) -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     rendered = [
         "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip() for line in lines
@@ -168,7 +168,7 @@ def render_results(rows: Sequence[Row], rounds: int) -> str:
         [row.label, _rate(row), _ms(row, "p50_ms"), _ms(row, "p99_ms"), _ms(row, "max_ms", worst=True), row.notes]
         for row in rows
     ]
-    return _aligned(lines)
+    return aligned(lines)
 
 
 def _shown(value: float | None, unit: str) -> str:
@@ -185,4 +185,4 @@ def render_verdicts(verdicts: Sequence[Verdict]) -> str:
         target = f"{check.op} {_shown(check.threshold, check.unit)}" if check.op else "-"
         mark = {True: "met", False: "NOT MET", None: "-" if not check.op else "n/a (not measured)"}[verdict.met]
         lines.append([check.label, _shown(verdict.value, check.unit), target, mark])
-    return _aligned(lines)
+    return aligned(lines)

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,12 +20,21 @@ from redis.asyncio import Redis
 from orders.store.migrations import migrate_url
 from orders.store.views import redis_client
 from orders.tools.embedded import free_port
-from orders.tools.processes import HealthServing, PortOpen, ServiceProcess, start_process, start_service
+from orders.tools.processes import (
+    HealthServing,
+    PortOpen,
+    ServiceExited,
+    ServiceProcess,
+    start_process,
+    start_service,
+)
+from orders_bench.naive import SCHEMA as NAIVE_SCHEMA
 
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
 LAZY_FREE_TRIES = 600  # 0.1 s apart
-SAMPLE_EVERY = 0.25  # seconds between samples of the servers' CPU
+SAMPLE_EVERY = 0.25  # seconds between samples of the processes' CPU
+MAX_PROCESS_DEPTH = 64  # parents followed up from a process to find whose it is
 # Each service by its name in the benchmark's logs and figures, and its console script.
 SERVICES = {
     "write_service": "orders-write-service",
@@ -119,9 +128,9 @@ async def _lazy_free_done(redis: Redis) -> None:
 # ------------------------------------------------------------------------------ processes
 
 
-async def spawn(script: str, env: Mapping[str, str], log: Path) -> ServiceProcess:
+async def spawn(script: str, env: Mapping[str, str], log: Path, *args: str) -> ServiceProcess:
     """Console script `script` in its own session (a Ctrl-C of the benchmark is ours to pass on), output to `log`."""
-    return await start_service(script, env={**os.environ, **env}, log=log, own_session=True)
+    return await start_service(script, *args, env={**os.environ, **env}, log=log, own_session=True)
 
 
 async def stop_process(process: ServiceProcess) -> None:
@@ -149,8 +158,17 @@ class Services:
         await asyncio.gather(*(stop_process(p) for p in self.processes.values()))
 
 
-async def start_services(database: str, redis_url: str, prefix: str, log_dir: Path) -> Services:
-    """The three services as orders-local runs them, on free ports, with the services' defaults."""
+class ProcessesRefused(RuntimeError):
+    """A service refused to run several processes (a version without the setting)."""
+
+
+async def start_services(
+    database: str, redis_url: str, prefix: str, log_dir: Path, *, processes: int = 1, worker: bool = True
+) -> Services:
+    """The services as orders-local runs them, on free ports, with the services' defaults; with
+    `processes` > 1 the write and read services run that many processes each on one address
+    (`--processes`), and without `worker` no sync worker of their own starts (another set's serves
+    the same prefix). ProcessesRefused when a service does not know `--processes`."""
     write, read = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     env = {
         "ORDERS_POSTGRES_URL": database,
@@ -160,18 +178,35 @@ async def start_services(database: str, redis_url: str, prefix: str, log_dir: Pa
         "ORDERS_READ_ADDRESS": read,
         "ORDERS_ADMIN_ADDRESS": "",
     }
-    processes = {name: await spawn(script, env, log_dir / f"{name}.log") for name, script in SERVICES.items()}
-    services = Services(processes, write, read, log_dir)
-    others = processes.values()
+    suffix = "" if processes == 1 else f"_x{processes}"
+    args = [] if processes == 1 else ["--processes", str(processes)]
+    chosen = {name: script for name, script in SERVICES.items() if worker or name != "sync_worker"}
+    processes_by_name = {
+        f"{name}{suffix}": await spawn(script, env, log_dir / f"{name}{suffix}.log", *args_for(name, args))
+        for name, script in chosen.items()
+    }
+    services = Services(processes_by_name, write, read, log_dir)
+    others = processes_by_name.values()
     try:
-        await processes["write_service"].wait_ready(HealthServing(write), READY_TIMEOUT, alongside=others)
+        write_service = processes_by_name[f"write_service{suffix}"]
+        await write_service.wait_ready(HealthServing(write), READY_TIMEOUT, alongside=others)
         # SERVING once every projection's worker has sent a heartbeat: the views are usable.
         ready = HealthServing(read, "orders.projection")
-        await processes["read_service"].wait_ready(ready, READY_TIMEOUT, alongside=others)
+        await processes_by_name[f"read_service{suffix}"].wait_ready(ready, READY_TIMEOUT, alongside=others)
+    except ServiceExited as exited:
+        await services.stop()
+        if args and "--processes" in str(exited):
+            raise ProcessesRefused(str(exited).splitlines()[-1]) from None
+        raise
     except BaseException:
         await services.stop()
         raise
     return services
+
+
+def args_for(name: str, processes_args: list[str]) -> list[str]:
+    """The command line of one service: only the gRPC services take `--processes`."""
+    return processes_args if name in {"write_service", "read_service"} else []
 
 
 async def start_echo_server(log_dir: Path) -> tuple[ServiceProcess, str, str]:
@@ -186,6 +221,36 @@ async def start_echo_server(log_dir: Path) -> tuple[ServiceProcess, str, str]:
         await stop_process(process)
         raise RuntimeError(f"the echo server did not start:\n{process.log_tail()}") from None
     return process, address, stack_address
+
+
+async def start_naive(database: str, redis_url: str, prefix: str, log_dir: Path) -> Services:
+    """The naive reference pipeline (orders_bench.naive) on `database` (its table is made here) and
+    under `prefix`: its write, poll and read processes, named naive_*."""
+    conn = await asyncpg.connect(database)
+    try:
+        await conn.execute(NAIVE_SCHEMA)
+    finally:
+        await conn.close()
+    write, read = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    commands = {
+        "naive_write": ["write", write, database],
+        "naive_poll": ["poll", database, redis_url, prefix],
+        "naive_read": ["read", read, redis_url, prefix],
+    }
+    processes = {
+        name: await start_process(
+            name, [sys.executable, "-m", "orders_bench.naive", *args], log=log_dir / f"{name}.log", own_session=True
+        )
+        for name, args in commands.items()
+    }
+    naive = Services(processes, write, read, log_dir)
+    try:
+        for name, address in (("naive_write", write), ("naive_read", read)):
+            await processes[name].wait_ready(PortOpen(address), READY_TIMEOUT, alongside=processes.values())
+    except BaseException:
+        await naive.stop()
+        raise
+    return naive
 
 
 # ------------------------------------------------------------------------------ CPU accounting
@@ -210,71 +275,124 @@ def host_ticks() -> tuple[int, int] | None:
     return sum(values) - idle, sum(values)
 
 
-def _server_kind(entry: Path, marker: str) -> str | None:
+@dataclass(frozen=True)
+class ProcessCpu:
+    """One process as /proc shows it: its parent, its CPU seconds so far, and its kind of server
+    ("postgres" or "redis" when it works for the benchmark, None otherwise)."""
+
+    ppid: int
+    seconds: float
+    kind: str | None
+
+
+def _server_kind(pid: int, command: str, marker: str) -> str | None:
     """ "postgres" for a PostgreSQL process working for the benchmark (its own backends, and the
     server's background processes, which write the WAL of its commits), "redis" for Redis, None for
     anything else, such as backends of other databases on a shared server."""
-    try:
-        command = (entry / "comm").read_text().strip()
-        title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return None
     if command == "redis-server":
         return "redis"
     if command != "postgres":
+        return None
+    try:
+        title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
         return None
     backend = any(client in title for client in ("127.0.0.1(", "::1(", "[local]"))
     return "postgres" if not backend or marker in title else None
 
 
-def server_cpu(marker: str) -> dict[int, tuple[str, float]]:
-    """CPU seconds so far of the server processes that work for the benchmark, by pid."""
-    found: dict[int, tuple[str, float]] = {}
+def process_table(marker: str) -> dict[int, ProcessCpu]:
+    """Every process of the host, by pid (Linux /proc; empty elsewhere)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    table: dict[int, ProcessCpu] = {}
     for entry in Path("/proc").iterdir():
-        kind = _server_kind(entry, marker) if entry.name.isdigit() else None
-        seconds = cpu_seconds(int(entry.name)) if kind else None
-        if kind and seconds is not None:
-            found[int(entry.name)] = (kind, seconds)
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text()
+            command, fields = text[text.index("(") + 1 : text.rindex(")")], text.rsplit(")", 1)[1].split()
+            pid, ppid, seconds = int(entry.name), int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks
+        except (OSError, ValueError, IndexError):
+            continue
+        table[pid] = ProcessCpu(ppid, seconds, _server_kind(pid, command, marker))
+    return table
+
+
+Snapshot = dict[int, tuple[str, float]]  # pid -> (whose CPU it is, CPU seconds so far)
+
+
+def owners(table: Mapping[int, ProcessCpu], pids: Mapping[str, int], trees: Iterable[str]) -> dict[int, str]:
+    """Whose each process is: a server's kind, the name of a named process, or for the names in
+    `trees` also of its descendants (a service running several processes, its children); a
+    process of nobody's (such as a child of the benchmark's own process) is left out."""
+    named = {pid: name for name, pid in pids.items()}
+    rooted = {pid: name for pid, name in named.items() if name in set(trees)}
+    found: dict[int, str] = {}
+    for pid, row in table.items():
+        owner = row.kind or named.get(pid)
+        ancestor, hops = row.ppid, 0
+        while owner is None and ancestor in table and hops < MAX_PROCESS_DEPTH:
+            owner = rooted.get(ancestor)
+            ancestor, hops = table[ancestor].ppid, hops + 1
+        if owner is not None:
+            found[pid] = owner
     return found
 
 
-class CpuMeter:
-    """CPU use over a span (100 = one core busy) of named processes, of the servers' processes that
-    work for the benchmark (their database names contain `marker`), of everything else on the host
-    ("other": someone else's load, which skews the figures), and of the whole host (100 = all cores).
+def snapshot(pids: Mapping[str, int], marker: str) -> Snapshot:
+    """CPU seconds so far of every process that works for the benchmark, by pid, with its owner:
+    the named processes and their descendants (but the benchmark's own process alone), and the
+    servers' processes."""
+    table = process_table(marker)
+    trees = [name for name in pids if name != "bench"]
+    return {pid: (owner, table[pid].seconds) for pid, owner in owners(table, pids, trees).items()}
 
-    Server processes are sampled every SAMPLE_EVERY seconds, so that a backend that ends within the
-    span (a pool closed at the end of a job) still counts, up to its last sample."""
+
+def spent(first: Snapshot, last: Snapshot) -> dict[str, float]:
+    """CPU seconds each owner spent between two snapshots; processes born in between count from
+    zero, processes gone by `last` are not in it (keep their last sample there)."""
+    used: dict[str, float] = {}
+    for pid, (owner, seconds) in last.items():
+        before = first.get(pid, (owner, 0.0))[1]
+        used[owner] = used.get(owner, 0.0) + max(0.0, seconds - before)
+    return used
+
+
+class CpuMeter:
+    """CPU use over a span (100 = one core busy) of named processes (with their children, but for
+    the benchmark's own process), of the servers' processes that work for the benchmark (their
+    database names contain `marker`), of everything else on the host ("other": someone else's
+    load, which skews the figures), and of the whole host (100 = all cores).
+
+    Processes are sampled every SAMPLE_EVERY seconds, so that one that ends within the span (a
+    pool's backend closed at the end of a job) still counts, up to its last sample. `mark()` takes
+    a sample on demand, for the CPU spent within a measured window (`spent`)."""
 
     def __init__(self, pids: Mapping[str, int], marker: str) -> None:
         self.pids, self.marker = dict(pids), marker
         self.started = asyncio.get_running_loop().time()
-        self.cpu = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
-        self.first = server_cpu(marker)
+        self.first = snapshot(self.pids, marker)
         self.last = dict(self.first)
         self.host = host_ticks()
         self._sampler = asyncio.create_task(self._sample())
 
+    def mark(self) -> Snapshot:
+        """A fresh sample, merged into what was seen so far (gone processes keep their last)."""
+        self.last.update(snapshot(self.pids, self.marker))
+        return dict(self.last)
+
     async def _sample(self) -> None:
         while True:
             await asyncio.sleep(SAMPLE_EVERY)
-            self.last.update(server_cpu(self.marker))
+            self.mark()
 
     async def stop(self) -> dict[str, float]:
         self._sampler.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._sampler
-        self.last.update(server_cpu(self.marker))
+        self.mark()
         elapsed = max(1e-9, asyncio.get_running_loop().time() - self.started)
-        used: dict[str, float] = {}
-        for name, pid in self.pids.items():
-            before, after = self.cpu[name], cpu_seconds(pid)
-            if before is not None and after is not None:
-                used[f"cpu_{name}_pct"] = 100 * (after - before) / elapsed
-        for pid, (kind, seconds) in self.last.items():
-            before = self.first.get(pid, (kind, 0.0))[1]  # processes born during the span count from zero
-            key = f"cpu_{kind}_pct"
-            used[key] = used.get(key, 0.0) + 100 * (seconds - before) / elapsed
+        used = {f"cpu_{owner}_pct": 100 * seconds / elapsed for owner, seconds in spent(self.first, self.last).items()}
         host = host_ticks()
         if self.host is not None and host is not None and host[1] > self.host[1]:
             busy = 100 * (host[0] - self.host[0]) / (host[1] - self.host[1])

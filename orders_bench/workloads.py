@@ -28,6 +28,7 @@ WORKLOADS: dict[str, Callable[[Job], Awaitable[Workload]]] = {
     "get": _plain(ops.GetOrders),
     "list": _plain(ops.ListOrders),
     "lag": _lag,
+    "naive-lag": _plain(ops.NaiveLag),
     "echo": _plain(ceilings.Echo),
     "pg-insert": ceilings.PgInsert.open,
     "redis-get": _plain(ceilings.RedisGet),

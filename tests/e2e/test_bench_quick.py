@@ -1,6 +1,8 @@
 """`orders-bench --quick` end to end, with tiny settings, on the test servers (ORDERS_TEST_* or
-embedded): every measurement reports positive figures, the table is printed, the JSON is written,
-and the benchmark leaves no database and no Redis key behind."""
+embedded): every measurement reports positive figures (the 2-process ones unless the services
+refuse --processes, which the run says), the naive pipeline's beside ours, CPU per command and
+per query against the floor, the tables are printed, the JSON is written, and the benchmark
+leaves no database and no Redis key behind."""
 
 from __future__ import annotations
 
@@ -21,7 +23,9 @@ pytestmark = pytest.mark.slow
 
 DEFAULT = [m.name for m in MEASUREMENTS if m.default]
 CEILINGS = {"echo", "stack-create", "stack-get", "pg-insert", "redis-get", "redis-multi"}
-LATENCY = CEILINGS | {"create", "lifecycle", "ack", "get", "list", "lag"}
+LATENCY = CEILINGS | {"create", "lifecycle", "ack", "get", "list", "lag", "create-x2", "get-x2"}
+LATENCY |= {"naive-create", "naive-get", "naive-ack", "naive-lag"}
+X2 = {"create-x2", "get-x2"}
 
 
 def run_bench(servers: Servers, json_out: Path) -> subprocess.CompletedProcess[str]:
@@ -55,22 +59,43 @@ def test_quick_bench_measures_everything_and_cleans_up(servers: Servers, tmp_pat
 
     results = json.loads((tmp_path / "results.json").read_text())
     assert list(results["measurements"]) == DEFAULT
+    skipped = results["skipped"]
+    assert set(skipped) <= X2  # only a service without --processes skips anything
+    for name in skipped:
+        assert results["measurements"][name]["rounds"] == []
+        assert "--processes" in skipped[name]
     for name, measurement in results["measurements"].items():
+        if name in skipped:
+            continue
         [figures] = measurement["rounds"]
         assert figures["rate"] > 0, name
         if name in LATENCY:
             assert 0 < figures["p50_ms"] <= figures["p99_ms"] <= figures["max_ms"], name
+            assert figures["unit_cpu_us"] > 0, name
         assert figures.get("errors", 0) == 0, name
     for name in ("rebuild", "rebuild-split"):
         assert results["measurements"][name]["rounds"][0]["peak_rss_mb"] > 0, name
-    assert results["measurements"]["lag"]["rounds"][0]["missing"] == 0
+    for name in ("lag", "naive-lag"):
+        assert results["measurements"][name]["rounds"][0]["missing"] == 0, name
     assert results["machine"]["cpu_count"] >= 1
-    labels = {c["label"] for c in results["checks"]}
-    assert labels >= {"CreateOrder / echo", "GetOrder / stack GetOrder", "rebuild / MULTI ceiling"}
+    [cpu] = results["cpu"]["rounds"]
+    assert cpu["floor_command_us"] > 0
+    assert cpu["floor_query_us"] > 0
+    for name in {"create", "get", "naive-create", "naive-get"} | (X2 - set(skipped)):
+        assert cpu[f"overhead_{name}"] > 0, name
+    verdicts = {c["label"]: c for c in results["checks"]}
+    for label in ("CreateOrder / echo", "GetOrder / echo", "CPU per command / floor", "CPU per query / floor"):
+        assert verdicts[label]["met"] is not None, label
+    for label in ("CreateOrder / naive CreateOrder", "GetOrder / naive GetOrder", "rebuild / MULTI ceiling"):
+        assert verdicts[label]["met"] is not None, label
 
     for name in DEFAULT:
         assert BY_NAME[name].label in done.stdout
     assert "verdict" in done.stdout
+    assert "CPU per unit" in done.stdout
+    assert "floor per command = " in done.stdout
+    if skipped:
+        assert "skipped: the services refused --processes 2" in done.stdout
     assert f"JSON: {tmp_path / 'results.json'}" in done.stdout
     assert "round 1/1" in done.stderr  # progress, one line per step
     assert asyncio.run(leftovers(servers)) == before
