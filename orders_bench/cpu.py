@@ -106,8 +106,8 @@ def render_cpu(
     rows: Sequence[tuple[str, str, Mapping[str, Spread]]], cpu: Mapping[str, Spread], short: Mapping[str, str]
 ) -> str:
     """The CPU table: (measurement name, label, its summary) per row, with the floor it is compared
-    with and the overhead factor; below it, what each floor is made of. `short` names processes."""
-    lines = [["CPU per unit (µs, medians)", "all", "floor", "factor", "by process"]]
+    with and the overhead factor (both computed per round, then the median). `short` names processes."""
+    lines = [["CPU per unit (µs, medians over rounds)", "all", "floor", "factor", "by process"]]
     for name, label, figures in rows:
         if TOTAL not in figures:
             continue
@@ -131,8 +131,10 @@ def render_cpu(
 
 
 def describe_floor(floor: Floor) -> str:
-    """What the floors are made of, in µs of CPU."""
+    """What the floors are made of, in µs of CPU (from the parts' medians; the table's floor and
+    factor are each round's own, then their median, so they may differ a little)."""
     return (
+        "the parts' medians over the rounds: "
         f"floor per command = gRPC call {_us(floor.call_us)} + INSERT transaction {_us(floor.insert_us)}"
         f" + {floor.sets_per_event} x SET {_us(floor.set_us)} = {_us(floor.command_us)} µs;"
         f" floor per query = gRPC call {_us(floor.call_us)} + GET {_us(floor.get_us)} = {_us(floor.query_us)} µs"
