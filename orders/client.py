@@ -12,6 +12,11 @@ What it gets right so that callers need not:
   backoff with jitter, at most `RetryPolicy.max_attempts` attempts). A command gets its
   `command_id` once, before the first attempt, and every attempt resends it, so the server
   applies a retried command once and answers the retry with the first result.
+- Overload: a server at its limit of calls in flight refuses with UNAVAILABLE (reason
+  OVERLOADED) before doing anything, with a RetryInfo delay that it also sends as gRPC's server
+  pushback, so the next attempt waits that long instead of the policy's backoff. A retry budget
+  (`RetryPolicy.max_tokens`, `token_ratio`: gRPC's retry throttling) stops retrying while most
+  calls fail, so that retries do not multiply the load of a server that is already overloaded.
 - Read-your-writes: a session remembers the newest consistency token of its commands and
   sends it with its queries, which then wait until the views include those writes.
 - Errors: a failed call raises an `OrdersRpcError` subclass (`NotFound`, `FailedPrecondition`,
@@ -113,7 +118,9 @@ class Aborted(OrdersRpcError):
 
 
 class Unavailable(OrdersRpcError):
-    """The service or its store could not answer, even after the retries."""
+    """The service or its store could not answer, even after the retries; reason OVERLOADED: the
+    server was at its limit of calls in flight and did nothing for this call (`retry_delay` says
+    when to try again)."""
 
 
 class DeadlineExceeded(OrdersRpcError):
@@ -122,7 +129,7 @@ class DeadlineExceeded(OrdersRpcError):
 
 
 class ResourceExhausted(OrdersRpcError):
-    """A limit was reached (concurrent RPCs, watch streams, message size); back off."""
+    """A limit was reached (watch streams, a slow watcher's backlog, message size)."""
 
 
 class Unauthenticated(OrdersRpcError):
@@ -178,19 +185,29 @@ class RetryPolicy:
     """How often, and how far apart, a call that ended UNAVAILABLE is tried again.
 
     Attempts back off exponentially with full jitter (gRPC's retry policy, which caps
-    `max_attempts` at 5). All attempts share the call's deadline.
+    `max_attempts` at 5), or wait the delay the server asked for (its pushback: an OVERLOADED
+    refusal's RetryInfo). All attempts share the call's deadline.
+
+    The retry budget is gRPC's retry throttling, per server address: it starts at `max_tokens`;
+    every failed attempt takes 1, every success gives back `token_ratio`; no call is retried
+    while the budget is at half or below. So under sustained overload (more failures than one
+    per 1/`token_ratio` successes) calls fail fast instead of coming back up to 5 times.
     """
 
     max_attempts: int = 5
     initial_backoff: float = 0.1
     max_backoff: float = 2.0
     backoff_multiplier: float = 2.0
+    max_tokens: int = 100
+    token_ratio: float = 0.1
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_attempts <= 5:
             raise ValueError(f"RetryPolicy.max_attempts must be 1-5 (gRPC's limit), got {self.max_attempts}")
         if not 0 < self.initial_backoff <= self.max_backoff or self.backoff_multiplier < 1:
             raise ValueError("RetryPolicy needs 0 < initial_backoff <= max_backoff and backoff_multiplier >= 1")
+        if not 0 < self.max_tokens <= 1000 or self.token_ratio <= 0:
+            raise ValueError("RetryPolicy needs 0 < max_tokens <= 1000 and token_ratio > 0 (gRPC's limits)")
 
     def service_config(self) -> str:
         """The gRPC service config that applies this policy to both services' methods."""
@@ -204,7 +221,10 @@ class RetryPolicy:
                 "backoffMultiplier": self.backoff_multiplier,
                 "retryableStatusCodes": ["UNAVAILABLE"],
             }
-        return json.dumps({"methodConfig": [method_config]})
+        config: dict[str, Any] = {"methodConfig": [method_config]}
+        if self.max_attempts > 1:
+            config["retryThrottling"] = {"maxTokens": self.max_tokens, "tokenRatio": self.token_ratio}
+        return json.dumps(config)
 
 
 NO_RETRIES = RetryPolicy(max_attempts=1)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -11,6 +13,7 @@ from redis.asyncio import Redis
 from orders import config
 from orders.server import settings as server_settings
 from orders.server.grpc_server import RunningServer, run, start_server, stop_on_signals
+from orders.server.multiprocess import ONLY_PROCESS, ProcessSlot, serve_in_processes
 from orders.server.ops_server import start_ops_server
 from orders.server.readiness import Readiness
 from orders.server.security import ServerSecurity
@@ -40,6 +43,7 @@ class ReadSettings:
     security: ServerSecurity | None = None
     log_format: LogFormat = LogFormat.AUTO
     tracing: TracingMode = TracingMode.AUTO
+    processes: int = 1
 
 
 def parse_settings(argv: Sequence[str] | None = None) -> ReadSettings:
@@ -67,6 +71,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> ReadSettings:
     config.add_log_argument(parser)
     config.add_tracing_argument(parser)
     server_settings.add_security_arguments(parser)
+    server_settings.add_processes_argument(parser)
     return config.settings_from(ReadSettings, parser.parse_args(argv))
 
 
@@ -102,6 +107,7 @@ async def start_read_service(
     max_watch_pending: int = MAX_PENDING,
     security: ServerSecurity | None = None,
     readiness: Readiness | None = None,
+    reuse_port: bool = False,
 ) -> ReadService:
     watchers = {name: CheckpointWatcher(redis, keys.of(name)) for name in PROJECTIONS}
     for watcher in watchers.values():
@@ -110,7 +116,7 @@ async def start_read_service(
     feed = ChangeFeed(redis, keys, max_pending=max_watch_pending, max_streams=max(1, max_concurrent_rpcs // 2))
     feed.start()
     servicer = OrderQueriesServicer(redis, keys, watchers, max_wait, feed)
-    server = await start_server(address, {SERVICE: servicer}, max_concurrent_rpcs, security)
+    server = await start_server(address, {SERVICE: servicer}, max_concurrent_rpcs, security, reuse_port=reuse_port)
     readiness = readiness or Readiness()
     await readiness.attach(server.health, ["", SERVICE.full_name])
     health = ProjectionHealth(redis, keys, server.health, readiness, heartbeat_timeout)
@@ -119,8 +125,8 @@ async def start_read_service(
     return ReadService(server, list(watchers.values()), health, feed, readiness)
 
 
-async def serve(settings: ReadSettings) -> None:
-    stop = stop_on_signals()
+async def serve(settings: ReadSettings, slot: ProcessSlot = ONLY_PROCESS) -> None:
+    stop = stop_on_signals(exit_on_repeat=not slot.shared)  # one of several: the parent decides (SIGKILL)
     redis = redis_client(settings.redis_url)
     keys = ViewKeys(settings.redis_prefix)
     readiness = Readiness()
@@ -134,8 +140,9 @@ async def serve(settings: ReadSettings) -> None:
         heartbeat_timeout=settings.heartbeat_timeout,
         security=settings.security,
         readiness=readiness,
+        reuse_port=slot.shared,
     )
-    log.info("OrderQueries listening on %s (port %d)", settings.read_address, service.server.port)
+    log.info("OrderQueries listening on %s (port %d)%s", settings.read_address, service.server.port, slot.describe())
     await stop.wait()
     await service.stop(settings.shutdown_grace)
     await redis.aclose()
@@ -144,9 +151,29 @@ async def serve(settings: ReadSettings) -> None:
     log.info("stopped")
 
 
+def serve_process(settings: ReadSettings, slot: ProcessSlot) -> None:
+    """One of --processes: serves on the address and ops endpoint its parent chose (in a fresh interpreter)."""
+    settings = dataclasses.replace(settings, read_address=slot.address, metrics_address=slot.metrics_address)
+    config.setup_logging(settings.log_level, settings.log_format)
+    tracing.setup_tracing(settings.tracing, "orders-read-service")
+    run(lambda: serve(settings, slot))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     settings = parse_settings(argv)
     config.setup_logging(settings.log_level, settings.log_format)
+    if settings.processes > 1:  # before anything starts gRPC (orders.server.multiprocess)
+        sys.exit(
+            serve_in_processes(
+                settings,
+                serve_process,
+                name="orders-read-service",
+                count=settings.processes,
+                address=settings.read_address,
+                metrics_address=settings.metrics_address,
+                grace=settings.shutdown_grace,
+            )
+        )
     tracing.setup_tracing(settings.tracing, "orders-read-service")
     run(lambda: serve(settings))
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -11,6 +13,7 @@ import asyncpg
 from orders import config
 from orders.server import settings as server_settings
 from orders.server.grpc_server import RunningServer, run, start_server, stop_on_signals
+from orders.server.multiprocess import ONLY_PROCESS, ProcessSlot, serve_in_processes
 from orders.server.ops_server import start_ops_server
 from orders.server.readiness import Readiness, StoreProbe, postgres_probe
 from orders.server.security import ServerSecurity
@@ -37,6 +40,7 @@ class WriteSettings:
     security: ServerSecurity | None = None
     log_format: LogFormat = LogFormat.AUTO
     tracing: TracingMode = TracingMode.AUTO
+    processes: int = 1
 
 
 def parse_settings(argv: Sequence[str] | None = None) -> WriteSettings:
@@ -58,6 +62,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> WriteSettings:
     config.add_log_argument(parser)
     config.add_tracing_argument(parser)
     server_settings.add_security_arguments(parser)
+    server_settings.add_processes_argument(parser)
     return config.settings_from(WriteSettings, parser.parse_args(argv))
 
 
@@ -69,13 +74,14 @@ async def start_write_service(
     on_unavailable: Callable[[str], None] | None = None,
     *,
     state_cache_size: int = DEFAULT_CACHE_SIZE,
+    reuse_port: bool = False,
 ) -> RunningServer:
     servicer = OrderCommandsServicer(CommandBus(EventStore(pool), state_cache_size), on_unavailable)
-    return await start_server(address, {SERVICE: servicer}, max_concurrent_rpcs, security)
+    return await start_server(address, {SERVICE: servicer}, max_concurrent_rpcs, security, reuse_port=reuse_port)
 
 
-async def serve(settings: WriteSettings) -> None:
-    stop = stop_on_signals()
+async def serve(settings: WriteSettings, slot: ProcessSlot = ONLY_PROCESS) -> None:
+    stop = stop_on_signals(exit_on_repeat=not slot.shared)  # one of several: the parent decides (SIGKILL)
     pool = await connect(settings.postgres_url, max_size=settings.pool_size)
     # Ready while PostgreSQL answers: probed every second, and at once when a command finds it unreachable.
     readiness = Readiness()
@@ -89,10 +95,11 @@ async def serve(settings: WriteSettings) -> None:
         settings.security,
         postgres.report,
         state_cache_size=settings.state_cache_size,
+        reuse_port=slot.shared,
     )
     await readiness.attach(running.health, ["", SERVICE.full_name])
     postgres.start()
-    log.info("OrderCommands listening on %s (port %d)", settings.write_address, running.port)
+    log.info("OrderCommands listening on %s (port %d)%s", settings.write_address, running.port, slot.describe())
     await stop.wait()
     readiness.stopping()
     await running.stop(settings.shutdown_grace)
@@ -103,9 +110,29 @@ async def serve(settings: WriteSettings) -> None:
     log.info("stopped")
 
 
+def serve_process(settings: WriteSettings, slot: ProcessSlot) -> None:
+    """One of --processes: serves on the address and ops endpoint its parent chose (in a fresh interpreter)."""
+    settings = dataclasses.replace(settings, write_address=slot.address, metrics_address=slot.metrics_address)
+    config.setup_logging(settings.log_level, settings.log_format)
+    tracing.setup_tracing(settings.tracing, "orders-write-service")
+    run(lambda: serve(settings, slot))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     settings = parse_settings(argv)
     config.setup_logging(settings.log_level, settings.log_format)
+    if settings.processes > 1:  # before anything starts gRPC (orders.server.multiprocess)
+        sys.exit(
+            serve_in_processes(
+                settings,
+                serve_process,
+                name="orders-write-service",
+                count=settings.processes,
+                address=settings.write_address,
+                metrics_address=settings.metrics_address,
+                grace=settings.shutdown_grace,
+            )
+        )
     tracing.setup_tracing(settings.tracing, "orders-write-service")
     run(lambda: serve(settings))
 

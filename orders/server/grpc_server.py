@@ -25,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from orders.domain.errors import FieldViolation, InvalidCommand
+from orders.server.admission import AdmissionInterceptor
 from orders.server.correlation import CorrelationInterceptor
 from orders.server.rpc_errors import ErrorTable, to_status
 from orders.server.rpc_metrics import GrpcMetricsInterceptor
@@ -35,17 +36,35 @@ log = logging.getLogger(__name__)
 MALFORMED: ErrorTable = {InvalidCommand: (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST")}
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 LIVENESS = "liveness"  # health service that is SERVING while the process runs (readiness: "")
-SERVER_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_concurrent_streams", 256),  # per connection; the default is unlimited
-    ("grpc.keepalive_time_ms", 60_000),  # ping every minute to find dead clients,
-    ("grpc.keepalive_timeout_ms", 20_000),
-    ("grpc.keepalive_permit_without_calls", 1),  # on idle connections too
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ("grpc.so_reuseport", 0),  # two servers on one port is a mistake, not a feature
-]
+DEFAULT_MAX_CONCURRENT_RPCS = 1000
+
+
+def server_options(
+    max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS, *, reuse_port: bool = False
+) -> list[tuple[str, int]]:
+    """gRPC's options for a server admitting `max_concurrent_rpcs` calls at once (orders.server.admission).
+
+    The HTTP/2 limit of streams per connection is twice that: a connection never needs more streams
+    than the process admits, and the margin covers streams that have ended but that gRPC still
+    counts until it frees them. Were it lower, the transport would refuse streams (RST_STREAM
+    REFUSED_STREAM, UNAVAILABLE without details) before the process is even busy: one client
+    channel with 500 calls in flight met that at 256. `reuse_port` lets several processes of one
+    service listen on one address (--processes, orders.server.multiprocess); otherwise a second
+    server on a port in use is a mistake, and binding fails."""
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_concurrent_streams", 2 * max_concurrent_rpcs),  # per connection; the default is unlimited
+        ("grpc.keepalive_time_ms", 60_000),  # ping every minute to find dead clients,
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),  # on idle connections too
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.so_reuseport", int(reuse_port)),
+    ]
+
+
+SERVER_OPTIONS = server_options()
 
 
 def add_service(server: grpc.aio.Server, servicer: object, service: ServiceDescriptor) -> None:
@@ -118,18 +137,27 @@ class RunningServer:
 async def start_server(
     address: str,
     services: dict[ServiceDescriptor, object],
-    max_concurrent_rpcs: int = 1000,
+    max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS,
     security: ServerSecurity | None = None,
+    *,
+    reuse_port: bool = False,
 ) -> RunningServer:
     """Starts a server with our services plus health and reflection; port 0 picks a free port.
-    `security` adds TLS and token authentication (orders.server.security); None serves plaintext to anyone."""
+    At most `max_concurrent_rpcs` calls run at once; more are refused as OVERLOADED (orders.server.admission).
+    `security` adds TLS and token authentication (orders.server.security); None serves plaintext to anyone.
+    `reuse_port`: the address is shared with the other processes of the service (--processes)."""
     security = security or ServerSecurity()
     security.check_services(service.full_name for service in services)
     server = grpc.aio.server(
-        options=SERVER_OPTIONS,
-        maximum_concurrent_rpcs=max_concurrent_rpcs,
-        # The correlation id first, so that every later interceptor's log lines (a refused token) carry it.
-        interceptors=[CorrelationInterceptor(), GrpcMetricsInterceptor(), *security.interceptors()],
+        options=server_options(max_concurrent_rpcs, reuse_port=reuse_port),
+        # The correlation id first, so that every later interceptor's log lines (a refused token) carry it;
+        # the metrics next, so that they count the calls refused as OVERLOADED (UNAVAILABLE) too.
+        interceptors=[
+            CorrelationInterceptor(),
+            GrpcMetricsInterceptor(),
+            AdmissionInterceptor(max_concurrent_rpcs),
+            *security.interceptors(),
+        ],
     )
     for service, servicer in services.items():
         add_service(server, servicer, service)
@@ -183,17 +211,23 @@ def reflection_pool(files: Iterable[FileDescriptor]) -> descriptor_pool.Descript
     return pool
 
 
-def stop_on_signals() -> asyncio.Event:
-    """An event set on SIGTERM or SIGINT (asyncio.run alone only handles Ctrl-C)."""
+def stop_on_signals(*, exit_on_repeat: bool = True) -> asyncio.Event:
+    """An event set on SIGTERM or SIGINT (asyncio.run alone only handles Ctrl-C). A second signal
+    exits at once, unless not `exit_on_repeat`: a process of several (--processes) may get a signal
+    both from its parent and from outside (Ctrl-C reaches the whole process group, systemd signals
+    every process), so only its parent decides to stop it at once (SIGKILL)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, _on_signal, sig, stop)
+        loop.add_signal_handler(sig, _on_signal, sig, stop, exit_on_repeat)
     return stop
 
 
-def _on_signal(sig: signal.Signals, stop: asyncio.Event) -> None:
+def _on_signal(sig: signal.Signals, stop: asyncio.Event, exit_on_repeat: bool) -> None:
     if stop.is_set():
+        if not exit_on_repeat:
+            log.info("%s again: still shutting down gracefully", sig.name)
+            return
         log.warning("%s again: exiting now", sig.name)
         raise SystemExit(1)
     log.info("%s received: shutting down gracefully", sig.name)

@@ -1,4 +1,5 @@
-"""Settings of the gRPC servers: TLS, mutual TLS and token authentication (docs/security.md)."""
+"""Settings of the gRPC servers: TLS, mutual TLS and token authentication (docs/security.md), and the
+number of processes serving one address (docs/deployment.md#several-processes-on-one-machine)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from orders.config import (
     in_setting,
     optional_path,
     pop_settings,
+    positive_int,
     read_pem,
 )
 from orders.server import security
@@ -78,3 +80,15 @@ def _server_security(namespace: argparse.Namespace) -> None:
         tokens = in_setting("auth-tokens-file", lambda: security.load_token_table(tokens_file))
     configured = tls is not None or tokens is not None
     namespace.security = security.ServerSecurity(tls, tokens, open_services) if configured else None
+
+
+def add_processes_argument(parser: SettingsParser) -> None:
+    """`--processes` (ORDERS_PROCESSES): how many processes serve the address (orders.server.multiprocess)."""
+    add_setting(
+        parser,
+        "processes",
+        "server processes sharing the address (SO_REUSEPORT, Linux), each with its own event loop, pools and "
+        "ops endpoint (the metrics port + its index): for machines with more cores than instances; 1 on Kubernetes",
+        default="1",
+        parse=positive_int,
+    )

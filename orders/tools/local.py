@@ -46,6 +46,7 @@ class LocalSettings:
     log_level: LogLevel
     log_format: LogFormat
     tracing: TracingMode
+    processes: int
     stops: list[Callable[[], None]] = field(default_factory=list)
 
 
@@ -96,6 +97,14 @@ def parse_settings(argv: Sequence[str] | None = None) -> LocalSettings:
         default="10",
         parse=config.positive_float,
     )
+    config.add_setting(
+        parser,
+        "processes",
+        "processes of the write service and of the read service, sharing their addresses (SO_REUSEPORT, Linux); "
+        "more than 1 only helps on a machine with cores to spare, and clients need several connections",
+        default="1",
+        parse=config.positive_int,
+    )
     config.add_log_argument(parser)
     config.add_tracing_argument(parser)  # for the services
     return config.settings_from(LocalSettings, parser.parse_args(argv))
@@ -141,6 +150,7 @@ def _service_env(settings: LocalSettings) -> dict[str, str]:
             "ORDERS_ADMIN_ADDRESS": settings.admin_address,
             "ORDERS_METRICS_ADDRESS": "",  # one address for three processes would clash; off locally
             "ORDERS_SHUTDOWN_GRACE": str(settings.shutdown_grace),
+            "ORDERS_PROCESSES": str(settings.processes),  # the sync worker has no such setting: one process
             "ORDERS_LOG_LEVEL": settings.log_level,
             "ORDERS_LOG_FORMAT": settings.log_format,
             "ORDERS_TRACING": settings.tracing,

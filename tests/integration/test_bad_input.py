@@ -676,9 +676,9 @@ async def test_cancelled_call_stops_its_postgresql_query(system: System) -> None
     await still_serves(system)
 
 
-async def test_rpcs_past_the_concurrency_limit_are_resource_exhausted(system: System) -> None:
-    """A server allowing 2 concurrent RPCs answers a third RESOURCE_EXHAUSTED at once while two
-    are in flight; the two finish normally once unblocked, and the server serves again."""
+async def test_rpcs_past_the_concurrency_limit_are_refused_as_overloaded(system: System) -> None:
+    """A server allowing 2 concurrent RPCs answers a third UNAVAILABLE (OVERLOADED, with RetryInfo) at
+    once while two are in flight; the two finish normally once unblocked, and the server serves again."""
     async with AsyncExitStack() as stack:
         limited = await start_write_service(system.pool, "127.0.0.1:0", max_concurrent_rpcs=2)
         stack.push_async_callback(limited.stop, 0)
@@ -696,8 +696,10 @@ async def test_rpcs_past_the_concurrency_limit_are_resource_exhausted(system: Sy
         replies = [await call for call in in_flight]
         after = await stub.CreateOrder(create_request(order_id="after"), timeout=5)
 
-    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
     assert "limit" in (error.details() or "").lower()
+    assert rich_details(error)["ErrorInfo"].reason == "OVERLOADED"  # type: ignore[attr-defined]
+    assert "RetryInfo" in rich_details(error)
     assert refused_after < 1.0
     assert sorted(r.result.order_id for r in replies) == ["in-flight-0", "in-flight-1"]
     assert after.result.version == 1

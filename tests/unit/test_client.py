@@ -21,13 +21,31 @@ def test_the_retry_policy_retries_only_unavailable_on_both_services() -> None:
 
 def test_no_retries_has_no_retry_policy() -> None:
     """One attempt is expressed by leaving the policy out (gRPC refuses maxAttempts 1)."""
-    config = json.loads(NO_RETRIES.service_config())["methodConfig"][0]
+    config = json.loads(NO_RETRIES.service_config())
 
-    assert "retryPolicy" not in config
+    assert "retryPolicy" not in config["methodConfig"][0]
+    assert "retryThrottling" not in config
+
+
+def test_retries_have_a_budget() -> None:
+    """gRPC's retry throttling bounds the retries: under sustained overload calls stop being retried
+    rather than multiplying the load (the server's pushback sets the delay of those that are)."""
+    config = json.loads(RetryPolicy(max_tokens=20, token_ratio=0.5).service_config())
+
+    assert config["retryThrottling"] == {"maxTokens": 20, "tokenRatio": 0.5}
 
 
 @pytest.mark.parametrize(
-    "fields", [{"max_attempts": 0}, {"max_attempts": 6}, {"initial_backoff": 0}, {"max_backoff": 0.01}]
+    "fields",
+    [
+        {"max_attempts": 0},
+        {"max_attempts": 6},
+        {"initial_backoff": 0},
+        {"max_backoff": 0.01},
+        {"max_tokens": 0},
+        {"max_tokens": 1001},
+        {"token_ratio": 0},
+    ],
 )
 def test_a_retry_policy_grpc_would_refuse_or_cap_is_refused(fields: dict[str, float]) -> None:
     """Out-of-range settings fail when the policy is made, not silently inside gRPC."""
