@@ -9,14 +9,22 @@ hint, never the truth: an append on a stale version conflicts on the version's
 unique key, and a refusal decided on cached state is decided again on events
 read from the store, so a cache that is behind (another replica wrote) costs a
 round trip, never a wrong answer. docs/design.md explains the trade.
+
+Commands on one order take turns in this process (OrderTurns): each is decided on the state the
+previous one left, so they never conflict with each other. The store sends an order's appends
+one at a time anyway (group commit keeps one command per order in a batch), so the turns cost
+nothing, and they spare the doomed appends and re-reads that racing decisions would cost.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
 from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from orders.domain.commands import CommandEnvelope, CreateOrder
@@ -74,12 +82,33 @@ class StateCache:
         self._states.pop(order_id, None)
 
 
+class OrderTurns:
+    """One turn at a time per order: a lock for each order that has commands in this process."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._waiting: dict[str, int] = {}  # commands holding or waiting for each order's lock
+
+    @asynccontextmanager
+    async def turn(self, order_id: str) -> AsyncIterator[None]:
+        lock = self._locks.setdefault(order_id, asyncio.Lock())
+        self._waiting[order_id] = self._waiting.get(order_id, 0) + 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._waiting[order_id] -= 1
+            if self._waiting[order_id] == 0:  # nobody else needs it: forget the order
+                del self._waiting[order_id], self._locks[order_id]
+
+
 class CommandBus:
     """Applies commands to an event log (any `EventLog`: PostgreSQL in service, in memory in unit tests)."""
 
     def __init__(self, store: EventLog, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
         self._store = store
         self._cache = StateCache(cache_size)
+        self._turns = OrderTurns()
 
     async def dispatch(self, envelope: CommandEnvelope, timeout: float) -> AppendResult:
         """Applies the command once; raises an OrdersError when it is refused."""
@@ -90,7 +119,7 @@ class CommandBus:
             fingerprint=fingerprint(envelope),
             metadata=_metadata(envelope),
         )
-        async with command_deadline(timeout):
+        async with command_deadline(timeout), self._turns.turn(request.stream_id):
             for attempt in range(ATTEMPTS):
                 result = await self._attempt(envelope, request, use_cache=attempt == 0)
                 if result is not None:

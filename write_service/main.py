@@ -18,6 +18,7 @@ from orders.server.ops_server import start_ops_server
 from orders.server.readiness import Readiness, StoreProbe, postgres_probe
 from orders.server.security import ServerSecurity
 from orders.store.event_store import EventStore, connect
+from orders.store.group_commit import DEFAULT_MAX_BATCH
 from orders.telemetry import tracing
 from orders.telemetry.logs import LogFormat, LogLevel
 from orders.telemetry.tracing import TracingMode
@@ -41,6 +42,7 @@ class WriteSettings:
     log_format: LogFormat = LogFormat.AUTO
     tracing: TracingMode = TracingMode.AUTO
     processes: int = 1
+    append_batch_max: int = DEFAULT_MAX_BATCH
 
 
 def parse_settings(argv: Sequence[str] | None = None) -> WriteSettings:
@@ -59,6 +61,13 @@ def parse_settings(argv: Sequence[str] | None = None) -> WriteSettings:
         default=str(DEFAULT_CACHE_SIZE),
         parse=config.non_negative_int,
     )
+    config.add_setting(
+        parser,
+        "append-batch-max",
+        "commands appended together in one PostgreSQL statement and transaction at most (group commit; 1: one by one)",
+        default=str(DEFAULT_MAX_BATCH),
+        parse=config.positive_int,
+    )
     config.add_log_argument(parser)
     config.add_tracing_argument(parser)
     server_settings.add_security_arguments(parser)
@@ -75,8 +84,10 @@ async def start_write_service(
     *,
     state_cache_size: int = DEFAULT_CACHE_SIZE,
     reuse_port: bool = False,
+    append_batch_max: int = DEFAULT_MAX_BATCH,
 ) -> RunningServer:
-    servicer = OrderCommandsServicer(CommandBus(EventStore(pool), state_cache_size), on_unavailable)
+    store = EventStore(pool, append_batch_max=append_batch_max)
+    servicer = OrderCommandsServicer(CommandBus(store, state_cache_size), on_unavailable)
     return await start_server(address, {SERVICE: servicer}, max_concurrent_rpcs, security, reuse_port=reuse_port)
 
 
@@ -96,6 +107,7 @@ async def serve(settings: WriteSettings, slot: ProcessSlot = ONLY_PROCESS) -> No
         postgres.report,
         state_cache_size=settings.state_cache_size,
         reuse_port=slot.shared,
+        append_batch_max=settings.append_batch_max,
     )
     await readiness.attach(running.health, ["", SERVICE.full_name])
     postgres.start()

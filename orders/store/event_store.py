@@ -5,7 +5,10 @@ own transaction): the events, the command's idempotency key and a NOTIFY for
 the sync workers, or, when the key was recorded before, nothing but that
 earlier result. `UNIQUE (stream_id, version)` makes racing writers conflict
 (VersionTaken); the write service then decides again on fresh events
-(write_service/command_bus.py).
+(write_service/command_bus.py). Commands that arrive while earlier appends are
+in flight go together (group commit, orders/store/group_commit.py): one
+statement and one transaction for the batch, with one NOTIFY, and each command
+still gets its own outcome (see _APPEND_BATCH).
 
 Reading in commit order: positions come from an identity column, handed out at
 INSERT but visible at COMMIT, so a reader that saw position 11 may later find
@@ -32,7 +35,8 @@ from asyncpg.pool import PoolConnectionProxy
 from orders.domain.consistency import LogPosition
 from orders.domain.errors import CommandIdReused, DeadlineExceeded, PoisonEvent, Unavailable
 from orders.domain.events import Event, RecordedEvent, event_type, from_payload, to_payload
-from orders.telemetry.metrics import count_events_appended, count_store_error
+from orders.store.group_commit import DEFAULT_MAX_BATCH, DEFAULT_MAX_IN_FLIGHT, GroupCommit, Outcome
+from orders.telemetry.metrics import count_events_appended, count_store_error, observe_append_batch
 
 log = logging.getLogger(__name__)
 Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
@@ -75,6 +79,25 @@ class AppendRequest:
     command_id: str | None  # idempotency key
     fingerprint: str  # identifies the request, to refuse a reused command id
     metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Append:
+    """One command's append, as it waits for a batch."""
+
+    request: AppendRequest
+    version: int  # the stream's version the command was decided on
+    events: list[Event]
+
+    @property
+    def last_version(self) -> int:
+        return self.version + len(self.events)
+
+
+def _append_keys(append: _Append) -> tuple[tuple[str, str], ...]:
+    """What two appends must not share within a batch (or two batches in flight): the order, the command id."""
+    stream = ("stream", append.request.stream_id)
+    return (stream,) if append.request.command_id is None else (stream, ("command", append.request.command_id))
 
 
 class VersionTaken(Exception):
@@ -160,9 +183,18 @@ def _record(row: asyncpg.Record) -> RecordedEvent:
 
 
 class EventStore:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        append_batch_max: int = DEFAULT_MAX_BATCH,
+        batches_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    ) -> None:
         self._pool = pool
         self._reaping: set[asyncio.Task[None]] = set()
+        self._group: GroupCommit[_Append, AppendResult] = GroupCommit(
+            self._send, _append_keys, append_batch_max, batches_in_flight
+        )
 
     async def read_stream(self, stream_id: str) -> list[Event]:
         """The stream's events in version order (its version is their number)."""
@@ -174,32 +206,43 @@ class EventStore:
         return [from_payload(r["event_type"], r["schema_version"], r["payload"]) for r in rows]
 
     async def append(self, request: AppendRequest, version: int, events: list[Event]) -> AppendResult:
-        """Appends `events` after `version`, records the command id and notifies the sync workers, in one
-        statement (its own transaction). If the command id was recorded before, appends nothing and
-        returns that earlier result. Raises VersionTaken when another writer got there first, and
-        CommandIdReused when the id was recorded for another request."""
+        """Appends `events` after `version`, records the command id and notifies the sync workers,
+        atomically: alone in one statement, or with the commands that arrived meanwhile in one statement
+        (group commit). If the command id was recorded before, appends nothing and returns that earlier
+        result. Raises VersionTaken when another writer got there first, and CommandIdReused when the id
+        was recorded for another request; either concerns this command only, never its batch."""
+        if not events:  # its result's position would come from the last event written
+            raise ValueError("an append writes at least one event")
+        return await self._group.submit(_Append(request, version, list(events)))
+
+    async def _send(self, appends: list[_Append]) -> list[Outcome[AppendResult]]:
+        """One outcome per append, in order, from one statement (one transaction, one NOTIFY)."""
+        observe_append_batch(len(appends))
+        async with self._connection() as conn:
+            if len(appends) == 1:
+                return [await self._alone(conn, appends[0])]
+            try:
+                rows = await conn.fetch(_APPEND_BATCH, *_batch_arguments(appends))
+            except asyncpg.PostgresError as error:
+                if isinstance(error, _UNAVAILABLE_ERRORS):
+                    raise
+                # A racing writer (another replica) took a version or a command id after the statement
+                # looked, or one command's rows broke the statement: nothing was written. One by one,
+                # each command gets its own outcome.
+                log.info("an append batch of %d failed (%s): appending one by one", len(appends), error)
+                return [await self._alone(conn, append) for append in appends]
+        return [_batch_outcome(append, row) for append, row in zip(appends, rows, strict=True)]
+
+    async def _alone(self, conn: Connection, append: _Append) -> Outcome[AppendResult]:
+        """The outcome of one append in a statement of its own; errors of this command are its outcome."""
         try:
-            async with self._connection() as conn:
-                rows = await conn.fetch(
-                    _APPEND,
-                    request.stream_id,
-                    list(range(version + 1, version + 1 + len(events))),
-                    [event_type(e) for e in events],
-                    [e.schema_version for e in events],
-                    request.metadata,
-                    [to_payload(e) for e in events],
-                    request.command_id,
-                    request.fingerprint,
-                    NOTIFY_CHANNEL,
-                )
-        except asyncpg.UniqueViolationError as error:
-            raise VersionTaken(request.stream_id) from error
-        if rows and rows[0]["fingerprint"] is not None:  # the command id's earlier result
-            return _earlier(request, rows[0])
-        appended = tuple(event_type(e) for e in events)
-        count_events_appended(appended)
-        last = max(LogPosition(r["tx_id"], r["position"]) for r in rows)
-        return AppendResult(request.stream_id, version + len(events), last, appended)
+            return await _append_one(conn, append)
+        except (VersionTaken, CommandIdReused) as refusal:
+            return refusal
+        except asyncpg.PostgresError as error:
+            if isinstance(error, _UNAVAILABLE_ERRORS):
+                raise
+            return error
 
     async def earlier_result(self, request: AppendRequest) -> AppendResult | None:
         """The result of the request's command id when it was applied before, else None."""
@@ -238,6 +281,74 @@ class EventStore:
         task.add_done_callback(self._reaping.discard)
 
 
+async def _append_one(conn: Connection, append: _Append) -> AppendResult:
+    request, version, events = append.request, append.version, append.events
+    try:
+        rows = await conn.fetch(
+            _APPEND,
+            request.stream_id,
+            list(range(version + 1, append.last_version + 1)),
+            [event_type(e) for e in events],
+            [e.schema_version for e in events],
+            request.metadata,
+            [to_payload(e) for e in events],
+            request.command_id,
+            request.fingerprint,
+            NOTIFY_CHANNEL,
+        )
+    except asyncpg.UniqueViolationError as error:
+        raise VersionTaken(request.stream_id) from error
+    if rows and rows[0]["fingerprint"] is not None:  # the command id's earlier result
+        return _earlier(request, rows[0])
+    last = max(LogPosition(r["tx_id"], r["position"]) for r in rows)
+    return _appended(append, last)
+
+
+def _appended(append: _Append, last: LogPosition) -> AppendResult:
+    appended = tuple(event_type(e) for e in append.events)
+    count_events_appended(appended)
+    return AppendResult(append.request.stream_id, append.last_version, last, appended)
+
+
+def _batch_arguments(appends: list[_Append]) -> list[Any]:
+    """_APPEND_BATCH's arguments: the commands' columns, then their events' (each tagged with its command's
+    1-based number, in command then version order, which is the order of their positions)."""
+    numbers, versions, types, schema_versions, payloads = [], [], [], [], []
+    for number, append in enumerate(appends, start=1):
+        for version, event in enumerate(append.events, start=append.version + 1):
+            numbers.append(number)
+            versions.append(version)
+            types.append(event_type(event))
+            schema_versions.append(event.schema_version)
+            payloads.append(to_payload(event))
+    requests = [a.request for a in appends]
+    return [
+        [r.stream_id for r in requests],
+        [a.version + 1 for a in appends],
+        [a.last_version for a in appends],
+        [r.command_id for r in requests],
+        [r.fingerprint for r in requests],
+        [r.metadata for r in requests],
+        numbers,
+        versions,
+        types,
+        schema_versions,
+        payloads,
+        NOTIFY_CHANNEL,
+    ]
+
+
+def _batch_outcome(append: _Append, row: asyncpg.Record) -> Outcome[AppendResult]:
+    if row["fingerprint"] is not None:  # the command id's earlier result
+        try:
+            return _earlier(append.request, row)
+        except CommandIdReused as refusal:
+            return refusal
+    if row["position"] is None:  # one of its versions was taken: nothing of it was written
+        return VersionTaken(append.request.stream_id)
+    return _appended(append, LogPosition(row["tx_id"], row["position"]))
+
+
 def _earlier(request: AppendRequest, row: asyncpg.Record) -> AppendResult:
     if row["fingerprint"] != request.fingerprint:
         raise CommandIdReused(str(request.command_id))
@@ -269,6 +380,52 @@ SELECT NULL::text AS fingerprint, NULL::text AS stream_id, version, position, tx
 FROM appended
 UNION ALL
 SELECT fingerprint, stream_id, version, position, tx_id, NULL FROM earlier
+"""
+
+# A batch of commands, each with its own outcome, in one statement (one transaction): a command whose
+# id was recorded before gets that earlier result and writes nothing; a command with a taken version
+# writes nothing (VersionTaken); the others append their events (positions in command order, then
+# version order) and record their command ids. One NOTIFY, when anything was appended. The commands
+# target distinct streams and carry distinct command ids (GroupCommit's keys): a later command on the
+# same order was decided on the state before the earlier one and waits for the next batch. The checks
+# read the statement's snapshot, so a writer that commits meanwhile can still make the INSERT hit a
+# unique key; the whole statement then fails and writes nothing, and EventStore._send appends the
+# batch one command at a time.
+_APPEND_BATCH = """
+WITH command AS (
+    SELECT * FROM unnest($1::text[], $2::int[], $3::int[], $4::text[], $5::text[], $6::jsonb[])
+        WITH ORDINALITY AS c(stream_id, first_version, last_version, command_id, fingerprint, metadata, i)
+), earlier AS (
+    SELECT c.i, p.fingerprint, p.stream_id, p.version, p.position, p.tx_id
+    FROM command c JOIN processed_commands p ON p.command_id = c.command_id
+), accepted AS (
+    SELECT c.* FROM command c
+    WHERE NOT EXISTS (SELECT FROM earlier e WHERE e.i = c.i)
+      AND NOT EXISTS (
+          SELECT FROM events e
+          WHERE e.stream_id = c.stream_id AND e.version BETWEEN c.first_version AND c.last_version
+      )
+), appended AS (
+    INSERT INTO events (stream_id, version, event_type, schema_version, payload, metadata)
+    SELECT a.stream_id, u.version, u.event_type, u.schema_version, u.payload, a.metadata
+    FROM unnest($7::bigint[], $8::int[], $9::text[], $10::smallint[], $11::jsonb[])
+        WITH ORDINALITY AS u(i, version, event_type, schema_version, payload, n)
+    JOIN accepted a ON a.i = u.i
+    ORDER BY u.n
+    RETURNING stream_id, version, position, tx_id
+), last_event AS (
+    SELECT a.i, a.command_id, a.fingerprint, p.stream_id, p.version, p.position, p.tx_id
+    FROM accepted a JOIN appended p ON p.stream_id = a.stream_id AND p.version = a.last_version
+), recorded AS (
+    INSERT INTO processed_commands (command_id, fingerprint, stream_id, version, position, tx_id)
+    SELECT command_id, fingerprint, stream_id, version, position, tx_id FROM last_event
+    WHERE command_id IS NOT NULL
+)
+SELECT e.fingerprint, e.stream_id, coalesce(l.version, e.version) AS version,
+       coalesce(l.position, e.position) AS position, coalesce(l.tx_id, e.tx_id) AS tx_id,
+       (SELECT pg_notify($12, '') FROM appended LIMIT 1) AS notified
+FROM command c LEFT JOIN earlier e ON e.i = c.i LEFT JOIN last_event l ON l.i = c.i
+ORDER BY c.i
 """
 
 

@@ -58,6 +58,11 @@ EVENTS_APPENDED = Counter(
     "Events committed to the event store, by event type",
     ["event_type"],
 )
+APPEND_BATCH_SIZE = Histogram(
+    "orders_append_batch_size",
+    "Commands per event-store round trip (group commit: one statement and one transaction each)",
+    buckets=BATCH_BUCKETS,
+)
 
 # ---------------------------------------------------------------------------- sync worker
 
@@ -124,6 +129,10 @@ def _appended_child(event_type: str) -> Any:
 def count_events_appended(event_types: Iterable[str]) -> None:
     for event_type in event_types:
         _appended_child(event_type).inc()
+
+
+def observe_append_batch(commands: int) -> None:
+    APPEND_BATCH_SIZE.observe(commands)
 
 
 @functools.cache

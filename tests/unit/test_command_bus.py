@@ -9,6 +9,7 @@ are two write-service replicas, each with a cache of its own.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -133,6 +134,55 @@ async def test_a_command_that_keeps_conflicting_is_given_up_after_the_bounded_at
     assert contested.appends == ATTEMPTS
     assert len(stored(log)) == 1 + ATTEMPTS  # the create and the rival's items, none of this bus's
     assert all(not isinstance(r.event, ItemAdded) or r.event.sku == "RIVAL" for r in log.recorded)
+
+
+class Slow:
+    """An event log whose appends take a round trip (they yield to the event loop), as the store's do."""
+
+    def __init__(self, log: InMemoryEventLog) -> None:
+        self.log = log
+        self.appends = 0
+
+    async def read_stream(self, stream_id: str) -> list[Event]:
+        return await self.log.read_stream(stream_id)
+
+    async def append(self, request: AppendRequest, version: int, events: list[Event]) -> AppendResult:
+        self.appends += 1
+        await asyncio.sleep(0)
+        return await self.log.append(request, version, events)
+
+    async def earlier_result(self, request: AppendRequest) -> AppendResult | None:
+        return await self.log.earlier_result(request)
+
+
+async def test_concurrent_commands_on_one_order_take_turns_and_never_conflict(log: InMemoryEventLog) -> None:
+    """Six items added to one order at once: each is decided on the state the previous one left, so
+    each is appended at its first attempt, with no read of the stream (racing decisions would all
+    take version 2, and five would be decided again, some more than once)."""
+    slow = Slow(log)
+    bus = CommandBus(slow)
+    await run(bus, CREATE)
+
+    added = await asyncio.gather(*(run(bus, add(f"SKU-{i}")) for i in range(6)))
+
+    assert sorted(a.version for a in added) == [2, 3, 4, 5, 6, 7]
+    assert slow.appends == 7
+    assert log.reads == []
+
+
+async def test_commands_on_other_orders_do_not_wait_for_each_other(log: InMemoryEventLog) -> None:
+    """The turns are per order: while one order's append is in flight, another order's command is
+    decided and sent."""
+    slow = Slow(log)
+    bus = CommandBus(slow)
+    first = asyncio.create_task(run(bus, CREATE))
+    await asyncio.sleep(0)  # the first create is in its append
+
+    second = asyncio.create_task(run(bus, CreateOrder("order-2", "cust-1", "EUR")))
+    await asyncio.sleep(0)
+
+    assert slow.appends == 2
+    await asyncio.gather(first, second)
 
 
 # --- idempotency: the command-id record --------------------------------------------------------
