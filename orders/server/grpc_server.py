@@ -1,7 +1,8 @@
 """Starting and stopping a gRPC server the same way for every service.
 
 Every server gets the standard health service (grpc.health.v1) and server
-reflection, explicit limits instead of gRPC's permissive defaults, and a
+reflection, explicit limits instead of gRPC's permissive defaults (calls past
+the limit in flight are refused as OVERLOADED: orders.server.admission), and a
 graceful stop: health turns NOT_SERVING for good, then in-flight RPCs get a
 grace period to finish.
 """

@@ -105,8 +105,8 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc] 
     It wraps the handler, so it sees the real outcome: an abort with a rich status (our error
     tables), a status set without raising, an exception (UNKNOWN), a cancellation or a passed
     deadline. Put first among the interceptors, it also counts calls that later ones refuse (tokens).
-    Calls to methods the server does not have, and calls refused because the server is at its
-    maximum_concurrent_rpcs, never reach a handler and are not counted."""
+    Calls to methods the server does not have never reach a handler and are not counted; calls
+    refused as OVERLOADED (orders.server.admission, after this interceptor) are, as UNAVAILABLE."""
 
     def __init__(self) -> None:
         self._methods: dict[str, _MethodMetrics] = {}
