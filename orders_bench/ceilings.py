@@ -9,9 +9,9 @@
   is the server stack and how much the work behind it.
 - pg-insert: single-row INSERT transactions (autocommit) into a scratch table of the benchmark's
   database, from an asyncpg pool as large as the write service's.
-- redis-get: GET of a key holding an order view's JSON.
-- redis-multi: MULTI/EXEC transactions of 100 SETs of order-view JSON, pipelined; a unit is one
-  SET, so the rate compares with events applied per second.
+- redis-get: GET of a key holding an order view as stored (the serialized Order), as bytes.
+- redis-multi: MULTI/EXEC transactions of 100 SETs of order views as stored, pipelined; a unit is
+  one SET, so the rate compares with events applied per second.
 
 Run as `python -m orders_bench.ceilings echo HOST:PORT STACK_HOST:PORT` it serves both.
 """
@@ -29,7 +29,7 @@ from redis.asyncio import Redis
 from orders.domain.events import Address, OrderCreated, to_payload
 from orders.domain.status import OrderStatus
 from orders.server.grpc_server import SERVER_OPTIONS, run, start_server, stop_on_signals
-from orders.store.views import OrderView, ViewLine, redis_client
+from orders.store.views import OrderView, ViewLine, execute, redis_client
 from orders.v1 import commands_pb2, commands_pb2_grpc, queries_pb2, queries_pb2_grpc
 from orders_bench.load import Job, JobResult
 from orders_bench.ops import create_request
@@ -51,8 +51,8 @@ def sample_view() -> OrderView:
     return OrderView("bench-order", "bench-customer", "EUR", OrderStatus.CONFIRMED, 1, 2, 4, lines, address)
 
 
-def sample_view_json() -> str:
-    return sample_view().to_json()
+def sample_view_stored() -> bytes:
+    return sample_view().to_wire()
 
 
 def sample_payload_json() -> str:
@@ -172,7 +172,7 @@ def ceiling_prefix(prefix: str) -> str:
 async def prepare_redis_keys(redis_url: str, prefix: str) -> None:
     redis = redis_client(redis_url)
     try:
-        value = sample_view_json()
+        value = sample_view_stored()
         await redis.mset({f"{ceiling_prefix(prefix)}get:{i}": value for i in range(GET_KEYS)})
     finally:
         await redis.aclose()
@@ -182,7 +182,7 @@ class _Redis:
     def __init__(self, job: Job) -> None:
         self.redis: Redis = redis_client(job.params["redis_url"])
         self.prefix = ceiling_prefix(job.params["prefix"])
-        self.value = sample_view_json()
+        self.value = sample_view_stored()
 
     async def finish(self, result: JobResult) -> None:
         pass
@@ -193,7 +193,7 @@ class _Redis:
 
 class RedisGet(_Redis):
     async def call(self, slot: int, measured: bool) -> int:
-        await self.redis.get(f"{self.prefix}get:{random.randrange(GET_KEYS)}")
+        await execute(self.redis, "GET", f"{self.prefix}get:{random.randrange(GET_KEYS)}", raw=True)
         return 1
 
 

@@ -34,12 +34,17 @@ from orders.store.views import (
     GENERATION_PREFIX_LUA,
     PROJECTION,
     SUMMARY_PROJECTION,
+    Arg,
     CustomerSummaryView,
     LiveReader,
     OrderView,
     ViewKeys,
+    execute,
+    is_json_view,
     lua_member_order_id,
     member_order_id,
+    parse_generation,
+    run_script,
 )
 from orders.telemetry.metrics import count_store_error
 from orders.v1 import queries_pb2 as pb
@@ -89,6 +94,9 @@ return result
 )
 
 
+OrderRead = tuple[bytes | None, bytes | None, bytes | None, bool]  # checkpoint, rebuild mark, view, parked
+
+
 @asynccontextmanager
 async def bounded_redis_call(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
     """Bounds Redis calls by the RPC's remaining time and turns their failures into Unavailable."""
@@ -108,34 +116,14 @@ def _timestamp(micros: int) -> Timestamp:
 
 
 def order_message(view: OrderView) -> types_pb2.Order:
-    def money(minor: int) -> types_pb2.Money:
-        return types_pb2.Money(currency_code=view.currency_code, minor_units=minor)
+    return view.to_message()
 
-    order = types_pb2.Order(
-        order_id=view.order_id,
-        customer_id=view.customer_id,
-        status=types_pb2.OrderStatus.Value(f"ORDER_STATUS_{view.status}"),
-        items=[
-            types_pb2.LineItem(
-                sku=line.sku,
-                name=line.name,
-                quantity=line.quantity,
-                unit_price=money(line.unit_price_minor),
-                line_total=money(line.unit_price_minor * line.quantity),
-            )
-            for line in view.lines
-        ],
-        total=money(view.total_minor),
-        created_at=_timestamp(view.created_at_us),
-        updated_at=_timestamp(view.updated_at_us),
-        version=view.version,
-        carrier=view.carrier,
-        tracking_number=view.tracking_number,
-        cancellation_reason=view.cancellation_reason,
-    )
-    if view.shipping_address is not None:
-        order.shipping_address.CopyFrom(types_pb2.ShippingAddress(**vars(view.shipping_address)))
-    return order
+
+def stored_order(raw: bytes) -> types_pb2.Order:
+    """The Order of a stored view: parsed in C from the wire form, built only from the old JSON form."""
+    if is_json_view(raw):
+        return OrderView.from_json(raw).to_message()
+    return types_pb2.Order.FromString(raw)
 
 
 def parse_token(text: str) -> LogPosition | None:
@@ -203,7 +191,7 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
         self._watchers = watchers  # projection name -> its checkpoint
         self._max_wait = max_wait
         self._feed = feed  # changed orders, for the Watch streams
-        self._page_script = redis.register_script(_PAGE_SCRIPT)
+        self._live_keys = keys  # the orders' keys in the generation last seen live (GetOrder's plain read)
         self._orders = LiveReader(redis, keys)
         self._summaries = LiveReader(redis, self._summary_keys)
 
@@ -236,19 +224,20 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
     async def GetOrder(self, request: pb.GetOrderRequest, context: grpc.aio.ServicerContext) -> pb.GetOrderResponse:
         if not ID_PATTERN.fullmatch(request.order_id):
             raise InvalidQuery([FieldViolation("order_id", ID_RULE)])
-        view, consistency = await self._read_order(request.order_id, parse_token(request.consistency_token), context)
-        return pb.GetOrderResponse(order=order_message(view), consistency=consistency)
+        raw, consistency = await self._read_order(request.order_id, parse_token(request.consistency_token), context)
+        response = pb.GetOrderResponse(consistency=consistency)
+        response.order.MergeFromString(raw)  # the stored view is the message: parsed in C, nothing built
+        return response
 
     async def _read_order(
         self, order_id: str, token: LogPosition | None, context: grpc.aio.ServicerContext
-    ) -> tuple[OrderView, pb.ReadConsistency]:
-        """One order's view once the views reached `token` (or the wait ended), or the reason why not."""
+    ) -> tuple[bytes, pb.ReadConsistency]:
+        """One order's view (a serialized Order) once the views reached `token` (or the wait ended),
+        or the reason why not."""
         await self._await_token(token, context)
         async with bounded_redis_call(context):
-            rel = self._orders.rel
-            raw_checkpoint, raw_target, raw_view, parked = await self._orders.get(
-                rel.checkpoint, rel.rebuild_target, rel.order(order_id), "?" + rel.parked_events(order_id)
-            )
+            read = await self._read_order_plain(order_id) or await self._read_order_scripted(order_id)
+        raw_checkpoint, raw_target, raw_view, parked = read
         consistency = self._consistency(token, raw_checkpoint)
         if parked:  # some of its events wait in the dead-letter list: the view is behind the checkpoint
             consistency.stale = True
@@ -260,7 +249,41 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
                     "consistency token when the wait ended; retry"
                 )
             raise OrderNotFound(order_id)
-        return OrderView.from_json(raw_view), consistency
+        return (OrderView.from_json(raw_view).to_wire() if is_json_view(raw_view) else raw_view), consistency
+
+    async def _read_order_scripted(self, order_id: str) -> OrderRead:
+        """The checkpoint, rebuild mark, view and parked flag of an order by the read script, which
+        resolves the live generation and asks whether the order's parked-events list exists."""
+        rel = self._orders.rel
+        raw_checkpoint, raw_target, raw_view, parked = await self._orders.get_raw(
+            rel.checkpoint, rel.rebuild_target, rel.order(order_id), "?" + rel.parked_events(order_id)
+        )
+        return raw_checkpoint, raw_target, raw_view, parked is not None
+
+    async def _read_order_plain(self, order_id: str) -> OrderRead | None:
+        """The checkpoint, rebuild mark, view and parked flag of an order by one MGET, without a script:
+        the generation pointer in the same MGET proves the keys read were the live generation's. None
+        when that cannot answer and the read script must: the generation moved (remembered for the
+        next read), or the view is missing or in the old JSON form, for which a parked mark is not
+        proof (workers before the marks parked without them; a view in the wire form was written by
+        a worker that writes them, and no earlier worker can write after it: they cannot read it)."""
+        keys = self._live_keys
+        pointer, raw_checkpoint, raw_target, raw_view, mark = await execute(
+            self._redis,
+            "MGET",
+            keys.generation_pointer,
+            keys.checkpoint,
+            keys.rebuild_target,
+            keys.order(order_id),
+            keys.parked_mark(order_id),
+            raw=True,
+        )
+        if parse_generation(pointer) != keys.generation:
+            self._live_keys = keys.at(parse_generation(pointer))
+            return None
+        if raw_view is None or is_json_view(raw_view):
+            return None
+        return raw_checkpoint, raw_target, raw_view, mark is not None
 
     @translate_errors(ERRORS)
     async def ListOrders(
@@ -281,22 +304,22 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
 
     async def _page(self, index: str, start: str, limit: int) -> list[Any]:
         """The live generation's checkpoint, rebuild mark and (member, view) pairs of index `index`
-        (a name from `self._orders.rel`) from `start`, at most `limit`."""
+        (a name from `self._orders.rel`) from `start`, at most `limit`; as bytes, but members as text."""
         rel = self._orders.rel
-        reply = await self._page_script(
-            keys=[self._keys.generation_pointer],
-            args=[self._keys.prefix, index, rel.checkpoint, rel.rebuild_target, rel.order(""), start, limit],
-        )
-        return list(reply)
+        keys: list[Arg] = [self._keys.generation_pointer]
+        args: list[Arg] = [self._keys.prefix, index, rel.checkpoint, rel.rebuild_target, rel.order(""), start, limit]
+        reply = list(await run_script(self._redis, _PAGE_SCRIPT, keys, args, raw=True))
+        reply[2::2] = [member.decode() for member in reply[2::2]]
+        return reply
 
     @staticmethod
-    def _fill_page(pairs: list[tuple[str, str | None]], size: int) -> tuple[list[types_pb2.Order], str]:
+    def _fill_page(pairs: list[tuple[str, bytes | None]], size: int) -> tuple[list[types_pb2.Order], str]:
         """Up to `size` orders that fit in one response, and the member to continue after ("" at the end).
         The byte budget matters: 500 orders of 100 lines each would exceed the 4 MiB message limit."""
         orders: list[types_pb2.Order] = []
         used = 0
         for index, (_, raw) in enumerate(pairs[:size]):
-            order = order_message(OrderView.from_json(raw)) if raw is not None else None
+            order = stored_order(raw) if raw is not None else None
             used += order.ByteSize() if order else 0
             if orders and used > MAX_PAGE_BYTES:
                 return orders, pairs[index - 1][0]
@@ -353,8 +376,9 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
             # Registered before the first read: a change after that read is never missed, and one
             # before it is skipped below by its version.
             with self._feed.order(request.order_id) as watch:
-                view, consistency = await self._read_order(request.order_id, token, context)
-                yield pb.WatchOrderResponse(order=order_message(view), consistency=consistency)
+                raw, consistency = await self._read_order(request.order_id, token, context)
+                view = types_pb2.Order.FromString(raw)
+                yield pb.WatchOrderResponse(order=view, consistency=consistency)
                 sent = view.version
                 end = self._stream_end(context)
                 while True:
@@ -367,7 +391,7 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
                         continue  # already sent that version or a later one
                     [current], consistency_now = await self._current([request.order_id], token, context)
                     if current is not None and consistency_now is not None and current.version > sent:
-                        yield pb.WatchOrderResponse(order=order_message(current), consistency=consistency_now)
+                        yield pb.WatchOrderResponse(order=current, consistency=consistency_now)
                         sent = current.version
         except OrdersError as error:
             await self._end_stream("WatchOrder", error, context)
@@ -417,9 +441,7 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
                                     "stream tracks; resubscribe"
                                 )
                             sent[view.order_id] = view.version
-                            yield pb.WatchCustomerOrdersResponse(
-                                orders=[order_message(view)], consistency=consistency_now
-                            )
+                            yield pb.WatchCustomerOrdersResponse(orders=[view], consistency=consistency_now)
         except OrdersError as error:
             await self._end_stream("WatchCustomerOrders", error, context)
 
@@ -432,15 +454,15 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
 
     async def _current(
         self, order_ids: list[str], token: LogPosition | None, context: grpc.aio.ServicerContext
-    ) -> tuple[list[OrderView | None], pb.ReadConsistency | None]:
+    ) -> tuple[list[types_pb2.Order | None], pb.ReadConsistency | None]:
         """The orders' views as they are now, in one snapshot with the checkpoint; no views (and no
         consistency) while the views are flushed: their rebuild announces every order again."""
         async with bounded_redis_call(context):
             rel = self._orders.rel
-            raw_checkpoint, *raws = await self._orders.get(rel.checkpoint, *(rel.order(i) for i in order_ids))
+            raw_checkpoint, *raws = await self._orders.get_raw(rel.checkpoint, *(rel.order(i) for i in order_ids))
         if raw_checkpoint is None:
             return [None] * len(order_ids), None
-        views = [None if raw is None else OrderView.from_json(raw) for raw in raws]
+        views = [None if raw is None else stored_order(raw) for raw in raws]
         return views, self._consistency(token, raw_checkpoint)
 
     async def _newest_order_ids(self, index: str, context: grpc.aio.ServicerContext) -> list[str]:

@@ -33,12 +33,12 @@ from dataclasses import dataclass
 from typing import cast
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, WatchError
+from redis.exceptions import WatchError
 
 from orders.domain.consistency import LogPosition
 from orders.domain.errors import PoisonEvent
 from orders.domain.events import RecordedEvent
-from orders.store.views import OrderView, ViewKeys, parse_generation
+from orders.store.views import OrderView, ViewKeys, parse_generation, run_script
 from sync_worker.projection import project
 
 Arg = str | bytes | int | float
@@ -233,20 +233,19 @@ class Projector(ABC):
         """Runs `write`'s commands, in one step, if every guard key still has its value."""
         return bool(await self._script(_WRITE, write.script_keys(), write.script_args()))
 
-    async def _script(self, script: str, keys: list[str], args: list[Arg]) -> object:
-        try:
-            return await self.redis.evalsha(_SCRIPTS[script], len(keys), *keys, *args)
-        except NoScriptError:  # a restarted or flushed server: EVAL caches the script again
-            return await self.redis.eval(script, len(keys), *keys, *args)
+    async def _script(self, script: str, keys: list[str], args: list[Arg], raw: bool = False) -> object:
+        """Runs `script`; with `raw`, its reply's strings stay bytes (order views are binary)."""
+        return await run_script(self.redis, script, list(keys), args, raw=raw, sha=_SCRIPTS[script])
 
     async def _read(
         self, guards: list[str], needs: list[str], ids: list[str]
     ) -> tuple[list[Raw], dict[str, Raw], list[Raw]]:
         """In one atomic round trip: the values of `guards` and of `needs` (key -> value) and the scores
-        of order `ids` in the parked set (None: not parked)."""
-        reply = await self._script(_READ, [self.keys.parked, *guards, *needs], list(ids))
-        values, scores = cast(tuple[list[Raw], list[Raw]], reply)
-        return values[: len(guards)], dict(zip(needs, values[len(guards) :], strict=True)), scores
+        of order `ids` in the parked set (None: not parked). The values of `needs` come as bytes."""
+        reply = await self._script(_READ, [self.keys.parked, *guards, *needs], list(ids), raw=True)
+        values, scores = cast(tuple[list[bytes | None], list[Raw]], reply)
+        seen: list[Raw] = [None if value is None else value.decode() for value in values[: len(guards)]]
+        return seen, dict(zip(needs, values[len(guards) :], strict=True)), scores
 
     def _check_generation(self, pointer: str | bytes | None, building: str | bytes | None, live: bool) -> None:
         generation = self.keys.generation
@@ -283,6 +282,8 @@ class Projector(ABC):
         for recorded in events:
             writes.zadd(self.keys.parked, {recorded.stream_id: recorded.position}, nx=True)
             writes.rpush(self.keys.parked_events(recorded.stream_id), recorded.position)
+        for order_id in sorted({recorded.stream_id for recorded in events}):
+            writes.set(self.keys.parked_mark(order_id), "1")
         for order_id, why in park.items():
             writes.hset(self.keys.parked_errors, order_id, why)
 
@@ -302,7 +303,7 @@ class Projector(ABC):
                 for command in writes.commands:
                     pipe.execute_command(*command)
                 pipe.zrem(self.keys.parked, order_id)
-                pipe.delete(self.keys.parked_events(order_id))
+                pipe.delete(self.keys.parked_events(order_id), self.keys.parked_mark(order_id))
                 pipe.hdel(self.keys.parked_errors, order_id)
                 pipe.incrby(self.keys.applied, len(events))
                 await pipe.execute()
@@ -329,10 +330,23 @@ class OrdersProjector(Projector):
 
     async def stage(self, events: list[RecordedEvent], values: Values, announce: bool = True) -> BatchWrites:
         before = order_views(values, self.keys.order, order_ids(events))
-        return self._writes(before, fold_new(before, events), announce)
+        last_event = {e.stream_id: e for e in events}
+        return self._writes(before, fold_new(before, events), last_event, announce)
+
+    @staticmethod
+    def _encode(view: OrderView, last: RecordedEvent) -> bytes:
+        """The view's stored form; a view the wire form cannot hold poisons the event that made it."""
+        try:
+            return view.to_wire()
+        except ValueError as error:
+            raise PoisonEvent(last.position, last.stream_id, error) from error
 
     def _writes(
-        self, before: dict[str, OrderView | None], after: dict[str, OrderView | None], announce: bool
+        self,
+        before: dict[str, OrderView | None],
+        after: dict[str, OrderView | None],
+        last_event: dict[str, RecordedEvent],
+        announce: bool,
     ) -> BatchWrites:
         writes = BatchWrites()
         changed: list[dict[str, str | int]] = []
@@ -345,7 +359,7 @@ class OrdersProjector(Projector):
             old = before[order_id]
             if view is None or view == old:
                 continue
-            writes.set(self.keys.order(order_id), view.to_json())
+            writes.set(self.keys.order(order_id), self._encode(view, last_event[order_id]))
             old_indexes, new_indexes = set(self.keys.indexes_of(old) if old else ()), self.keys.indexes_of(view)
             for key in old_indexes.difference(new_indexes):
                 leaving[key].append(view.index_member())
@@ -375,7 +389,7 @@ def order_ids(events: list[RecordedEvent]) -> list[str]:
 def order_views(values: Values, key_of: Callable[[str], str], ids: list[str]) -> dict[str, OrderView | None]:
     """The views of `ids` from the values read (under `key_of(id)`); None for an order not there yet."""
     raws = {i: values[key_of(i)] for i in ids}
-    return {i: None if raw is None else OrderView.from_json(raw) for i, raw in raws.items()}
+    return {i: None if raw is None else OrderView.from_stored(raw) for i, raw in raws.items()}
 
 
 def fold_new(before: dict[str, OrderView | None], events: list[RecordedEvent]) -> dict[str, OrderView | None]:

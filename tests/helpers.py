@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 
 from orders.domain.events import RecordedEvent
 from orders.store.event_store import open_connection, read_log
-from orders.store.views import OrderView, ViewKeys, parse_generation
+from orders.store.views import OrderView, ViewKeys, execute, parse_generation
 from orders.v1 import commands_pb2, types_pb2
 from sync_worker.projection import fold
 
@@ -72,9 +72,9 @@ async def all_events(database_url: str) -> list[RecordedEvent]:
 async def views_in_redis(redis: Redis, keys: ViewKeys) -> dict[str, OrderView]:
     views = {}
     async for key in redis.scan_iter(match=keys.order("*"), count=1000):
-        raw = await redis.get(key)
+        raw = await execute(redis, "GET", key, raw=True)  # order views are binary
         assert raw is not None
-        view = OrderView.from_json(raw)
+        view = OrderView.from_stored(raw)
         views[view.order_id] = view
     return views
 

@@ -1,11 +1,12 @@
-"""The read views in Redis: key names, the order view's shape and its JSON codec.
+"""The read views in Redis: key names, the order view's shape and its codecs.
 
 The sync worker writes these and the read service reads them; nothing else
 knows the layout. Redis is a cache that can be rebuilt from the event store at
 any time, so everything here is derived from events.
 
 Keys, under a configurable prefix (default "orders:"):
-    {p}order:{order_id}                     the order view, JSON
+    {p}order:{order_id}                     the order view, as the read API's serialized orders.v1.Order
+                                            (older deployments wrote JSON; both are read, see `OrderView.from_stored`)
     {p}idx:all                              sorted set of every order
     {p}idx:customer:{customer_id}           a customer's orders
     {p}idx:status:{STATUS}                  orders in one status
@@ -19,6 +20,7 @@ Keys, under a configurable prefix (default "orders:"):
     {p}rebuild-started:orders               when the current rebuild started (Redis clock, ms)
     {p}parked:orders, {p}parked:orders:{id}  dead-letter: orders parked on a poison event, and
     {p}parked-errors:orders                  their events' positions and errors
+    {p}parked-mark:orders:{id}              a string beside each parked order's list, so that one MGET sees it
     {p}generation:orders                    the generation readers use (absent = 0), see below
     {p}next-generation:orders               while a zero-downtime rebuild runs: the generation it builds
     {p}retired:orders                       after a switch: set of old generations whose keys are being deleted
@@ -44,14 +46,21 @@ same inside the read scripts: all three follow MEMBER_TIME_DIGITS.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import orjson
+from google.protobuf.timestamp_pb2 import Timestamp
 from redis.asyncio import Redis
+from redis.client import NEVER_DECODE
+from redis.exceptions import NoScriptError
 
 from orders.domain.events import Address
+from orders.domain.status import OrderStatus
+from orders.v1 import types_pb2
 
 PROJECTION = "orders"
 SUMMARY_PROJECTION = "customer_summary"
@@ -108,6 +117,90 @@ class OrderView:
     def index_member(self) -> str:
         return index_member(self.created_at_us, self.order_id)
 
+    def to_message(self) -> types_pb2.Order:
+        """The view as the read API serves it (line totals and the order total computed here)."""
+        currency, total = self.currency_code, 0
+        items = []
+        for line in self.lines:
+            price, quantity = line.unit_price_minor, line.quantity
+            total += price * quantity
+            items.append(
+                types_pb2.LineItem(
+                    sku=line.sku,
+                    name=line.name,
+                    quantity=quantity,
+                    unit_price=types_pb2.Money(currency_code=currency, minor_units=price),
+                    line_total=types_pb2.Money(currency_code=currency, minor_units=price * quantity),
+                )
+            )
+        order = types_pb2.Order(
+            order_id=self.order_id,
+            customer_id=self.customer_id,
+            status=_WIRE_STATUS[self.status],
+            items=items,
+            version=self.version,
+            carrier=self.carrier,
+            tracking_number=self.tracking_number,
+            cancellation_reason=self.cancellation_reason,
+        )
+        # Set in place: cheaper than building and copying in the nested messages (the worker encodes
+        # one view per changed order and batch).
+        order.total.currency_code, order.total.minor_units = currency, total
+        _set_timestamp(order.created_at, self.created_at_us)
+        _set_timestamp(order.updated_at, self.updated_at_us)
+        if (address := self.shipping_address) is not None:
+            wire = order.shipping_address
+            wire.recipient, wire.line1, wire.line2 = address.recipient, address.line1, address.line2
+            wire.city, wire.region, wire.postal_code = address.city, address.region, address.postal_code
+            wire.country_code = address.country_code
+        return order
+
+    def to_wire(self) -> bytes:
+        """The stored form: the serialized orders.v1.Order that GetOrder returns as it is. Raises
+        ValueError for a field out of the message's range (a quantity beyond int32; the domain's
+        rules keep them far inside)."""
+        return self.to_message().SerializeToString()
+
+    @classmethod
+    def from_message(cls, order: types_pb2.Order) -> OrderView:
+        """The view of an orders.v1.Order (its currency is the total's: set even for an order without lines)."""
+        address = order.shipping_address if order.HasField("shipping_address") else None
+        return cls(
+            order.order_id,
+            order.customer_id,
+            order.total.currency_code,
+            _VIEW_STATUS[order.status],
+            _micros(order.created_at),
+            _micros(order.updated_at),
+            order.version,
+            tuple([ViewLine(item.sku, item.name, item.quantity, item.unit_price.minor_units) for item in order.items]),
+            None
+            if address is None
+            else Address(
+                address.recipient,
+                address.line1,
+                address.city,
+                address.postal_code,
+                address.country_code,
+                address.line2,
+                address.region,
+            ),
+            order.carrier,
+            order.tracking_number,
+            order.cancellation_reason,
+        )
+
+    @classmethod
+    def from_wire(cls, raw: bytes) -> OrderView:
+        return cls.from_message(types_pb2.Order.FromString(raw))
+
+    @classmethod
+    def from_stored(cls, raw: str | bytes) -> OrderView:
+        """A view as stored, in either form: the wire form, or the JSON that deployments before it wrote."""
+        if is_json_view(raw):
+            return cls.from_json(raw)
+        return cls.from_wire(raw if isinstance(raw, bytes) else raw.encode())
+
     def to_json(self) -> str:
         # orjson: several times faster than json on the worker's and the read service's hot paths;
         # every integer of an order view is bounded well inside its 64-bit range (orders.domain.rules).
@@ -120,6 +213,28 @@ class OrderView:
         lines = tuple(ViewLine(**line) for line in data.pop("lines"))
         view = cls(**data, lines=lines)
         return view if address is None else replace(view, shipping_address=Address(**address))
+
+
+# The order status in the view (OrderStatus) and on the wire (orders.v1.OrderStatus): same names.
+_WIRE_STATUS: dict[str, types_pb2.OrderStatus.ValueType] = {
+    status: types_pb2.OrderStatus.Value(f"ORDER_STATUS_{status}") for status in OrderStatus
+}
+_VIEW_STATUS = {number: OrderStatus(status) for status, number in _WIRE_STATUS.items()}
+
+
+def _set_timestamp(timestamp: Timestamp, micros: int) -> None:
+    timestamp.seconds, timestamp.nanos = micros // 1_000_000, (micros % 1_000_000) * 1000
+
+
+def _micros(timestamp: Timestamp) -> int:
+    return timestamp.seconds * 1_000_000 + timestamp.nanos // 1000
+
+
+def is_json_view(raw: str | bytes) -> bool:
+    """Whether a stored order view is in the old JSON form. JSON views start with '{' (0x7B); a
+    serialized Order starts with a field tag, and 0x7B would be field 15 with wire type 3 (a
+    deprecated group start) that the Order message never has: the two forms cannot be mistaken."""
+    return raw[:1] in (b"{", "{")
 
 
 @dataclass(frozen=True)
@@ -246,6 +361,11 @@ class ViewKeys:
         """List of the positions of one order's parked events, in log order."""
         return f"{self.gprefix}parked:{self.projection}:{order_id}"
 
+    def parked_mark(self, order_id: str) -> str:
+        """A string present while `order_id` has parked events: unlike the list, one MGET with the view
+        can read it (GetOrder's one-round-trip read). Written and deleted with the list."""
+        return f"{self.gprefix}parked-mark:{self.projection}:{order_id}"
+
     @property
     def parked_errors(self) -> str:
         """Hash from parked order id to the error that parked it."""
@@ -258,7 +378,8 @@ class ViewKeys:
 
     def view_patterns(self) -> list[str]:
         """SCAN patterns of every view key of this projection (to delete them for a rebuild)."""
-        parked = [f"{self.gprefix}parked:{self.projection}*", self.parked_errors]
+        parked = [f"{self.gprefix}parked:{self.projection}*", f"{self.gprefix}parked-mark:{self.projection}:*"]
+        parked.append(self.parked_errors)
         if self.projection == SUMMARY_PROJECTION:
             return [f"{self.gprefix}summary:*", *parked]
         return [f"{self.gprefix}order:*", f"{self.gprefix}idx:*", *parked]
@@ -308,6 +429,7 @@ class LiveReader:
     """Reads a projection's keys in its live generation, resolved in the same round trip."""
 
     def __init__(self, redis: Redis, keys: ViewKeys) -> None:
+        self._redis = redis
         self._script = redis.register_script(_READ_LIVE)
         self.keys = keys
         self.rel = ViewKeys("", keys.projection)  # key names without prefix or generation
@@ -315,6 +437,36 @@ class LiveReader:
     async def get(self, *names: str) -> list[str | None]:
         """The values of `names` (from `self.rel`) in the live generation."""
         return list(await self._script(keys=[self.keys.generation_pointer], args=[self.keys.prefix, *names]))
+
+    async def get_raw(self, *names: str) -> list[bytes | None]:
+        """As `get`, as bytes: order views are binary (a decoding client would fail on them)."""
+        keys: list[Arg] = [self.keys.generation_pointer]
+        return list(await run_script(self._redis, _READ_LIVE, keys, [self.keys.prefix, *names], raw=True))
+
+
+Arg = str | bytes | int | float  # a Redis command's argument
+
+
+async def execute(redis: Redis, *args: Arg, raw: bool = False) -> Any:
+    """A Redis command's reply; with `raw`, its strings stay bytes whatever the client decodes."""
+    options: dict[str, list[str]] = {NEVER_DECODE: []} if raw else {}
+    return await redis.execute_command(*args, **options)  # type: ignore[no-untyped-call]
+
+
+async def run_script(
+    redis: Redis, script: str, keys: list[Arg], args: list[Arg], *, raw: bool = False, sha: str | None = None
+) -> Any:
+    """A Lua script's reply (see `execute` for `raw`), sent by its SHA1 (`sha`, or computed) once
+    Redis has cached it."""
+    try:
+        return await execute(redis, "EVALSHA", sha or _sha1(script), len(keys), *keys, *args, raw=raw)
+    except NoScriptError:  # a restarted or flushed server: EVAL caches the script again
+        return await execute(redis, "EVAL", script, len(keys), *keys, *args, raw=raw)
+
+
+@functools.cache
+def _sha1(script: str) -> str:
+    return hashlib.sha1(script.encode()).hexdigest()
 
 
 def redis_client(url: str) -> Redis:

@@ -121,6 +121,7 @@ REDIS_WORKER_COMMANDS = (
 REDIS_READER_COMMANDS = (
     # inside the read scripts (orders/store/views.py, read_service/servicer.py, orders/store/heartbeat.py)
     *("get", "exists", "zrevrangebylex", "time"),
+    "mget",  # GetOrder's plain read of a view with its checkpoint (read_service/servicer.py)
     "subscribe",  # checkpoint and change feeds
     *_SCRIPTS,
     *_CONNECTION,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from orders.domain.consistency import LogPosition
 from orders.store.event_store import head, open_connection, read_batch
-from orders.store.views import OrderView
+from orders.store.views import OrderView, run_script
 from orders.tools.processes import start_service
 from sync_worker.projection import fold
 from sync_worker.projector import OrdersProjector
@@ -71,13 +71,12 @@ async def test_checkpoint_and_views_are_never_seen_apart(system: System) -> None
     await system.stop_worker()
     await make_orders(system, orders=6, items=4)
     events = await all_events(system.database_url)
-    snapshot = system.redis.register_script(SNAPSHOT)
     system.start_worker(batch_size=3)
-    samples: list[tuple[str | None, list[str]]] = []
+    samples: list[tuple[str | None, list[bytes]]] = []
     last = max(LogPosition(e.tx_id, e.position) for e in events).token()
     while not samples or samples[-1][0] != last:
-        reply = await snapshot(keys=[system.keys.checkpoint], args=[system.keys.order("*")])
-        samples.append((reply[0], reply[1:]))
+        reply = await run_script(system.redis, SNAPSHOT, [system.keys.checkpoint], [system.keys.order("*")], raw=True)
+        samples.append((None if reply[0] is None else reply[0].decode(), reply[1:]))
 
     assert len({s[0] for s in samples}) > 3, "the sampler should see several intermediate checkpoints"
     for token, raw_views in samples:
@@ -86,7 +85,7 @@ async def test_checkpoint_and_views_are_never_seen_apart(system: System) -> None
             if token in (None, "0-0")
             else [e for e in events if LogPosition(e.tx_id, e.position) <= LogPosition.parse(token)]
         )
-        views = {v.order_id: v for v in map(OrderView.from_json, raw_views)}
+        views = {v.order_id: v for v in map(OrderView.from_stored, raw_views)}
         assert views == fold(applied), f"views do not match checkpoint {token}"
 
 

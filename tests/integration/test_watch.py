@@ -18,6 +18,7 @@ import grpc
 import pytest
 from redis.asyncio import Redis
 
+from orders.store.views import OrderView, execute
 from orders.v1 import commands_pb2 as cmd
 from orders.v1 import queries_pb2 as qry
 from orders.v1 import queries_pb2_grpc, types_pb2
@@ -130,9 +131,9 @@ async def test_projector_announces_each_batchs_changed_orders_with_the_batch(sys
                 if message is None:
                     continue
                 for change in json.loads(message["data"]):
-                    raw = await system.redis.get(system.keys.order(change["order_id"]))
+                    raw = await execute(system.redis, "GET", system.keys.order(change["order_id"]), raw=True)
                     assert raw is not None
-                    assert json.loads(raw)["version"] >= change["version"]  # the data is there before the news
+                    assert OrderView.from_stored(raw).version >= change["version"]  # the data is there before the news
                     heard.append(change)
 
     assert heard == [

@@ -40,7 +40,7 @@ from orders.domain.events import (
     from_payload,
     to_payload,
 )
-from orders.store.views import OrderView, ViewKeys, ViewLine
+from orders.store.views import OrderView, ViewKeys, ViewLine, is_json_view
 from orders.v1 import types_pb2
 from read_service.servicer import PageCursor, order_message
 from tests.unit.strategies import (
@@ -119,6 +119,44 @@ def test_order_view_from_json_accepts_bytes(address: Address | None) -> None:
     view = dataclasses.replace(VIEW, shipping_address=address)
 
     assert view == OrderView.from_json(view.to_json().encode())
+
+
+# --- OrderView wire form (the stored form) ---------------------------------------------------------
+
+
+@given(protobuf_order_views())
+def test_order_view_wire_round_trips(view: OrderView) -> None:
+    """from_wire(to_wire(view)) is the same view, for any view the Order message can hold; and the
+    stored bytes are exactly the Order that the read API serves, so GetOrder sends them as they are."""
+    raw = view.to_wire()
+
+    assert view == OrderView.from_wire(raw) == OrderView.from_stored(raw)
+    assert types_pb2.Order.FromString(raw) == order_message(view)
+
+
+def test_an_address_with_only_empty_fields_stays_an_address() -> None:
+    """Presence, not content, tells a view with an address from one without."""
+    view = dataclasses.replace(VIEW, shipping_address=Address("", "", "", "", ""))
+
+    assert OrderView.from_wire(view.to_wire()) == view
+
+
+@given(protobuf_order_views())
+def test_stored_views_of_either_form_are_told_apart_and_read(view: OrderView) -> None:
+    """A running deployment may hold views in the old JSON form: they start with '{', a wire view
+    never does (its first byte is a field tag), and from_stored reads both, as text or bytes."""
+    raw, text = view.to_wire(), view.to_json()
+
+    assert (is_json_view(raw), is_json_view(text), is_json_view(text.encode())) == (False, True, True)
+    assert view == OrderView.from_stored(text) == OrderView.from_stored(text.encode())
+
+
+def test_a_view_beyond_the_wire_range_fails_loudly() -> None:
+    """A quantity beyond int32 cannot be stored in the Order: encoding raises, it is never truncated."""
+    view = dataclasses.replace(VIEW, lines=(ViewLine("SKU-1", "Widget", 2**31, 1),))
+
+    with pytest.raises(ValueError, match="out of range"):
+        view.to_wire()
 
 
 # --- LogPosition tokens ------------------------------------------------------------------------
