@@ -6,13 +6,14 @@ fake must do the same, so the bus's unit tests stay true of the real thing.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
 
 from orders.domain.errors import CommandIdReused
 from orders.domain.events import ItemAdded, OrderCreated
-from orders.store.event_store import AppendRequest, EventStore, VersionTaken, connect
+from orders.store.event_store import AppendRequest, AppendResult, EventStore, VersionTaken, connect
 from tests.unit.fakes import InMemoryEventLog
 from write_service.ports import EventLog
 
@@ -136,6 +137,47 @@ class EventLogContract:
             await log.append(request("nothing"), 0, [])
 
         assert await log.earlier_result(request("nothing")) is None
+
+    async def test_appends_sent_together_each_get_their_own_outcome(self, log: EventLog) -> None:
+        """Concurrent appends (the store sends them in one batch): each gets the outcome it would get
+        alone, in the order they were sent; a refusal of one writes nothing of it and fails no other.
+        A second append on an order already being written was decided before the first: it loses."""
+        await log.append(request(), 0, [CREATED])
+        applied = await log.append(request("applied", stream_id="order-r"), 0, [CREATED])
+
+        outcomes = await asyncio.gather(
+            log.append(request("new-a", stream_id="order-a"), 0, [CREATED]),
+            log.append(request("taken"), 0, [CREATED]),
+            log.append(request("applied", stream_id="order-r"), 0, [CREATED]),
+            log.append(request("applied", fingerprint="fp-other", stream_id="order-s"), 0, [CREATED]),
+            log.append(request(None, stream_id="order-b"), 0, [CREATED, ITEM]),
+            log.append(request(None, stream_id="order-a"), 0, [CREATED]),
+            return_exceptions=True,
+        )
+
+        new_a, taken, repeated, reused, two_events, second_on_a = outcomes
+        assert isinstance(new_a, AppendResult)
+        assert (new_a.version, new_a.appended) == (1, ("OrderCreated",))
+        assert isinstance(taken, VersionTaken)
+        assert repeated == AppendResult("order-r", 1, applied.last)
+        assert isinstance(reused, CommandIdReused)
+        assert isinstance(two_events, AppendResult)
+        assert (two_events.version, two_events.appended) == (2, ("OrderCreated", "ItemAdded"))
+        assert isinstance(second_on_a, VersionTaken)
+        streams = ["order-a", OID, "order-r", "order-s", "order-b"]
+        assert [len(await log.read_stream(s)) for s in streams] == [1, 1, 1, 0, 2]
+        assert await log.earlier_result(request("taken")) is None
+
+    async def test_positions_increase_within_appends_sent_together(self, log: EventLog) -> None:
+        """Each result's position is its own last event's: distinct, and after everything before."""
+        before = await log.append(request(), 0, [CREATED])
+
+        results = await asyncio.gather(
+            *(log.append(request(stream_id=f"together-{i}"), 0, [CREATED]) for i in range(8))
+        )
+
+        assert len({r.last for r in results}) == 8
+        assert all(before.last < r.last for r in results)
 
 
 class TestInMemoryEventLog(EventLogContract):

@@ -40,7 +40,10 @@ class InMemoryEventLog:
       its earlier result and nothing is written, another request (fingerprint) gets CommandIdReused;
     - one append is one transaction: its events get increasing positions and one transaction id, both
       greater than any before, so results' positions (consistency tokens) increase;
-    - payloads go through their stored form (to_payload, JSON, from_payload), as they do in jsonb.
+    - payloads go through their stored form (to_payload, JSON, from_payload), as they do in jsonb;
+    - concurrent appends apply one after another in the order they were called, which is what the
+      store's group commit promises (a batch holds one append per order and per command id, and a
+      later one on the same order waits for the next batch).
 
     Tests can see what was written (`recorded`) and which streams the bus read (`reads`)."""
 
