@@ -73,19 +73,21 @@ def _pack(message: Message) -> any_pb2.Any:
 
 
 def overloaded_status(limit: int, delay: float) -> grpc.Status:
-    """UNAVAILABLE with ErrorInfo OVERLOADED, RetryInfo `delay` and the same delay as gRPC pushback."""
+    """UNAVAILABLE with ErrorInfo OVERLOADED, RetryInfo `delay` (whole milliseconds) and the same
+    delay as gRPC's server pushback."""
+    delay_ms = max(1, round(delay * 1000))
     info = error_details_pb2.ErrorInfo(reason=OVERLOADED, domain=ERROR_DOMAIN, metadata={"limit": str(limit)})
     retry = error_details_pb2.RetryInfo()
-    retry.retry_delay.FromNanoseconds(round(delay * 1e9))
+    retry.retry_delay.FromMilliseconds(delay_ms)
     message = (
         f"overloaded: this server process already serves its limit of {limit} calls; the call was not "
-        f"started (nothing was done): retry after {delay:.2f} s"
+        f"started (nothing was done): retry after {delay_ms / 1000:.3f} s"
     )
     status = status_pb2.Status(code=code_pb2.UNAVAILABLE, message=message, details=[_pack(info), _pack(retry)])
     return _Refusal(
         grpc.StatusCode.UNAVAILABLE,
         message,
-        (("grpc-status-details-bin", status.SerializeToString()), (PUSHBACK_HEADER, str(round(delay * 1000)))),
+        (("grpc-status-details-bin", status.SerializeToString()), (PUSHBACK_HEADER, str(delay_ms))),
     )
 
 

@@ -38,6 +38,7 @@ MALFORMED: ErrorTable = {InvalidCommand: (grpc.StatusCode.INVALID_ARGUMENT, "MAL
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 LIVENESS = "liveness"  # health service that is SERVING while the process runs (readiness: "")
 DEFAULT_MAX_CONCURRENT_RPCS = 1000
+UNFREED_STREAMS = 1000  # room per connection for streams that ended (or were refused) but gRPC has not freed
 
 
 def server_options(
@@ -45,17 +46,18 @@ def server_options(
 ) -> list[tuple[str, int]]:
     """gRPC's options for a server admitting `max_concurrent_rpcs` calls at once (orders.server.admission).
 
-    The HTTP/2 limit of streams per connection is twice that: a connection never needs more streams
-    than the process admits, and the margin covers streams that have ended but that gRPC still
-    counts until it frees them. Were it lower, the transport would refuse streams (RST_STREAM
-    REFUSED_STREAM, UNAVAILABLE without details) before the process is even busy: one client
-    channel with 500 calls in flight met that at 256. `reuse_port` lets several processes of one
-    service listen on one address (--processes, orders.server.multiprocess); otherwise a second
-    server on a port in use is a mistake, and binding fails."""
+    The HTTP/2 limit of streams per connection is that plus UNFREED_STREAMS: a connection never
+    needs more streams than the process admits, but gRPC counts a stream until the process has freed
+    it, a while after the call ended or was refused, and refuses new streams past the limit (RST_STREAM
+    REFUSED_STREAM: UNAVAILABLE without details, before the process is even busy). One channel with
+    500 calls in flight met that at 256; at 3x overload a limit of 8 calls met it at twice that.
+    `reuse_port` lets several processes of one service listen on one address (--processes,
+    orders.server.multiprocess); otherwise a second server on a port in use is a mistake, and
+    binding fails."""
     return [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_concurrent_streams", 2 * max_concurrent_rpcs),  # per connection; the default is unlimited
+        ("grpc.max_concurrent_streams", max_concurrent_rpcs + UNFREED_STREAMS),  # per connection; default: unlimited
         ("grpc.keepalive_time_ms", 60_000),  # ping every minute to find dead clients,
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.keepalive_permit_without_calls", 1),  # on idle connections too

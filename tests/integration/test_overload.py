@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import grpc
@@ -37,6 +38,7 @@ SLEEP = 0.01  # seconds the trigger holds every appended event: at most 100 Crea
 RATE = 3 / SLEEP  # commands a second sent: 3x the most the service can sustain
 COMMANDS = 300  # about a second of load
 CHANNELS = 4  # separate connections, as many clients would open
+PUSHBACK = "grpc-retry-pushback-ms"
 
 
 @dataclass
@@ -106,16 +108,19 @@ def request(i: int) -> commands_pb2.CreateOrderRequest:
 
 
 def outcome(call: asyncio.Future[commands_pb2.CreateOrderResponse]) -> str:
-    """ "acknowledged", "refused" (the documented retryable overload refusal), or what else it was."""
+    """How a call ended: "acknowledged", "refused" (the documented overload refusal: UNAVAILABLE,
+    reason OVERLOADED, a RetryInfo delay of 0.5-1.5 s and the same as gRPC pushback), or else what."""
     error = call.exception()
     if error is None:
         return "acknowledged"
     if not isinstance(error, grpc.aio.AioRpcError):
         return repr(error)
-    has_details = any(key == "grpc-status-details-bin" for key, _ in error.trailing_metadata() or ())
-    if error.code() == grpc.StatusCode.UNAVAILABLE and has_details:
-        details = rich_details(error)
-        if details["ErrorInfo"].reason == "OVERLOADED" and "RetryInfo" in details:  # type: ignore[attr-defined]
+    trailers = dict(error.trailing_metadata() or ())
+    if error.code() == grpc.StatusCode.UNAVAILABLE and "grpc-status-details-bin" in trailers:
+        details: dict[str, Any] = rich_details(error)
+        reason = details["ErrorInfo"].reason
+        delay = details["RetryInfo"].retry_delay.ToTimedelta().total_seconds() if "RetryInfo" in details else 0
+        if reason == "OVERLOADED" and 0.5 <= delay <= 1.5 and trailers.get(PUSHBACK) == str(round(delay * 1000)):
             return "refused"
     return f"{error.code().name}: {error.details()}"
 
