@@ -163,7 +163,8 @@ class _Supervisor:
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
-        clean = not self.failed and all(child.exitcode == 0 for child in self.children)
+        # -SIGTERM: stopped by the parent's SIGTERM while it was still starting (before its handlers).
+        clean = not self.failed and all(child.exitcode in (0, -signal.SIGTERM) for child in self.children)
         return 0 if clean else 1
 
     def _watch(self) -> None:
@@ -216,9 +217,16 @@ class _Supervisor:
 def _process_main(
     serve: Callable[[Settings, ProcessSlot], None], settings: Settings, slot: ProcessSlot, parent: int
 ) -> None:
-    """What a spawned process runs: dies with its parent, then serves."""
+    """What a spawned process runs: dies with its parent, then serves. Until the service installs its
+    own signal handlers, a stop signal just ends it (status 0: it had nothing in flight yet)."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_before_serving)
     _stop_with_parent(parent)
     serve(settings, slot)
+
+
+def _exit_before_serving(_signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 def _stop_with_parent(parent: int) -> None:

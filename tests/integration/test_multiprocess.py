@@ -105,7 +105,8 @@ async def start_two(tmp_path: Path) -> AsyncIterator[Start]:
 
 
 async def _both_listening(service: Service) -> None:
-    assert service.log.read_text().count(" listening on ") >= 2
+    """Both processes serve (their ops endpoints started before their gRPC servers)."""
+    assert len(re.findall(r"Order\w+ listening on .* \(process \d of 2", service.log.read_text())) == 2
 
 
 def _running(pid: int) -> bool:
