@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from orders.telemetry.logs import LogFormat, LogLevel
 from orders.telemetry.tracing import TracingMode
 from sync_worker.admin import SERVICE as ADMIN_SERVICE
 from sync_worker.admin import ProjectionAdminServicer
+from sync_worker.batching import DEFAULT_WAIT
 from sync_worker.customer_summary import CustomerSummaryProjector
 from sync_worker.health import DEFAULT_STUCK_AFTER, WORKER_SERVICE, WorkerHealth
 from sync_worker.parking import PoisonPolicy
@@ -53,6 +55,7 @@ class SyncSettings:
     security: ServerSecurity | None = None  # of the ProjectionAdmin server
     log_format: LogFormat = LogFormat.AUTO
     tracing: TracingMode = TracingMode.AUTO
+    batch_wait: float = DEFAULT_WAIT
 
 
 def parse_settings(argv: Sequence[str] | None = None) -> SyncSettings:
@@ -71,6 +74,14 @@ def parse_settings(argv: Sequence[str] | None = None) -> SyncSettings:
         "seconds between polls when no notification arrives",
         default="1",
         parse=config.positive_float,
+    )
+    config.add_setting(
+        parser,
+        "batch-wait",
+        "seconds a busy projection loop waits after a notification so that its batch holds the events "
+        "notified meanwhile (a lone event never waits); 0: never wait",
+        default=f"{DEFAULT_WAIT:g}",
+        parse=seconds_or_zero,
     )
     config.add_setting(
         parser,
@@ -119,6 +130,16 @@ def parse_settings(argv: Sequence[str] | None = None) -> SyncSettings:
     return config.settings_from(SyncSettings, parser.parse_args(argv))
 
 
+def seconds_or_zero(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:
+        raise ValueError(f"expected a number of seconds >= 0, got {text!r}")
+    return value
+
+
 def projection_list(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names or set(names) - set(PROJECTORS):
@@ -153,6 +174,7 @@ async def serve(settings: SyncSettings) -> None:
         settings.poll_interval,
         lease_ttl=settings.lease_ttl,
         poison_policy=settings.poison_policy,
+        batch_wait=settings.batch_wait,
     )
     workers = build_workers(worker_settings, redis, settings.redis_prefix, settings.projections, settings.worker_id)
     pool = await connect(settings.postgres_url, max_size=2)

@@ -1,8 +1,9 @@
 """How far a projection's loop has come, for operators: the lag gauges, a wait behind an older
 transaction (in the log and the heartbeat), and the log lines of applied batches.
 
-The PostgreSQL head is only looked up while the projection is behind (`measure_lag`): a short
-batch with nothing held back is caught up, at no cost.
+The PostgreSQL head is only looked up while the projection is behind (`measure_lag`), and at most
+every HEAD_EVERY seconds: a short batch with nothing held back is caught up, at no cost, and under
+steady load many batches are briefly held back behind appends still committing.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ log = logging.getLogger(WORKER_LOGGER)
 HELD_BACK_REPORT_AFTER = 2.0  # seconds held back before the cause is looked up and logged
 HELD_BACK_REPORT_EVERY = 10.0
 SUMMARY_EVERY = 10.0  # seconds between INFO summaries of applied events
+HEAD_EVERY = 0.5  # seconds: while behind, the lag gauges use a head of the log looked up this recently
 
 
 @dataclass
@@ -46,11 +48,14 @@ class Progress:
         self._held_back: HeldBack | None = None
         self._summary = _Summary()
         self.applied_events = 0  # by live batches of this loop; parked events once released count elsewhere
+        self.batches = 0  # live batches applied by this loop (orders_projection_batch_size counts them per process)
         self.lag_events = 0  # after the last read; estimated from positions
+        self._head: tuple[float, LogPosition | None] | None = None  # when the log's head was looked up, and it
 
     def applied(self, events: int) -> None:
         """Counts a live batch."""
         self.applied_events += events
+        self.batches += 1
         self._metrics.batch_applied(events)
 
     def status(self) -> dict[str, Any]:
@@ -79,12 +84,13 @@ class Progress:
 
     async def measure_lag(self, conn: Connection, batch: Batch, checkpoint: LogPosition | None) -> None:
         """Sets the lag gauges from what the read found. Caught up (a short batch, nothing held back) is
-        0 at no cost; behind (a full batch, or rows held back) costs one index lookup of the log's head."""
+        0 at no cost; behind (a full batch, or rows held back) costs one index lookup of the log's head,
+        at most every HEAD_EVERY seconds."""
         if len(batch.events) < self._batch_size and not batch.held_back:
             self.lag_events = 0
             self._metrics.lag(0, 0.0)
             return
-        last = await head(conn)
+        last = await self._log_head(conn)
         self.lag_events = max(0, last.position - (checkpoint.position if checkpoint else 0)) if last else 0
         seconds = 0.0
         if batch.events:  # the age of the newest event applied: how far behind the views are
@@ -92,6 +98,12 @@ class Progress:
         if self._held_back is not None:
             seconds = max(seconds, time.monotonic() - self._held_back.since)
         self._metrics.lag(self.lag_events, max(0.0, seconds))
+
+    async def _log_head(self, conn: Connection) -> LogPosition | None:
+        now = time.monotonic()
+        if self._head is None or now - self._head[0] >= HEAD_EVERY:
+            self._head = (now, await head(conn))
+        return self._head[1]
 
     def log_batch(self, generation: int, events: list[RecordedEvent], parked: dict[str, str], live: bool) -> None:
         """One DEBUG line per event of an applied batch, with the correlation id of the command that

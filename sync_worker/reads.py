@@ -4,11 +4,13 @@
   requests or retired generations wait, in one pipelined round trip. Under steady load a step takes
   that state from the step before, for at most STATE_REUSE seconds, as long as nothing special is
   under way: the batch's guarded write still catches any change.
-- The log's rows (SharedReads): the loops of one process share the rows they read while in step.
+- The log's rows (SharedReads): the loops of one process share the rows they read while in step,
+  also while the read is still in flight (loops woken by the same notification read at once).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
@@ -88,30 +90,47 @@ class StepStates:
 
 @dataclass
 class _SharedBatch:
-    read: tuple[LogPosition, int, int]  # after, limit, notifications seen when the read began
-    started: float
-    batch: Batch
+    read: tuple[LogPosition, int]  # after, limit
+    started: float  # when the read began: every commit notified before is in its rows
+    batch: asyncio.Future[Batch | None]  # None: the read failed, each taker reads for itself
     takers: set[str]  # the projections that have had it
+
+    def takes(self, read: tuple[LogPosition, int], reader: str, notified_at: float, now: float) -> bool:
+        """Whether `reader`, about to make `read` and last notified at `notified_at`, may take this one."""
+        in_time = notified_at < self.started and now - self.started < STATE_REUSE
+        return in_time and read == self.read and reader not in self.takers
 
 
 class SharedReads:
     """The last batch one of this process's projection loops read from the log, for the others: in
     step (live, or rebuilding side by side) they read the same rows after the same checkpoint, and
     decoding them is much of a rebuild's cost. Each other loop may take a batch once, within
-    STATE_REUSE of its read, and only while no NOTIFY has come since the read began: a loop that
-    cleared its wake-up on a newer append never sleeps on an older batch. The rows stay valid, as a
-    read only returns rows that nothing can ever come before."""
+    STATE_REUSE of its read, and only if the read began after the last NOTIFY that loop received
+    (`notified_at`): the commits it was told of are then in the rows, so a loop that cleared its
+    wake-up on a newer append never sleeps on an older batch. The rows stay valid, as a read only
+    returns rows that nothing can ever come before. A loop may also take a read still in flight, on
+    the same terms: loops woken by one notification (and out of the same batch window) then send one
+    query, not one each. An empty read is shared only while in flight."""
 
     def __init__(self) -> None:
-        self.notifications = 0
         self._last: _SharedBatch | None = None
 
-    async def read(self, conn: Connection, after: LogPosition, limit: int, reader: str) -> Batch:
-        key, started, last = (after, limit, self.notifications), time.monotonic(), self._last
-        if last is not None and last.read == key and started - last.started < STATE_REUSE and reader not in last.takers:
+    async def read(
+        self, conn: Connection, after: LogPosition, limit: int, reader: str, notified_at: float = -float("inf")
+    ) -> Batch:
+        """Up to `limit` events after `after` for projection `reader`, whose loop last received a
+        NOTIFY at `notified_at` (monotonic seconds)."""
+        key, started, last = (after, limit), time.monotonic(), self._last
+        if last is not None and last.takes(key, reader, notified_at, started):
             last.takers.add(reader)
-            return last.batch
-        batch = await read_batch(conn, after, limit)
-        if batch.events:  # an empty read is cheap, and only a newer one may tell that it is over
-            self._last = _SharedBatch(key, started, batch, {reader})
+            taken = await asyncio.shield(last.batch)  # a taker's cancellation leaves the read to its reader
+            return taken if taken is not None else await read_batch(conn, after, limit)
+        shared = self._last = _SharedBatch(key, started, asyncio.get_running_loop().create_future(), {reader})
+        batch = None
+        try:
+            batch = await read_batch(conn, after, limit)
+        finally:
+            shared.batch.set_result(batch)
+            if self._last is shared and (batch is None or not batch.events):
+                self._last = last  # an empty read is cheap, and only a newer one may tell that it is over
         return batch

@@ -3,7 +3,11 @@
 It wakes on PostgreSQL NOTIFY (sent by every append) and also polls, because a
 notification can be lost on reconnect and because rows held back behind an
 older transaction become readable when that transaction ends, which notifies
-nobody. Connection failures are logged and retried with backoff; the loop
+nobody. Under steady load it waits a moment after a notification so that a
+batch holds several events (sync_worker.batching); a lone event goes at once.
+A batch shorter than the batch size with nothing held back leaves the loop
+caught up as of its read: it idles until the next notification (or poll)
+instead of reading the log again to find nothing. Connection failures are logged and retried with backoff; the loop
 re-reads its checkpoint from Redis every time, so it also notices a flushed
 Redis and rebuilds the views from the start of the log.
 
@@ -19,7 +23,8 @@ SyncWorker is the loop and its step; each other job is a part it composes:
 - sync_worker.parking: the poison policy and operators' retries of parked orders;
 - sync_worker.generations: from-scratch starts, zero-downtime rebuilds and
   deleting retired generations;
-- sync_worker.progress: lag, the held-back wait and the log lines of batches.
+- sync_worker.progress: lag, the held-back wait and the log lines of batches;
+- sync_worker.batching: when a busy loop waits for more events before a step.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 import redis.exceptions
@@ -43,6 +48,7 @@ from orders.domain.events import RecordedEvent
 from orders.store.event_store import NOTIFY_CHANNEL, Batch, Connection, open_connection
 from orders.telemetry import tracing
 from orders.telemetry.metrics import ProjectionMetrics, count_store_error
+from sync_worker.batching import DEFAULT_WAIT, BatchWindow
 from sync_worker.generations import Generations
 from sync_worker.lease import Lease
 from sync_worker.parking import ParkedOrders, PoisonPolicy
@@ -85,6 +91,15 @@ class WorkerSettings:
     lease_ttl: float = 5.0  # a standby takes over this long after the active worker stops renewing
     retry_failed_after: float = 10.0  # a projection stopped on a poison event tries that event again this often
     poison_policy: PoisonPolicy = PoisonPolicy.STOP
+    batch_wait: float = DEFAULT_WAIT  # seconds a busy loop waits for more events before a step; 0: never
+
+
+class StepOutcome(NamedTuple):
+    """What one step of the loop did."""
+
+    batch: Batch  # the live batch it read
+    busy: bool  # it applied events or did some follow-up work
+    again: bool  # more may be waiting already (a full batch, rebuild or retire work): step again at once
 
 
 class SyncWorker:
@@ -106,6 +121,7 @@ class SyncWorker:
         self._generations = Generations(projector, self.worker_id, settings.batch_size, self._apply)
         self._states = StepStates(self._generations)
         self._wake = asyncio.Event()
+        self._window = BatchWindow(settings.batch_wait)
         self._notified_at: float | None = None  # when a NOTIFY came that no batch has started on yet
         self.state = "starting"
         self._metrics.state(self.state)
@@ -124,6 +140,16 @@ class SyncWorker:
     @property
     def applied_events(self) -> int:
         return self._progress.applied_events
+
+    @property
+    def batches(self) -> int:
+        """Live batches applied by this loop."""
+        return self._progress.batches
+
+    @property
+    def batch_window(self) -> BatchWindow:
+        """When the loop steps: its counts of steps that waited for more events and that did not."""
+        return self._window
 
     @property
     def lag_events(self) -> int:
@@ -153,6 +179,7 @@ class SyncWorker:
 
     async def _tail(self, stop: asyncio.Event) -> None:
         conn = await open_connection(self._settings.postgres_url)
+        stopping = asyncio.ensure_future(self._wake_on(stop))  # one waiter for the connection, not one per idle
         try:
             await conn.add_listener(NOTIFY_CHANNEL, self._notified)
             log.info(
@@ -164,20 +191,22 @@ class SyncWorker:
             while not stop.is_set():
                 self._wake.clear()  # before reading, so a notification during the read is kept
                 if not await self._may_step():
-                    await self._idle(stop, self._lease.renew_every)
+                    await self._idle(self._lease.renew_every)
                     continue
                 try:
-                    batch, busy = await self._step(conn)
+                    batch, _, again = await self._step(conn)
                 except PoisonEvent as poison:
                     self._stop_on(poison)
                     continue
                 self._recovered()
                 if batch.events or not batch.held_back:
                     self.progress_at = time.monotonic()
-                if not busy:
+                if not again:
                     # Held-back rows wait for a transaction that may not notify: look again soon.
-                    await self._idle(stop, 0.02 if batch.held_back else self._idle_timeout)
+                    await self._idle(0.02 if batch.held_back else self._idle_timeout)
+                    await self._gather(stop)
         finally:
+            stopping.cancel()
             with contextlib.suppress(*RETRYABLE):  # the connection may be the thing that broke
                 await conn.close(timeout=5)
 
@@ -197,9 +226,11 @@ class SyncWorker:
     def _idle_timeout(self) -> float:
         return min(self._settings.poll_interval, self._lease.renew_every)
 
-    async def _step(self, conn: Connection) -> tuple[Batch, bool]:
+    async def _step(self, conn: Connection) -> StepOutcome:
         """One live batch, then one step of a zero-downtime rebuild or of deleting a retired
-        generation; returns the live batch and whether anything was done."""
+        generation. A live batch shorter than the batch size, with nothing held back, leaves the
+        projection caught up as of the read: rows committed since notify the loop."""
+        started = self._window.stepping()
         if self._notified_at is not None:
             self._metrics.wakeup.observe(time.monotonic() - self._notified_at)
             self._notified_at = None
@@ -208,22 +239,25 @@ class SyncWorker:
             await self._parked.serve_requests(conn, live)
         if checkpoint is None:
             await self._generations.start_from_scratch(conn, live)
-        batch = await self._reads.read(conn, checkpoint or START, self._settings.batch_size, self.projection)
+        after, size = checkpoint or START, self._settings.batch_size
+        batch = await self._reads.read(conn, after, size, self.projection, self._window.last_notified)
         await self._progress.track_held_back(conn, batch)
         if batch.events:
             checkpoint = await self._apply(live, checkpoint, batch.events)
             self._progress.applied(len(batch.events))
+            self._window.stepped(started)
         elif checkpoint is None and not batch.held_back:
             await live.mark_empty_log()
         await self._progress.measure_lag(conn, batch, checkpoint)
-        busy = bool(batch.events)
+        follow_up = False
         if state.building is not None and checkpoint is not None:
-            busy = await self._generations.build_step(conn, live, int(state.building), checkpoint) or busy
+            follow_up = await self._generations.build_step(conn, live, int(state.building), checkpoint)
         if state.retired is not None:
-            busy = await self._generations.retire_step(state.retired) or busy
+            follow_up = await self._generations.retire_step(state.retired) or follow_up
         if state.quiet and checkpoint is not None:
             self._states.keep(read_at, checkpoint)
-        return batch, busy
+        full = len(batch.events) >= self._settings.batch_size
+        return StepOutcome(batch, bool(batch.events) or follow_up, full or follow_up)
 
     async def _apply(
         self, projector: Projector, checkpoint: LogPosition | None, events: list[RecordedEvent], live: bool = True
@@ -281,14 +315,29 @@ class SyncWorker:
     def _notified(self, *_: object) -> None:
         """A NOTIFY of an append: wake the loop, and time how long until a batch starts on it."""
         self._wake.set()
-        self._reads.notifications += 1
+        self._window.notified()
         if self._notified_at is None and self.state == "active":
             self._notified_at = time.monotonic()
 
-    async def _idle(self, stop: asyncio.Event, timeout: float) -> None:
-        waits = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
-        try:
-            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in waits:
-                task.cancel()
+    async def _wake_on(self, stop: asyncio.Event) -> None:
+        """Wakes the loop when `stop` is set, so that an idle loop waits on its wake-up alone."""
+        await stop.wait()
+        self._wake.set()
+
+    async def _idle(self, timeout: float) -> None:
+        """Until a notification (at once if one came already), `stop` (_wake_on) or `timeout`."""
+        if self._wake.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
+
+    async def _gather(self, stop: asyncio.Event) -> None:
+        """The batch window: a busy loop woken by a notification waits what is left of the window
+        since that notification, so the next batch also holds the events notified meanwhile; a loop
+        that is not busy goes on at once. Bounded by ORDERS_BATCH_WAIT; `stop` ends it."""
+        delay = self._window.delay()
+        if delay > 0 and not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await stop.wait()

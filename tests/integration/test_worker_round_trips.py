@@ -79,7 +79,7 @@ async def round_trips_of_a_step(
         if not reuse:
             worker._states.forget()
         before = counting.round_trips
-        _, busy = await worker._step(conn)
+        busy = (await worker._step(conn)).busy
         return counting.round_trips - before, busy
     finally:
         await conn.close()
@@ -327,7 +327,7 @@ async def log_reads_of_a_step(worker: SyncWorker, database_url: str) -> tuple[in
     try:
         await worker._lease.hold(worker._status())
         worker._states.forget()
-        _, busy = await worker._step(conn)
+        busy = (await worker._step(conn)).busy
         await asyncio.sleep(0)  # asyncpg calls query loggers soon after, not at once
         return len(reads), busy
     finally:
@@ -378,3 +378,50 @@ async def test_a_loop_never_takes_its_own_or_a_taken_batch(system: System, worke
     # Its own batch, though, it never takes: with nothing new, it reads again and finds nothing.
     assert await log_reads_of_a_step(workers[PROJECTION], system.database_url) == (1, False)
     await assert_views_match_events(system.database_url, system.redis, system.keys)
+
+
+async def test_projections_woken_together_send_one_log_read(system: System, workers: dict[str, SyncWorker]) -> None:
+    """Both loops step at once (woken by one notification, out of one batch window): the second takes
+    the first one's read while it is still in flight, instead of sending the same query."""
+    for worker in workers.values():
+        await log_reads_of_a_step(worker, system.database_url)
+    await system.commands.CreateOrder(create_request("together"))
+    conns = [await open_connection(system.database_url) for _ in workers]
+    reads: list[str] = []
+    for conn in conns:
+        conn.add_query_logger(lambda query: reads.append(query.query) if "pg_snapshot_xmin" in query.query else None)
+    try:
+        for worker in workers.values():
+            await worker._lease.hold(worker._status())
+        steps = await asyncio.gather(*(w._step(c) for w, c in zip(workers.values(), conns, strict=True)))
+        await asyncio.sleep(0)  # asyncpg calls query loggers soon after, not at once
+    finally:
+        for conn in conns:
+            await conn.close()
+
+    assert [(len(step.batch.events), step.busy) for step in steps] == [(1, True), (1, True)]
+    assert len(reads) == 1
+    await assert_views_match_events(system.database_url, system.redis, system.keys)
+
+
+async def test_a_short_batch_leaves_the_loop_caught_up_and_a_full_one_steps_again(
+    system: System, counting: Counting
+) -> None:
+    """A batch shorter than the batch size, nothing held back: the loop idles until the next
+    notification instead of reading the log once more to find nothing. A full batch: it steps again."""
+    await system.stop_worker()
+    (orders,) = build_workers(
+        WorkerSettings(system.database_url, batch_size=2), counting.redis, system.keys.prefix, [PROJECTION]
+    )
+    await round_trips_of_a_step(orders, counting, system.database_url)  # the empty log's checkpoint
+    for i in range(3):
+        await system.commands.CreateOrder(create_request(f"batch-{i}"))
+    conn = await open_connection(system.database_url)
+    try:
+        await orders._lease.hold(orders._status())
+        full, short = await orders._step(conn), await orders._step(conn)
+    finally:
+        await conn.close()
+
+    assert (len(full.batch.events), full.again) == (2, True)
+    assert (len(short.batch.events), short.again) == (1, False)
