@@ -44,6 +44,7 @@ class Batching:
     store: EventStore
     pool: asyncpg.Pool
     admin: asyncpg.Connection
+    database_url: str
     sent: list[str] = field(default_factory=list)
     gates: int = 0
 
@@ -73,15 +74,23 @@ class Batching:
         )
         return [(r["version"], r["event_type"], r["tx"]) for r in rows]
 
-    async def until_lock_waiters(self, count: int, timeout: float = 5.0) -> None:
+    async def until_batches_wait_on_a_lock(self, count: int, timeout: float = 5.0) -> None:
+        """Until exactly `count` batch statements of this database wait on a lock (another writer's row)."""
         started = time.monotonic()
         while True:
             waiting = await self.admin.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock' AND position($1 in query) > 0",
+                BATCH_MARK,
             )
             if waiting == count:
                 return
-            assert time.monotonic() - started < timeout, f"{waiting} sessions wait for a lock, not {count}"
+            if time.monotonic() - started > timeout:
+                sessions = await self.admin.fetch(
+                    "SELECT state, wait_event_type, wait_event, left(query, 60) AS query FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+                raise AssertionError(f"{waiting} batches wait on a lock, not {count}: {[dict(r) for r in sessions]}")
             await asyncio.sleep(0.01)
 
 
@@ -89,7 +98,7 @@ class Batching:
 async def batching(database_url: str) -> AsyncIterator[Batching]:
     pool = await connect(database_url, min_size=1, max_size=1)
     admin = await asyncpg.connect(database_url)
-    batching = Batching(EventStore(pool, batches_in_flight=1), pool, admin)
+    batching = Batching(EventStore(pool, batches_in_flight=1), pool, admin, database_url)
     await batching.in_one_batch([append("warm-up-1"), append("warm-up-2")])  # type introspection happens once
     async with pool.acquire() as conn:
         conn.add_query_logger(lambda query: batching.sent.append(query.query))
@@ -209,10 +218,10 @@ async def test_a_batch_that_meets_a_concurrent_writers_unique_key_is_appended_on
     """Another writer (a replica) inserts order-y's version 1 and commits after the batch has checked the
     table: the batch statement fails on the unique key and writes nothing; appended one by one, order-y
     gets VersionTaken and its neighbours their events, once each."""
-    other_writer = await uncommitted_create(batching.admin, "order-y")
+    other_writer = await uncommitted_create(batching, "order-y")
     async with batching.pool.acquire():
         tasks = await batching.queued_behind_a_gate([append("order-p"), append("order-y"), append("order-q")])
-    await batching.until_lock_waiters(1)  # the batch waits on order-y's uncommitted row
+    await batching.until_batches_wait_on_a_lock(1)  # the batch waits on order-y's uncommitted row
     await other_writer.commit()
     p, y, q, _gate = await asyncio.gather(*tasks, return_exceptions=True)
 
@@ -268,10 +277,10 @@ async def test_a_caller_gone_while_its_batch_is_in_flight_does_not_stop_its_neig
     """The batch waits on another writer's uncommitted row; one caller gives up (its deadline): the batch
     goes on for the other, and carries the cancelled command too (DEADLINE_EXCEEDED may mean applied:
     a retry with the same command id finds out)."""
-    other_writer = await uncommitted_create(batching.admin, "order-k")
+    other_writer = await uncommitted_create(batching, "order-k")
     async with batching.pool.acquire():
         kept, gone, _gate = await batching.queued_behind_a_gate([append("order-k"), append("order-g")])
-    await batching.until_lock_waiters(1)  # the batch, behind the other writer's order-k
+    await batching.until_batches_wait_on_a_lock(1)  # the batch, behind the other writer's order-k
     gone.cancel()
     await other_writer.rollback()
     outcomes = await asyncio.gather(kept, gone, return_exceptions=True)
@@ -285,13 +294,13 @@ async def test_a_caller_gone_while_its_batch_is_in_flight_does_not_stop_its_neig
 async def test_a_batch_whose_callers_all_gave_up_is_cancelled_and_writes_nothing(batching: Batching) -> None:
     """As with a lone command: once no caller waits, the batch's statement is cancelled (its backend
     ended) while it waits on a lock, and nothing of it is written."""
-    other_writer = await uncommitted_create(batching.admin, "order-1")
+    other_writer = await uncommitted_create(batching, "order-1")
     async with batching.pool.acquire():
         first, second, gate = await batching.queued_behind_a_gate([append("order-1"), append("order-2")])
-    await batching.until_lock_waiters(1)
+    await batching.until_batches_wait_on_a_lock(1)
     first.cancel()
     second.cancel()
-    await batching.until_lock_waiters(0)
+    await batching.until_batches_wait_on_a_lock(0)
     await other_writer.rollback()
     await asyncio.gather(first, second, gate, return_exceptions=True)
 
@@ -301,14 +310,32 @@ async def test_a_batch_whose_callers_all_gave_up_is_cancelled_and_writes_nothing
     assert again.appended == ("OrderCreated",)
 
 
-async def uncommitted_create(admin: asyncpg.Connection, stream_id: str) -> Transaction:
-    """Another writer's transaction that has inserted `stream_id`'s version 1 and not committed yet."""
-    transaction = admin.transaction()
+@dataclass
+class OtherWriter:
+    """Another writer (a replica) whose transaction has inserted a stream's version 1 and not ended yet."""
+
+    conn: asyncpg.Connection
+    transaction: Transaction
+
+    async def commit(self) -> None:
+        await self.transaction.commit()
+        await self.conn.close()
+
+    async def rollback(self) -> None:
+        await self.transaction.rollback()
+        await self.conn.close()
+
+
+async def uncommitted_create(batching: Batching, stream_id: str) -> OtherWriter:
+    # A connection of its own: the admin connection watches pg_stat_activity, which a transaction
+    # would freeze at its first read (stats_fetch_consistency).
+    conn = await asyncpg.connect(batching.database_url)
+    transaction = conn.transaction()
     await transaction.start()
-    await admin.execute(
+    await conn.execute(
         "INSERT INTO events (stream_id, version, event_type, schema_version, payload) VALUES ($1, 1, $2, 1, $3)",
         stream_id,
         "OrderCreated",
         '{"customer_id": "cust-2", "currency": "EUR"}',
     )
-    return transaction
+    return OtherWriter(conn, transaction)
