@@ -45,6 +45,12 @@ GRPC_IN_FLIGHT = Gauge(
     ["grpc_service", "grpc_method"],
 )
 
+GRPC_OVERLOADED = Counter(
+    "orders_grpc_server_overloaded_total",
+    "Calls refused with UNAVAILABLE (reason OVERLOADED) because the process was at its limit of calls in flight",
+    ["grpc_service", "grpc_method"],
+)
+
 # ---------------------------------------------------------------------------- write side
 
 COMMANDS = Counter(
