@@ -319,10 +319,20 @@ async def run_rounds(bench: Bench, chosen: list[Measurement]) -> dict[str, list[
     total = bench.settings.rounds
     for round_no in range(1, total + 1):
         for m in (m for m in chosen if m.name not in bench.skipped):
+            _run_alone(bench, m)
             figures = await m.run(bench, round_no)
             rounds[m.name].append(figures)
             bench.progress(f"{m.name:<13} round {round_no}/{total}: {_brief(m, figures)}")
     return rounds
+
+
+def _run_alone(bench: Bench, m: Measurement) -> None:
+    """Pauses the peers that `m` does not measure (the 2-process services, the naive pipeline) and
+    resumes the one it does: they share the machine's 2 cores with the system being measured."""
+    if bench.services_x2 is not None:
+        bench.services_x2.pause(m.needs not in {"services-x2", "reads-x2"})
+    if bench.naive is not None:
+        bench.naive.pause(m.needs not in {"naive", "naive-reads"})
 
 
 def _brief(m: Measurement, figures: Figures) -> str:
