@@ -164,6 +164,17 @@ class CreateOrdersViaClient:
         await self.client.close()
 
 
+async def _lags(acked: dict[str, float], seen: dict[str, float], arrived: asyncio.Event) -> list[float]:
+    """Seconds from each order's ack to its being seen, once every acked order was seen or LAG_DRAIN
+    passed (`arrived` is set whenever an order is seen); orders never seen have no lag."""
+    deadline = time.perf_counter() + LAG_DRAIN
+    while any(o not in seen for o in acked) and (left := deadline - time.perf_counter()) > 0:
+        arrived.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(arrived.wait(), left)
+    return [seen[o] - at for o, at in acked.items() if o in seen]
+
+
 class Lag:
     """Creates orders on a clock and times, per order, from the command's acknowledgement to the
     message that carries it on a WatchCustomerOrders stream of its customer (one stream per
@@ -213,12 +224,7 @@ class Lag:
         return 1
 
     async def finish(self, result: JobResult) -> None:
-        deadline = time.perf_counter() + LAG_DRAIN
-        while any(o not in self.seen for o in self.acked) and (left := deadline - time.perf_counter()) > 0:
-            self.arrived.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.arrived.wait(), left)
-        lags = [self.seen[o] - acked for o, acked in self.acked.items() if o in self.seen]
+        lags = await _lags(self.acked, self.seen, self.arrived)
         result.samples = [max(0.0, lag) for lag in lags]
         result.extra["missing"] = float(len(self.acked) - len(lags))
         result.extra["seen_before_ack"] = float(sum(lag < 0 for lag in lags))
@@ -272,12 +278,7 @@ class NaiveLag:
         return 1
 
     async def finish(self, result: JobResult) -> None:
-        deadline = time.perf_counter() + LAG_DRAIN
-        while any(o not in self.seen for o in self.acked) and (left := deadline - time.perf_counter()) > 0:
-            self.arrived.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.arrived.wait(), left)
-        result.samples = [self.seen[o] - acked for o, acked in self.acked.items() if o in self.seen]
+        result.samples = await _lags(self.acked, self.seen, self.arrived)
         result.extra["missing"] = float(len(self.acked) - len(result.samples))
 
     async def aclose(self) -> None:

@@ -26,7 +26,7 @@ import inspect
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +36,7 @@ from google.protobuf import any_pb2
 from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from orders.server.handlers import behaviour_of, rebuilt
+from orders.server.handlers import WrappingInterceptor, behaviour_of, rebuilt
 from orders.server.rpc_errors import ERROR_DOMAIN
 from orders.telemetry.metrics import GRPC_OVERLOADED
 
@@ -84,7 +84,7 @@ def overloaded_status(limit: int, delay: float) -> grpc.Status:
     )
 
 
-class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc has no type hints
+class AdmissionInterceptor(WrappingInterceptor):
     """Lets at most `limit` calls run at once in this server and refuses the others as OVERLOADED.
 
     A call counts from the start of its handler to its end (a stream: its whole life). The count is
@@ -92,32 +92,19 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  #
     handler (cancelled while its request arrived) is never counted."""
 
     def __init__(self, limit: int) -> None:
+        super().__init__()
         if limit < 1:
             raise ValueError(f"the limit of calls in flight must be at least 1, got {limit}")
         self.limit = limit
         self.in_flight = 0
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
         self._refused_unlogged = 0
         self._last_logged = -LOG_EVERY
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method: str = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:  # registered handlers are the same object every call
-            return cached[1]
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         service, _, name = method.lstrip("/").partition("/")
         if service in UNLIMITED_SERVICES:
             return handler
-        wrapped = rebuilt(handler, self._admitting(behaviour_of(handler), GRPC_OVERLOADED.labels(service, name)))
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+        return rebuilt(handler, self._admitting(behaviour_of(handler), GRPC_OVERLOADED.labels(service, name)))
 
     def _admitting(self, behaviour: Callable[..., Any], refusals: Any) -> Callable[..., Any]:
         if inspect.isasyncgenfunction(behaviour):

@@ -1,10 +1,11 @@
 """A gRPC method handler rebuilt around other behaviour, keeping its kind and its codecs: how the
 server interceptors (correlation ids, metrics, token checks) wrap or replace a call. gRPC needs
-the handler's kind (unary or streaming, each way) to answer on the right kind of call."""
+the handler's kind (unary or streaming, each way) to answer on the right kind of call.
+`WrappingInterceptor` is the interceptor that wraps each method's handler once and reuses it."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -36,3 +37,29 @@ def rebuilt(
         request_deserializer=handler.request_deserializer if decode else None,
         response_serializer=handler.response_serializer,
     )
+
+
+class WrappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc has no type hints
+    """A server interceptor that serves each method through `wrap(method, handler)`, made once per
+    method: a server's registered handlers are the same objects on every call, so the wrapped one
+    is kept and reused (made again only if the handler object changes)."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        raise NotImplementedError
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:  # not served here: UNIMPLEMENTED
+            return None
+        method: str = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = self._wrapped[method] = (handler, self.wrap(method, handler))
+        return cached[1]

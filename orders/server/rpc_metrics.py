@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from orders.server.handlers import behaviour_of, rebuilt
+from orders.server.handlers import WrappingInterceptor, behaviour_of, rebuilt
 from orders.telemetry.metrics import GRPC_HANDLED, GRPC_HANDLING, GRPC_IN_FLIGHT
 
 _OK = grpc.StatusCode.OK
@@ -99,7 +99,7 @@ def _instrumented_handler(handler: grpc.RpcMethodHandler, metrics: _MethodMetric
     return rebuilt(handler, _instrumented(behaviour_of(handler), metrics))
 
 
-class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc has no type hints
+class GrpcMetricsInterceptor(WrappingInterceptor):
     """Counts every RPC a server handles by its final status code, times it and tracks RPCs in flight.
 
     It wraps the handler, so it sees the real outcome: an abort with a rich status (our error
@@ -108,25 +108,5 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc] 
     Calls to methods the server does not have never reach a handler and are not counted; calls
     refused as OVERLOADED (orders.server.admission, after this interceptor) are, as UNAVAILABLE."""
 
-    def __init__(self) -> None:
-        self._methods: dict[str, _MethodMetrics] = {}
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method: str = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:  # registered handlers are the same object every call
-            return cached[1]
-        metrics = self._methods.get(method)
-        if metrics is None:
-            metrics = self._methods[method] = _MethodMetrics(method)
-        wrapped = _instrumented_handler(handler, metrics)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        return _instrumented_handler(handler, _MethodMetrics(method))
