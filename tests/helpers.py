@@ -7,14 +7,15 @@ import os
 import shlex
 import shutil
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import NamedTuple, TypeVar
 
 import grpc
 import pytest
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.connection import Connection
 
 from orders.domain.events import RecordedEvent
 from orders.store.event_store import open_connection, read_log
@@ -166,3 +167,18 @@ def require_tools(*tools: str, hint: str) -> None:
         if in_ci():
             pytest.fail(f"{reason}; CI is set, so CI must provide it")
         pytest.skip(reason)
+
+
+def round_trip_counting_redis(url: str) -> tuple[Redis, list[int]]:
+    """A Redis client whose connections count their writes (one per command or pipeline sent, so one
+    per round trip) in the returned list's only item; other users of the server do not disturb it.
+    Closing the client closes its pool."""
+    sends = [0]
+
+    class CountingConnection(Connection):
+        async def send_packed_command(self, command: bytes | str | Iterable[bytes], check_health: bool = True) -> None:
+            sends[0] += 1
+            await super().send_packed_command(command, check_health)
+
+    pool = ConnectionPool.from_url(url, connection_class=CountingConnection, decode_responses=True)
+    return Redis.from_pool(pool), sends

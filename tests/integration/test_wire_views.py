@@ -8,20 +8,19 @@ list itself. Round trips are counted on the test client's connections, as in tes
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import grpc
 import pytest
-from redis.asyncio import ConnectionPool, Redis
-from redis.asyncio.connection import Connection
+from redis.asyncio import Redis
 
 from orders.store.views import OrderView, ViewKeys, execute
 from orders.v1 import queries_pb2 as qry
 from read_service.servicer import OrderQueriesServicer
 from read_service.watch import ChangeFeed
-from tests.helpers import add_item_request, an_address, create_request
+from tests.helpers import add_item_request, an_address, create_request, round_trip_counting_redis
 from tests.integration.conftest import System
 
 
@@ -40,15 +39,7 @@ class Recorded:
 
 @pytest.fixture
 async def recorded(system: System) -> AsyncIterator[Recorded]:
-    sends = [0]
-
-    class CountingConnection(Connection):
-        async def send_packed_command(self, command: bytes | str | Iterable[bytes], check_health: bool = True) -> None:
-            sends[0] += 1
-            await super().send_packed_command(command, check_health)
-
-    pool = ConnectionPool.from_url(system.redis_url, connection_class=CountingConnection, decode_responses=True)
-    client = Redis.from_pool(pool)
+    client, sends = round_trip_counting_redis(system.redis_url)
     result = Recorded(client, sends)
     send = client.execute_command
 

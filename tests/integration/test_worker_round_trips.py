@@ -10,12 +10,11 @@ not disturb the count. A guard key moved between that read and the write still f
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
-from redis.asyncio import ConnectionPool, Redis
-from redis.asyncio.connection import Connection
+from redis.asyncio import Redis
 
 from orders.domain.consistency import LogPosition
 from orders.domain.events import RecordedEvent
@@ -27,7 +26,14 @@ from sync_worker import reads as reads_module
 from sync_worker.main import build_workers
 from sync_worker.projector import BatchWrites, CheckpointMoved, OrdersProjector, Values
 from sync_worker.worker import SyncWorker, WorkerSettings
-from tests.helpers import add_item_request, assert_views_match_events, create_request, eventually, views_in_redis
+from tests.helpers import (
+    add_item_request,
+    assert_views_match_events,
+    create_request,
+    eventually,
+    round_trip_counting_redis,
+    views_in_redis,
+)
 from tests.integration.conftest import System
 
 
@@ -45,15 +51,7 @@ class Counting:
 
 @pytest.fixture
 async def counting(system: System) -> AsyncIterator[Counting]:
-    sends = [0]
-
-    class CountingConnection(Connection):
-        async def send_packed_command(self, command: bytes | str | Iterable[bytes], check_health: bool = True) -> None:
-            sends[0] += 1
-            await super().send_packed_command(command, check_health)
-
-    pool = ConnectionPool.from_url(system.redis_url, connection_class=CountingConnection, decode_responses=True)
-    client = Redis.from_pool(pool)  # closes the pool with the client
+    client, sends = round_trip_counting_redis(system.redis_url)
     yield Counting(client, sends)
     await client.aclose()
 
