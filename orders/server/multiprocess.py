@@ -104,7 +104,7 @@ def _reserved(address: str, name: str) -> Iterator[str]:
     bare = host.strip("[]")
     family = socket.AF_INET6 if ":" in bare else socket.AF_INET
     port = int(port_text)
-    if port != 0 and _listened_on(family, bare, port):
+    if port != 0 and port_in_use(address):
         raise SystemExit(f"{name}: error: {address} is already in use")
     with socket.socket(family, socket.SOCK_STREAM) as reservation:
         reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -112,12 +112,14 @@ def _reserved(address: str, name: str) -> Iterator[str]:
         yield f"{host}:{reservation.getsockname()[1]}"
 
 
-def _listened_on(family: socket.AddressFamily, host: str, port: int) -> bool:
-    """Whether a socket that does not share its port (no SO_REUSEPORT) cannot bind there."""
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
+def port_in_use(address: str) -> bool:
+    """Whether HOST:PORT cannot be listened on because a socket that does not share its port
+    (no SO_REUSEPORT) already listens there."""
+    host, _, port = address.rpartition(":")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed socket's TIME_WAIT does not count
         try:
-            probe.bind((host, port))
+            probe.bind((host.strip("[]"), int(port)))
         except OSError:
             return True
     return False

@@ -21,10 +21,11 @@ import asyncpg
 
 from orders import config
 from orders.server.grpc_server import run, stop_on_signals
+from orders.server.multiprocess import port_in_use
 from orders.store.migrations import migrate_url
 from orders.telemetry.logs import LogFormat, LogLevel
 from orders.telemetry.tracing import TracingMode
-from orders.tools.processes import HealthServing, ServiceProcess, child_environment, port_in_use, start_service
+from orders.tools.processes import HealthServing, ServiceProcess, child_environment, start_service
 
 log = logging.getLogger("orders.local")
 

@@ -139,18 +139,6 @@ class PortOpen:
         return f"{self.address} to accept connections"
 
 
-def port_in_use(address: str) -> bool:
-    """Whether HOST:PORT cannot be listened on because a socket already listens there."""
-    host, _, port = address.rpartition(":")
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed socket's TIME_WAIT does not count
-        try:
-            probe.bind((host.strip("[]"), int(port)))
-        except OSError:
-            return True
-    return False
-
-
 def log_tail(path: Path | None, lines: int = 20) -> str:
     if path is None:
         return "(not kept here: see its output)"
