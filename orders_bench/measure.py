@@ -272,9 +272,7 @@ async def list_orders(bench: Bench, round_no: int) -> Figures:
 async def lag(bench: Bench, round_no: int) -> Figures:
     streams = max(1, bench.settings.lag_streams // bench.clients.size)
     result, figures = await _open(bench, "lag", {**bench.addresses, "streams": streams}, SYSTEM_PARTS)
-    ack_figures = {f"ack_{k}": v for k, v in latency_figures(result.latencies).items()}
-    extra = {k: v for k, v in result.extra.items() if k != "late_calls"}
-    return {**latency_figures(result.samples), **ack_figures, **extra, **figures}
+    return _lag_figures(result, figures)
 
 
 async def create_x2(bench: Bench, round_no: int) -> Figures:
@@ -301,6 +299,11 @@ async def naive_get(bench: Bench, round_no: int) -> Figures:
 async def naive_lag(bench: Bench, round_no: int) -> Figures:
     params = {**bench.naive_addresses, "redis_url": bench.redis_url, "prefix": naive_prefix(bench)}
     result, figures = await _open(bench, "naive-lag", params, NAIVE_PARTS)
+    return _lag_figures(result, figures)
+
+
+def _lag_figures(result: JobResult, figures: Figures) -> Figures:
+    """A lag run's figures: the lags (its samples), the acks' latencies as ack_*, its extras."""
     ack_figures = {f"ack_{k}": v for k, v in latency_figures(result.latencies).items()}
     extra = {k: v for k, v in result.extra.items() if k != "late_calls"}
     return {**latency_figures(result.samples), **ack_figures, **extra, **figures}
