@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from signal import SIGCONT, SIGKILL, SIGTERM, Signals
 from typing import IO, Literal, Protocol
@@ -158,7 +158,6 @@ class ServiceProcess:
     name: str
     process: asyncio.subprocess.Process
     log_file: Path | None = None
-    killed: bool = field(default=False, init=False)  # whether stop() had to SIGKILL it
 
     @property
     def pid(self) -> int:
@@ -200,7 +199,6 @@ class ServiceProcess:
             return await asyncio.wait_for(self.process.wait(), grace)
         except TimeoutError:
             log.warning("%s (pid %d) did not stop within %gs; killing it", self.name, self.pid, grace)
-            self.killed = True
             self.signal(SIGKILL)
             return await self.process.wait()
 
