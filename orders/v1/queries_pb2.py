@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from orders.v1 import types_pb2 as orders_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17orders/v1/queries.proto\x12\torders.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15orders/v1/types.proto\"4\n\x0fReadConsistency\x12\r\n\x05stale\x18\x01 \x01(\x08\x12\x12\n\nview_token\x18\x02 \x01(\t\">\n\x0fGetOrderRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"d\n\x10GetOrderResponse\x12\x1f\n\x05order\x18\x01 \x01(\x0b\x32\x10.orders.v1.Order\x12/\n\x0b\x63onsistency\x18\x02 \x01(\x0b\x32\x1a.orders.v1.ReadConsistency\"\x92\x01\n\x11ListOrdersRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12&\n\x06status\x18\x02 \x01(\x0e\x32\x16.orders.v1.OrderStatus\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x19\n\x11\x63onsistency_token\x18\x05 \x01(\t\"\x80\x01\n\x12ListOrdersResponse\x12 \n\x06orders\x18\x01 \x03(\x0b\x32\x10.orders.v1.Order\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12/\n\x0b\x63onsistency\x18\x03 \x01(\x0b\x32\x1a.orders.v1.ReadConsistency\"K\n\x19GetCustomerSummaryRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"z\n\x1aGetCustomerSummaryResponse\x12+\n\x07summary\x18\x01 \x01(\x0b\x32\x1a.orders.v1.CustomerSummary\x12/\n\x0b\x63onsistency\x18\x02 \x01(\x0b\x32\x1a.orders.v1.ReadConsistency\"D\n\x0bStatusCount\x12&\n\x06status\x18\x01 \x01(\x0e\x32\x16.orders.v1.OrderStatus\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"\xfe\x01\n\x0f\x43ustomerSummary\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x13\n\x0border_count\x18\x02 \x01(\x03\x12\x30\n\x10orders_by_status\x18\x03 \x03(\x0b\x32\x16.orders.v1.StatusCount\x12(\n\x0elifetime_spend\x18\x04 \x03(\x0b\x32\x10.orders.v1.Money\x12\x32\n\x0e\x66irst_order_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rlast_order_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"@\n\x11WatchOrderRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"f\n\x12WatchOrderResponse\x12\x1f\n\x05order\x18\x01 \x01(\x0b\x32\x10.orders.v1.Order\x12/\n\x0b\x63onsistency\x18\x02 \x01(\x0b\x32\x1a.orders.v1.ReadConsistency\"L\n\x1aWatchCustomerOrdersRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"\x94\x01\n\x1bWatchCustomerOrdersResponse\x12 \n\x06orders\x18\x01 \x03(\x0b\x32\x10.orders.v1.Order\x12\x0f\n\x07initial\x18\x02 \x01(\x08\x12\x11\n\ttruncated\x18\x03 \x01(\x08\x12/\n\x0b\x63onsistency\x18\x04 \x01(\x0b\x32\x1a.orders.v1.ReadConsistency2\xb6\x03\n\x0cOrderQueries\x12\x43\n\x08GetOrder\x12\x1a.orders.v1.GetOrderRequest\x1a\x1b.orders.v1.GetOrderResponse\x12I\n\nListOrders\x12\x1c.orders.v1.ListOrdersRequest\x1a\x1d.orders.v1.ListOrdersResponse\x12\x61\n\x12GetCustomerSummary\x12$.orders.v1.GetCustomerSummaryRequest\x1a%.orders.v1.GetCustomerSummaryResponse\x12K\n\nWatchOrder\x12\x1c.orders.v1.WatchOrderRequest\x1a\x1d.orders.v1.WatchOrderResponse0\x01\x12\x66\n\x13WatchCustomerOrders\x12%.orders.v1.WatchCustomerOrdersRequest\x1a&.orders.v1.WatchCustomerOrdersResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17orders/v1/queries.proto\x12\torders.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15orders/v1/types.proto\"L\n\x0fReadConsistency\x12\r\n\x05stale\x18\x01 \x01(\x08\x12\x12\n\nview_token\x18\x02 \x01(\t\x12\x16\n\x0erebuild_target\x18\x03 \x01(\t\">\n\x0fGetOrderRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"d\n\x10GetOrderResponse\x12\x1f\n\x05order\x18\x01 \x01(\x0b\x32\x10.orders.v1.Order\x12/\n\x0b\x63onsistency\x18\x02 \x01(\x0b\x32\x1a.orders.v1.ReadConsistency\"\x92\x01\n\x11ListOrdersRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12&\n\x06status\x18\x02 \x01(\x0e\x32\x16.orders.v1.OrderStatus\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x19\n\x11\x63onsistency_token\x18\x05 \x01(\t\"\x80\x01\n\x12ListOrdersResponse\x12 \n\x06orders\x18\x01 \x03(\x0b\x32\x10.orders.v1.Order\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12/\n\x0b\x63onsistency\x18\x03 \x01(\x0b\x32\x1a.orders.v1.ReadConsistency\"K\n\x19GetCustomerSummaryRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"z\n\x1aGetCustomerSummaryResponse\x12+\n\x07summary\x18\x01 \x01(\x0b\x32\x1a.orders.v1.CustomerSummary\x12/\n\x0b\x63onsistency\x18\x02 \x01(\x0b\x32\x1a.orders.v1.ReadConsistency\"D\n\x0bStatusCount\x12&\n\x06status\x18\x01 \x01(\x0e\x32\x16.orders.v1.OrderStatus\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"\xfe\x01\n\x0f\x43ustomerSummary\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x13\n\x0border_count\x18\x02 \x01(\x03\x12\x30\n\x10orders_by_status\x18\x03 \x03(\x0b\x32\x16.orders.v1.StatusCount\x12(\n\x0elifetime_spend\x18\x04 \x03(\x0b\x32\x10.orders.v1.Money\x12\x32\n\x0e\x66irst_order_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rlast_order_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"@\n\x11WatchOrderRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"f\n\x12WatchOrderResponse\x12\x1f\n\x05order\x18\x01 \x01(\x0b\x32\x10.orders.v1.Order\x12/\n\x0b\x63onsistency\x18\x02 \x01(\x0b\x32\x1a.orders.v1.ReadConsistency\"L\n\x1aWatchCustomerOrdersRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"\x94\x01\n\x1bWatchCustomerOrdersResponse\x12 \n\x06orders\x18\x01 \x03(\x0b\x32\x10.orders.v1.Order\x12\x0f\n\x07initial\x18\x02 \x01(\x08\x12\x11\n\ttruncated\x18\x03 \x01(\x08\x12/\n\x0b\x63onsistency\x18\x04 \x01(\x0b\x32\x1a.orders.v1.ReadConsistency2\xb6\x03\n\x0cOrderQueries\x12\x43\n\x08GetOrder\x12\x1a.orders.v1.GetOrderRequest\x1a\x1b.orders.v1.GetOrderResponse\x12I\n\nListOrders\x12\x1c.orders.v1.ListOrdersRequest\x1a\x1d.orders.v1.ListOrdersResponse\x12\x61\n\x12GetCustomerSummary\x12$.orders.v1.GetCustomerSummaryRequest\x1a%.orders.v1.GetCustomerSummaryResponse\x12K\n\nWatchOrder\x12\x1c.orders.v1.WatchOrderRequest\x1a\x1d.orders.v1.WatchOrderResponse0\x01\x12\x66\n\x13WatchCustomerOrders\x12%.orders.v1.WatchCustomerOrdersRequest\x1a&.orders.v1.WatchCustomerOrdersResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,31 +34,31 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'orders.v1.queries_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_READCONSISTENCY']._serialized_start=94
-  _globals['_READCONSISTENCY']._serialized_end=146
-  _globals['_GETORDERREQUEST']._serialized_start=148
-  _globals['_GETORDERREQUEST']._serialized_end=210
-  _globals['_GETORDERRESPONSE']._serialized_start=212
-  _globals['_GETORDERRESPONSE']._serialized_end=312
-  _globals['_LISTORDERSREQUEST']._serialized_start=315
-  _globals['_LISTORDERSREQUEST']._serialized_end=461
-  _globals['_LISTORDERSRESPONSE']._serialized_start=464
-  _globals['_LISTORDERSRESPONSE']._serialized_end=592
-  _globals['_GETCUSTOMERSUMMARYREQUEST']._serialized_start=594
-  _globals['_GETCUSTOMERSUMMARYREQUEST']._serialized_end=669
-  _globals['_GETCUSTOMERSUMMARYRESPONSE']._serialized_start=671
-  _globals['_GETCUSTOMERSUMMARYRESPONSE']._serialized_end=793
-  _globals['_STATUSCOUNT']._serialized_start=795
-  _globals['_STATUSCOUNT']._serialized_end=863
-  _globals['_CUSTOMERSUMMARY']._serialized_start=866
-  _globals['_CUSTOMERSUMMARY']._serialized_end=1120
-  _globals['_WATCHORDERREQUEST']._serialized_start=1122
-  _globals['_WATCHORDERREQUEST']._serialized_end=1186
-  _globals['_WATCHORDERRESPONSE']._serialized_start=1188
-  _globals['_WATCHORDERRESPONSE']._serialized_end=1290
-  _globals['_WATCHCUSTOMERORDERSREQUEST']._serialized_start=1292
-  _globals['_WATCHCUSTOMERORDERSREQUEST']._serialized_end=1368
-  _globals['_WATCHCUSTOMERORDERSRESPONSE']._serialized_start=1371
-  _globals['_WATCHCUSTOMERORDERSRESPONSE']._serialized_end=1519
-  _globals['_ORDERQUERIES']._serialized_start=1522
-  _globals['_ORDERQUERIES']._serialized_end=1960
+  _globals['_READCONSISTENCY']._serialized_end=170
+  _globals['_GETORDERREQUEST']._serialized_start=172
+  _globals['_GETORDERREQUEST']._serialized_end=234
+  _globals['_GETORDERRESPONSE']._serialized_start=236
+  _globals['_GETORDERRESPONSE']._serialized_end=336
+  _globals['_LISTORDERSREQUEST']._serialized_start=339
+  _globals['_LISTORDERSREQUEST']._serialized_end=485
+  _globals['_LISTORDERSRESPONSE']._serialized_start=488
+  _globals['_LISTORDERSRESPONSE']._serialized_end=616
+  _globals['_GETCUSTOMERSUMMARYREQUEST']._serialized_start=618
+  _globals['_GETCUSTOMERSUMMARYREQUEST']._serialized_end=693
+  _globals['_GETCUSTOMERSUMMARYRESPONSE']._serialized_start=695
+  _globals['_GETCUSTOMERSUMMARYRESPONSE']._serialized_end=817
+  _globals['_STATUSCOUNT']._serialized_start=819
+  _globals['_STATUSCOUNT']._serialized_end=887
+  _globals['_CUSTOMERSUMMARY']._serialized_start=890
+  _globals['_CUSTOMERSUMMARY']._serialized_end=1144
+  _globals['_WATCHORDERREQUEST']._serialized_start=1146
+  _globals['_WATCHORDERREQUEST']._serialized_end=1210
+  _globals['_WATCHORDERRESPONSE']._serialized_start=1212
+  _globals['_WATCHORDERRESPONSE']._serialized_end=1314
+  _globals['_WATCHCUSTOMERORDERSREQUEST']._serialized_start=1316
+  _globals['_WATCHCUSTOMERORDERSREQUEST']._serialized_end=1392
+  _globals['_WATCHCUSTOMERORDERSRESPONSE']._serialized_start=1395
+  _globals['_WATCHCUSTOMERORDERSRESPONSE']._serialized_end=1543
+  _globals['_ORDERQUERIES']._serialized_start=1546
+  _globals['_ORDERQUERIES']._serialized_end=1984
 # @@protoc_insertion_point(module_scope)

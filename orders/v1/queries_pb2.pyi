@@ -28,23 +28,35 @@ class ReadConsistency(_message.Message):
 
     STALE_FIELD_NUMBER: _builtins.int
     VIEW_TOKEN_FIELD_NUMBER: _builtins.int
+    REBUILD_TARGET_FIELD_NUMBER: _builtins.int
     stale: _builtins.bool
-    """True when the request carried a consistency token and the views had not
-    reached it when the wait ended: the answer may not include that write.
+    """True when the answer may be older than the caller expects: the request
+    carried a consistency token and the views had not reached it when the wait
+    ended; or the views are older than this server answered from before (they
+    are replaying the event log after Redis lost them, see rebuild_target, or
+    an older copy of Redis took over); or some of the order's events wait in
+    the projection's dead-letter list (parked). An answer without it is never
+    older than an earlier answer of the same server.
     """
     view_token: _builtins.str
     """Consistency token of the newest event the views included when the answer
-    was read; empty when the views are empty.
+    was read (how far they have come); empty when the views are empty.
+    """
+    rebuild_target: _builtins.str
+    """While the views replay the event log from scratch (after Redis lost them),
+    the consistency token they are replaying up to; empty otherwise. While it
+    is set, stale is true.
     """
     def __init__(
         self,
         *,
         stale: _builtins.bool = ...,
         view_token: _builtins.str = ...,
+        rebuild_target: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["stale", b"stale", "view_token", b"view_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rebuild_target", b"rebuild_target", "stale", b"stale", "view_token", b"view_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
