@@ -9,6 +9,12 @@ lease holder with this worker and writes nothing otherwise, so a frozen worker
 that wakes up after losing its lease cannot apply anything. Readers of the
 heartbeat (the read service's projection health) use orders.store.heartbeat.
 
+The lease names a worker id, not a process: a worker that restarts under the same id
+(ORDERS_WORKER_ID: the pod name, orders-local's fixed name) finds its own id in the lease and
+takes it back at once, while a worker of another id waits until it expires. Two live processes
+under one id would both pass the lease check; the checkpoint guard of every batch still keeps them
+from applying anything twice, but ids should be unique among the workers running at once.
+
 Times come from the Redis server's clock (TIME), so readers of the heartbeat
 on other hosts need no synchronised clocks.
 """

@@ -91,7 +91,12 @@ def parse_settings(argv: Sequence[str] | None = None) -> SyncSettings:
         parse=config.positive_float,
     )
     config.add_setting(
-        parser, "worker-id", "this worker's name in the lease and heartbeat (default: host:pid:random)", default=""
+        parser,
+        "worker-id",
+        "this worker's name in the lease and heartbeat, stable across restarts (e.g. the pod name) so that a "
+        "restarted worker takes its own lease back at once; unique among the workers running at once "
+        "(default: host:pid:random, new on every start)",
+        default="",
     )
     config.add_setting(
         parser,

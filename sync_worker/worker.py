@@ -79,6 +79,9 @@ def _store_of(error: BaseException) -> str | None:
 
 
 def default_worker_id() -> str:
+    """A new id for every process. A worker restarted after a crash with it is a stranger to its own
+    lease and waits out its predecessor's ttl; pin ORDERS_WORKER_ID (the pod name, a fixed name) so a
+    restart takes its lease back at once (sync_worker.lease)."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 

@@ -32,6 +32,10 @@ log = logging.getLogger("orders.local")
 SERVICES = ("orders-write-service", "orders-read-service", "orders-sync-worker")  # console scripts
 DATABASE = "orders"
 READY_TIMEOUT = 60.0
+# The sync worker's id in its leases, the same on every start: a worker that crashed and is started
+# again takes its own leases back at once, instead of waiting ORDERS_LEASE_TTL for a random
+# predecessor's to expire. ORDERS_WORKER_ID, if set for the runner, wins.
+LOCAL_WORKER_ID = "local-worker-1"
 
 
 @dataclass
@@ -141,7 +145,7 @@ async def _create_database(admin_url: str) -> None:
 
 def _service_env(settings: LocalSettings) -> dict[str, str]:
     # The runner's own ORDERS_* variables pass on too, e.g. ORDERS_BATCH_SIZE to the sync worker.
-    return child_environment(
+    env = child_environment(
         {
             "ORDERS_POSTGRES_URL": settings.postgres_url or "",
             "ORDERS_REDIS_URL": settings.redis_url or "",
@@ -163,6 +167,9 @@ def _service_env(settings: LocalSettings) -> dict[str, str]:
         },
         inherit_settings=True,
     )
+    if not env.get("ORDERS_WORKER_ID"):
+        env["ORDERS_WORKER_ID"] = LOCAL_WORKER_ID
+    return env
 
 
 async def _start_services(settings: LocalSettings) -> list[ServiceProcess]:
