@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass, field, replace
 from functools import singledispatch
 
+import pycountry
+
 from orders.domain.commands import (
     AddItem,
     CancelOrder,
@@ -48,7 +50,16 @@ MAX_QUANTITY = 10_000
 MAX_UNIT_PRICE_MINOR = 1_000_000_000_000
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 ID_RULE = "must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'"  # the rule of every id, as violations say it
-CURRENCY_PATTERN = re.compile(r"[A-Z]{3}")
+# ISO 4217 codes that are no money to price an order in (docs/errors.md#currencies): no currency (XXX),
+# testing (XTS), precious metals by the troy ounce (XAU, XAG, XPD, XPT), and units of account of
+# institutions (bond-market units XBA-XBD, the IMF's XDR, XSU, the ADB's XUA, the Arab Monetary Fund's
+# XAD). Money counts minor units, and ISO 4217 gives most of these none.
+NOT_MONEY = frozenset(
+    {"XXX", "XTS", "XAU", "XAG", "XPD", "XPT", "XBA", "XBB", "XBC", "XBD", "XDR", "XSU", "XUA", "XAD"}
+)
+# The codes an order may use: ISO 4217's current list as pycountry ships it (from Debian's iso-codes),
+# read once here so that a check is one set lookup.
+CURRENCY_CODES = frozenset(currency.alpha_3 for currency in pycountry.currencies) - NOT_MONEY
 COUNTRY_PATTERN = re.compile(r"[A-Z]{2}")
 # Unicode general category Cc, exactly: C0 controls, DEL and C1 controls (stable by Unicode policy).
 CONTROL_PATTERN = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -120,9 +131,19 @@ def _check_id(field_name: str, value: str) -> list[FieldViolation]:
 
 
 def _check_currency(field_name: str, value: str) -> list[FieldViolation]:
-    if CURRENCY_PATTERN.fullmatch(value):
+    if value in CURRENCY_CODES:
         return []
-    return [FieldViolation(field_name, f"must be an ISO 4217 code of three upper-case letters, got {_shown(value)}")]
+    if value in NOT_MONEY:
+        return [
+            FieldViolation(
+                field_name,
+                f"must be a currency: {value!r} is an ISO 4217 code for no currency, testing, "
+                "a precious metal or a unit of account",
+            )
+        ]
+    return [
+        FieldViolation(field_name, f"must be an ISO 4217 currency code in upper case, e.g. 'EUR', got {_shown(value)}")
+    ]
 
 
 def check_address(prefix: str, address: Address) -> list[FieldViolation]:

@@ -74,7 +74,9 @@ class CreateOrderRequest(_message.Message):
     customer_id: _builtins.str
     """Customer placing the order (1-64 characters of [A-Za-z0-9_-])."""
     currency_code: _builtins.str
-    """ISO 4217 currency of every price in the order, e.g. "EUR"."""
+    """ISO 4217 currency of every price in the order, e.g. "EUR"; the codes
+    accepted are those of Money.currency_code.
+    """
     expected_version: _builtins.int
     """Optional; when set it must be 0 (the order must not exist yet)."""
     @_builtins.property

@@ -65,7 +65,10 @@ class Money(_message.Message):
     CURRENCY_CODE_FIELD_NUMBER: _builtins.int
     MINOR_UNITS_FIELD_NUMBER: _builtins.int
     currency_code: _builtins.str
-    """ISO 4217 alphabetic code, three upper-case letters, e.g. "EUR"."""
+    """ISO 4217 alphabetic code in upper case, e.g. "EUR": a code of ISO 4217's
+    current list, except the codes that are no money (XXX no currency, XTS
+    testing, precious metals, units of account); see docs/errors.md.
+    """
     minor_units: _builtins.int
     """Amount in the currency's minor unit, e.g. 1999 for 19.99 EUR."""
     def __init__(
