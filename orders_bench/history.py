@@ -22,6 +22,7 @@ from orders.domain.consistency import START, LogPosition
 from orders.domain.events import Address, Event, ItemAdded, OrderConfirmed, OrderCreated, event_type, to_payload
 from orders.store.event_store import head, open_connection, read_batch
 from orders.store.views import PROJECTIONS, ViewKeys, redis_client
+from orders_bench.samples import Samples, progress_series
 from orders_bench.system import cpu_seconds, spawn, stop_process
 
 COLUMNS = ["stream_id", "version", "event_type", "schema_version", "payload", "metadata"]
@@ -111,7 +112,8 @@ def peak_rss_mb(pid: int) -> float | None:
 
 
 class RebuildProbe:
-    """Polls both projections' checkpoints and applied counters until both reach the target."""
+    """Polls both projections' checkpoints and applied counters until both reach the target, and
+    keeps every reading of the counters (time, events applied per projection) for the plots."""
 
     def __init__(self, redis_url: str, prefix: str, target: LogPosition) -> None:
         self.redis = redis_client(redis_url)
@@ -119,12 +121,15 @@ class RebuildProbe:
         self.target = target.token()
         self.first: tuple[float, int] | None = None  # (time, events applied) when applying was first seen
         self.done: dict[str, float] = {}
+        self.readings: list[tuple[float, dict[str, int]]] = []
 
     async def poll(self) -> None:
         names = [k.checkpoint for k in self.keys] + [k.applied for k in self.keys]
         values = await self.redis.mget(names)
         now = time.perf_counter()
-        applied = sum(int(v or 0) for v in values[len(self.keys) :])
+        counters = [int(v or 0) for v in values[len(self.keys) :]]
+        self.readings.append((now, {k.projection: n for k, n in zip(self.keys, counters, strict=True)}))
+        applied = sum(counters)
         if self.first is None and applied > 0:
             self.first = (now, applied)
         for keys, checkpoint in zip(self.keys, values, strict=False):
@@ -147,9 +152,10 @@ async def rebuild_round(
     timeout: float,
     progress: Callable[[str], None],
     split: bool = False,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], Samples]:
     """Starts a sync worker on empty views under `prefix` and times its replay of the whole log;
-    with `split`, one worker process per projection (ORDERS_PROJECTIONS), as on more cores.
+    with `split`, one worker process per projection (ORDERS_PROJECTIONS), as on more cores. Returns
+    its figures and its progress (events applied per projection against seconds since its start).
 
     The rate counts from the first applied batch (not process start-up) to the moment both
     projections reach the head: log events per second, each event applied once per projection."""
@@ -175,7 +181,8 @@ async def rebuild_round(
         for worker in workers:
             await stop_process(worker)
         await probe.redis.aclose()
-    return _rebuild_figures(probe, events, started, _spent(cpu_before, cpu_after), max((p or 0.0) for p in peaks))
+    figures = _rebuild_figures(probe, events, started, _spent(cpu_before, cpu_after), max((p or 0.0) for p in peaks))
+    return figures, progress_series([(at - started, applied) for at, applied in probe.readings], events)
 
 
 def _spent(before: list[float | None], after: list[float | None]) -> float | None:

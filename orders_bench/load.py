@@ -46,6 +46,9 @@ class JobResult:
     duration: float = 0.0
     samples: list[float] = field(default_factory=list)  # seconds, other than call latency (lag)
     extra: dict[str, float] = field(default_factory=dict)  # summed over processes
+    # (wall-clock time, seconds) of each sample that has a time (lag: the ack's time and the lag)
+    series: list[tuple[float, float]] = field(default_factory=list)
+    window_start: float = 0.0  # wall-clock time the measured window began at (after the warm-up)
 
     def merge(self, other: JobResult) -> JobResult:
         extra = {k: self.extra.get(k, 0.0) + other.extra.get(k, 0.0) for k in {*self.extra, *other.extra}}
@@ -58,6 +61,8 @@ class JobResult:
             max(self.duration, other.duration),
             self.samples + other.samples,
             extra,
+            self.series + other.series,
+            self.window_start or other.window_start,
         )
 
 
@@ -222,6 +227,7 @@ class ClientPool:
         merged = results[0]
         for other in results[1:]:
             merged = merged.merge(other)
+        merged.window_start = start + job.warmup
         return merged
 
     def _share(self, job: Job, index: int) -> Job:

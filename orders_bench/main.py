@@ -33,6 +33,7 @@ from orders_bench.cpu import CPU, PER_PROCESS, cpu_rounds, describe_floor, media
 from orders_bench.history import load_history
 from orders_bench.load import ClientPool
 from orders_bench.measure import Bench, Runner, Settings
+from orders_bench.samples import LATENCY_QUANTILES, Samples
 from orders_bench.stats import Check, Figure, Figures, Row, Spread, Verdict, evaluate, render_results, render_verdicts
 from orders_bench.stats import summarize_rounds as summarize
 from orders_bench.system import (
@@ -62,7 +63,9 @@ batches of SETs. A peer, in the same rounds with the same client: a naive pipeli
 command, a poller that SETs one key per event, one GET per query). Every measurement reports the
 CPU of all its processes per unit of work; commands and queries are compared with the floor made
 of the ceilings' CPU per unit. Progress goes to stderr; the table of medians (min–max over rounds),
-the CPU table and the targets go to stdout; everything goes to JSON."""
+the CPU table and the targets go to stdout; everything goes to JSON, and plots of it (PNG, if
+matplotlib is installed: pip install 'orders-cqrs[bench]') to a folder of the JSON's name beside it:
+latency percentiles per path, lag against time, rebuild progress, throughput against the ceilings."""
 
 EPILOG = """\
 measurements (--only takes these, or the groups ceilings, write, read):
@@ -77,6 +80,7 @@ measurements (--only takes these, or the groups ceilings, write, read):
 
 examples:
   orders-bench --quick
+  orders-bench --plot bench-results/20261204T155834Z.json --plots-dir docs/images   # re-plot a saved run
   orders-bench --postgres-url postgresql://postgres@127.0.0.1:5432/postgres --redis-url redis://127.0.0.1:6379/0
   orders-bench --only write,echo --rounds 3 --concurrency 128 --client-processes 2
 """
@@ -201,6 +205,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--client-processes", type=config.positive_int, default=1, help="load generator processes (default 1)")
     add("--only", type=_names, help="comma-separated measurements or groups to run (default: all but create-client)")
     add("--json-out", type=Path, help="where to write the JSON results (default bench-results/<UTC time>.json)")
+    add("--no-plots", action="store_true", help="write no plots, only the JSON")
+    add("--plots-dir", type=Path, help="where to write the plots (default: beside the JSON, a folder of its name)")
+    add("--plot", type=Path, metavar="JSON", help="measure nothing: draw the plots of a saved run's JSON")
     config.add_setting(
         parser, "postgres-url", "PostgreSQL server to use (empty: embedded)", default="", parse=_optional_postgres
     )
@@ -254,6 +261,7 @@ class Report:
     started_at: str
     elapsed: float
     skipped: dict[str, str]
+    samples: dict[str, list[Samples]]  # per measurement, one per round: for the plots
 
 
 async def prepare(bench: Bench, chosen: list[Measurement], servers: Servers) -> None:
@@ -312,18 +320,23 @@ def _history_name(bench: Bench) -> str:
     return f"orders_bench_{bench.run_id}_history"
 
 
-async def run_rounds(bench: Bench, chosen: list[Measurement]) -> dict[str, list[Figures]]:
+async def run_rounds(
+    bench: Bench, chosen: list[Measurement]
+) -> tuple[dict[str, list[Figures]], dict[str, list[Samples]]]:
     """Round 1 of every measurement, then round 2, ...: slow drift of the machine or of the
-    database's size spreads over all of them instead of favouring the ones run first."""
+    database's size spreads over all of them instead of favouring the ones run first. Returns
+    each measurement's figures and samples, one per round."""
     rounds: dict[str, list[Figures]] = {m.name: [] for m in chosen}
+    samples: dict[str, list[Samples]] = {m.name: [] for m in chosen}
     total = bench.settings.rounds
     for round_no in range(1, total + 1):
         for m in (m for m in chosen if m.name not in bench.skipped):
             _run_alone(bench, m)
-            figures = await m.run(bench, round_no)
-            rounds[m.name].append(figures)
-            bench.progress(f"{m.name:<13} round {round_no}/{total}: {_brief(m, figures)}")
-    return rounds
+            outcome = await m.run(bench, round_no)
+            rounds[m.name].append(outcome.figures)
+            samples[m.name].append(outcome.samples)
+            bench.progress(f"{m.name:<13} round {round_no}/{total}: {_brief(m, outcome.figures)}")
+    return rounds, samples
 
 
 def _run_alone(bench: Bench, m: Measurement) -> None:
@@ -379,12 +392,12 @@ async def bench_run(settings: Settings, chosen: list[Measurement], servers: Serv
     progress(f"run {run_id}: database {database}, Redis prefix {bench.prefix}, logs in {log_dir}")
     try:
         await prepare(bench, chosen, servers)
-        rounds = await run_rounds(bench, chosen)
+        rounds, samples = await run_rounds(bench, chosen)
         machine = await machine_info(servers, database_url)
     finally:
         await cleanup(bench, servers, database)
     elapsed = time.monotonic() - progress.started
-    return Report(settings, [m.name for m in chosen], rounds, machine, started_at, elapsed, bench.skipped)
+    return Report(settings, [m.name for m in chosen], rounds, machine, started_at, elapsed, bench.skipped, samples)
 
 
 async def cleanup(bench: Bench, servers: Servers, database: str) -> None:
@@ -511,9 +524,11 @@ def to_json(report: Report, summaries: dict[str, dict[str, Spread]], verdicts: l
                 "unit": BY_NAME[name].unit,
                 "rounds": report.rounds[name],
                 "summary": {k: v.as_dict() for k, v in summaries[name].items()},
+                "samples": report.samples[name],
             }
             for name in report.measurements
         },
+        "sample_quantiles": list(LATENCY_QUANTILES),  # the percentiles of every latency_ms and lag_ms
         "skipped": report.skipped,
         CPU: {
             "rounds": cpu_rounds(report.rounds, len(PROJECTIONS)),
@@ -532,13 +547,15 @@ def cpu_table(report: Report, summaries: dict[str, dict[str, Spread]]) -> str:
     return table if floor is None else f"{table}\n{describe_floor(floor)}"
 
 
-def output(report: Report, json_out: Path | None) -> str:
+def output(report: Report, json_out: Path | None, plots_dir: Path | None, plots: bool = True) -> str:
+    """Writes the JSON (and the plots, unless not `plots`); returns the text to print."""
     summaries = summarize_report(report)
     verdicts = [evaluate(check, summaries) for check in checks(report.settings.rate)]
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     path = json_out or Path("bench-results") / f"{stamp}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(to_json(report, summaries, verdicts), indent=2) + "\n")
+    results = to_json(report, summaries, verdicts)
+    path.write_text(json.dumps(results, indent=2) + "\n")
     s = report.settings
     header = (
         f"orders-bench: {s.rounds} rounds of {s.duration:g}s (+{s.warmup:g}s warm-up), {s.concurrency} in flight, "
@@ -546,11 +563,58 @@ def output(report: Report, json_out: Path | None) -> str:
     )
     table = render_results(rows(report, summaries), s.rounds)
     cpu = cpu_table(report, summaries)
-    return f"{header}\n\n{table}\n\n{cpu}\n\n{render_verdicts(verdicts)}\n\nJSON: {path}"
+    text = f"{header}\n\n{table}\n\n{cpu}\n\n{render_verdicts(verdicts)}\n\nJSON: {path}"
+    return f"{text}\n{draw(results, plots_dir or plots_beside(path))}" if plots else text
+
+
+def plots_beside(json_path: Path) -> Path:
+    """The plots' default folder: beside the JSON, of the same name (bench-results/<time>/)."""
+    return json_path.with_suffix("")
+
+
+class PlotsUnavailable(Exception):
+    """matplotlib, an optional extra, is not installed."""
+
+
+NO_MATPLOTLIB = "matplotlib is not installed (pip install 'orders-cqrs[bench]')"
+
+
+def draw_plots(results: Mapping[str, Any], directory: Path) -> str:
+    """Draws the plots of a run's results into `directory`; one line that says what was drawn."""
+    try:
+        from orders_bench import plots  # noqa: PLC0415 - matplotlib is optional: imported only to plot
+    except ModuleNotFoundError as missing:
+        if (missing.name or "").partition(".")[0] != "matplotlib":
+            raise
+        raise PlotsUnavailable(NO_MATPLOTLIB) from missing
+    written, lacking = plots.write_plots(results, directory)
+    line = f"plots: {', '.join(p.name for p in written) or 'none'} in {directory}"
+    return f"{line} (no data for: {', '.join(lacking)})" if lacking else line
+
+
+def draw(results: Mapping[str, Any], directory: Path) -> str:
+    """As draw_plots, but a missing matplotlib is one line of the output, not an error: the run's
+    JSON is written already."""
+    try:
+        return draw_plots(results, directory)
+    except PlotsUnavailable as unavailable:
+        return f"plots: none, {unavailable}"
+
+
+def replot(json_path: Path, plots_dir: Path | None) -> str:
+    """`--plot`: the plots of a saved run."""
+    results = json.loads(json_path.read_text())
+    return draw_plots(results, plots_dir or plots_beside(json_path))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.plot is not None:
+        try:
+            print(replot(args.plot, args.plots_dir), flush=True)
+        except (OSError, ValueError, PlotsUnavailable) as error:
+            sys.exit(f"orders-bench: cannot plot {args.plot}: {error}")
+        return
     settings = settings_from(args)
     chosen = [BY_NAME[name] for name in (args.only or [m.name for m in MEASUREMENTS if m.default])]
     reports: list[Report] = []
@@ -564,7 +628,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             run(go)
         finally:
             servers.stop()
-    print(output(reports[0], args.json_out), flush=True)
+    print(output(reports[0], args.json_out, args.plots_dir, plots=not args.no_plots), flush=True)
 
 
 if __name__ == "__main__":

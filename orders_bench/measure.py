@@ -2,7 +2,8 @@
 
 Each measurement's round returns figures: "rate" (units per second), p50/p99/max latency in ms
 where it has one, errors, and the CPU use of the processes involved (100 = one core busy), which
-tells which process limits it.
+tells which process limits it; and samples for the plots (orders_bench.samples): percentiles of the
+calls' latencies, the lag of each command against time, the rebuild's progress.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from orders_bench.history import rebuild_round
 from orders_bench.load import ClientPool, Job, JobResult
 from orders_bench.naive import order_key
 from orders_bench.ops import CALL_TIMEOUT, add_item_request, create_request
+from orders_bench.samples import Samples, lag_series, latency_quantiles
 from orders_bench.stats import Figures, latency_figures
 from orders_bench.system import CpuMeter, Services, delete_keys, spent
 
@@ -133,7 +135,15 @@ class Bench:
                 started.check_running()
 
 
-Runner = Callable[[Bench, int], Awaitable[Figures]]
+@dataclass(frozen=True)
+class Outcome:
+    """One round of one measurement: its figures (summarized over the rounds) and its samples."""
+
+    figures: Figures
+    samples: Samples = field(default_factory=dict)
+
+
+Runner = Callable[[Bench, int], Awaitable[Outcome]]
 
 
 async def _measured(bench: Bench, job: Job, parts: Parts) -> tuple[JobResult, Figures]:
@@ -192,9 +202,17 @@ class Window:
         return self.task.result()
 
 
-async def closed(bench: Bench, workload: str, params: dict[str, Any], parts: Parts) -> Figures:
-    result, figures = await _measured(bench, bench.job(workload, params), parts)
-    return {"rate": result.units / result.duration, **latency_figures(result.latencies), **figures}
+async def closed(bench: Bench, workload: str, params: dict[str, Any], parts: Parts) -> Outcome:
+    return closed_outcome(*await _measured(bench, bench.job(workload, params), parts))
+
+
+def closed_outcome(result: JobResult, figures: Figures) -> Outcome:
+    figures = {"rate": result.units / result.duration, **latency_figures(result.latencies), **figures}
+    return Outcome(figures, _latency_samples(result))
+
+
+def _latency_samples(result: JobResult) -> Samples:
+    return {"latency_ms": latency_quantiles(result.latencies)}
 
 
 async def _open(bench: Bench, workload: str, params: dict[str, Any], parts: Parts) -> tuple[JobResult, Figures]:
@@ -208,19 +226,19 @@ async def _open(bench: Bench, workload: str, params: dict[str, Any], parts: Part
 # ------------------------------------------------------------------------------ the measurements
 
 
-async def echo(bench: Bench, round_no: int) -> Figures:
+async def echo(bench: Bench, round_no: int) -> Outcome:
     return await closed(bench, "echo", {"echo": bench.echo_address}, ECHO_PARTS)
 
 
-async def stack_create(bench: Bench, round_no: int) -> Figures:
+async def stack_create(bench: Bench, round_no: int) -> Outcome:
     return await closed(bench, "create", {"write": bench.stack_address}, ECHO_PARTS)
 
 
-async def stack_get(bench: Bench, round_no: int) -> Figures:
+async def stack_get(bench: Bench, round_no: int) -> Outcome:
     return await closed(bench, "get", {"read": bench.stack_address, "order_ids": ["any"]}, ECHO_PARTS)
 
 
-async def pg_insert(bench: Bench, round_no: int) -> Figures:
+async def pg_insert(bench: Bench, round_no: int) -> Outcome:
     params = {"database_url": bench.database_url, "pool_size": _pool_share(bench)}
     return await closed(bench, "pg-insert", params, POSTGRES_PARTS)
 
@@ -230,105 +248,110 @@ def _pool_share(bench: Bench) -> int:
     return max(1, -(-bench.settings.pool_size // bench.clients.size))
 
 
-async def redis_get(bench: Bench, round_no: int) -> Figures:
+async def redis_get(bench: Bench, round_no: int) -> Outcome:
     return await closed(bench, "redis-get", {"redis_url": bench.redis_url, "prefix": bench.prefix}, REDIS_PARTS)
 
 
-async def redis_multi(bench: Bench, round_no: int) -> Figures:
+async def redis_multi(bench: Bench, round_no: int) -> Outcome:
     """Two transactions in flight, from one process: the sync worker's shape (a sequential loop per
     projection), which is the ceiling the rebuild is compared with."""
     params = {"redis_url": bench.redis_url, "prefix": bench.prefix}
     job = Job("redis-multi", params, 2, None, bench.settings.duration, bench.settings.warmup)
-    result, figures = await _measured(bench, job, REDIS_PARTS)
-    return {"rate": result.units / result.duration, **latency_figures(result.latencies), **figures}
+    return closed_outcome(*await _measured(bench, job, REDIS_PARTS))
 
 
-async def create(bench: Bench, round_no: int) -> Figures:
+async def create(bench: Bench, round_no: int) -> Outcome:
     return await closed(bench, "create", bench.addresses, SYSTEM_PARTS)
 
 
-async def create_client(bench: Bench, round_no: int) -> Figures:
+async def create_client(bench: Bench, round_no: int) -> Outcome:
     return await closed(bench, "create-client", bench.addresses, SYSTEM_PARTS)
 
 
-async def lifecycle(bench: Bench, round_no: int) -> Figures:
+async def lifecycle(bench: Bench, round_no: int) -> Outcome:
     return await closed(bench, "lifecycle", bench.addresses, SYSTEM_PARTS)
 
 
-async def ack(bench: Bench, round_no: int) -> Figures:
+async def ack(bench: Bench, round_no: int) -> Outcome:
     result, figures = await _open(bench, "create", bench.addresses, SYSTEM_PARTS)
-    return {**latency_figures(result.latencies), **figures}
+    return Outcome({**latency_figures(result.latencies), **figures}, _latency_samples(result))
 
 
-async def get(bench: Bench, round_no: int) -> Figures:
+async def get(bench: Bench, round_no: int) -> Outcome:
     return await closed(bench, "get", {**bench.addresses, "order_ids": bench.read_orders}, SYSTEM_PARTS)
 
 
-async def list_orders(bench: Bench, round_no: int) -> Figures:
+async def list_orders(bench: Bench, round_no: int) -> Outcome:
     params = {**bench.addresses, "customers": bench.read_customers, "page_size": READ_PAGE_SIZE}
     return await closed(bench, "list", params, SYSTEM_PARTS)
 
 
-async def lag(bench: Bench, round_no: int) -> Figures:
+async def lag(bench: Bench, round_no: int) -> Outcome:
     streams = max(1, bench.settings.lag_streams // bench.clients.size)
     result, figures = await _open(bench, "lag", {**bench.addresses, "streams": streams}, SYSTEM_PARTS)
-    return _lag_figures(result, figures)
+    return lag_outcome(result, figures)
 
 
-async def create_x2(bench: Bench, round_no: int) -> Figures:
+async def create_x2(bench: Bench, round_no: int) -> Outcome:
     return await closed(bench, "create", bench.addresses_x2, SYSTEM_X2_PARTS)
 
 
-async def get_x2(bench: Bench, round_no: int) -> Figures:
+async def get_x2(bench: Bench, round_no: int) -> Outcome:
     return await closed(bench, "get", {**bench.addresses_x2, "order_ids": bench.read_orders}, SYSTEM_X2_PARTS)
 
 
-async def naive_create(bench: Bench, round_no: int) -> Figures:
+async def naive_create(bench: Bench, round_no: int) -> Outcome:
     return await closed(bench, "create", bench.naive_addresses, NAIVE_PARTS)
 
 
-async def naive_ack(bench: Bench, round_no: int) -> Figures:
+async def naive_ack(bench: Bench, round_no: int) -> Outcome:
     result, figures = await _open(bench, "create", bench.naive_addresses, NAIVE_PARTS)
-    return {**latency_figures(result.latencies), **figures}
+    return Outcome({**latency_figures(result.latencies), **figures}, _latency_samples(result))
 
 
-async def naive_get(bench: Bench, round_no: int) -> Figures:
+async def naive_get(bench: Bench, round_no: int) -> Outcome:
     return await closed(bench, "get", {**bench.naive_addresses, "order_ids": bench.naive_orders}, NAIVE_PARTS)
 
 
-async def naive_lag(bench: Bench, round_no: int) -> Figures:
+async def naive_lag(bench: Bench, round_no: int) -> Outcome:
     params = {**bench.naive_addresses, "redis_url": bench.redis_url, "prefix": naive_prefix(bench)}
     result, figures = await _open(bench, "naive-lag", params, NAIVE_PARTS)
-    return _lag_figures(result, figures)
+    return lag_outcome(result, figures)
 
 
-def _lag_figures(result: JobResult, figures: Figures) -> Figures:
-    """A lag run's figures: the lags (its samples), the acks' latencies as ack_*, its extras."""
+def lag_outcome(result: JobResult, figures: Figures) -> Outcome:
+    """A lag run's figures: the lags (its samples), the acks' latencies as ack_*, its extras; and
+    the percentiles of both, and the lags against time."""
     ack_figures = {f"ack_{k}": v for k, v in latency_figures(result.latencies).items()}
     extra = {k: v for k, v in result.extra.items() if k != "late_calls"}
-    return {**latency_figures(result.samples), **ack_figures, **extra, **figures}
+    samples = {
+        **_latency_samples(result),
+        "lag_ms": latency_quantiles(result.samples),
+        "lag_series": lag_series(result.series, result.window_start),
+    }
+    return Outcome({**latency_figures(result.samples), **ack_figures, **extra, **figures}, samples)
 
 
 def naive_prefix(bench: Bench) -> str:
     return f"{bench.prefix}naive:"
 
 
-async def rebuild(bench: Bench, round_no: int) -> Figures:
+async def rebuild(bench: Bench, round_no: int) -> Outcome:
     return await _rebuild(bench, round_no, split=False)
 
 
-async def rebuild_split(bench: Bench, round_no: int) -> Figures:
+async def rebuild_split(bench: Bench, round_no: int) -> Outcome:
     return await _rebuild(bench, round_no, split=True)
 
 
-async def _rebuild(bench: Bench, round_no: int, split: bool) -> Figures:
+async def _rebuild(bench: Bench, round_no: int, split: bool) -> Outcome:
     assert bench.history_head is not None
     name = "rebuild-split" if split else "rebuild"
     prefix = f"{bench.prefix}{name}{round_no}:"
     log = bench.log_dir / f"{name}-worker-{round_no}.log"
     meter = CpuMeter({"bench": os.getpid()}, bench.marker)
     try:
-        figures = await rebuild_round(
+        figures, progress = await rebuild_round(
             bench.history_url,
             bench.redis_url,
             prefix,
@@ -344,7 +367,7 @@ async def _rebuild(bench: Bench, round_no: int, split: bool) -> Figures:
         await delete_keys(bench.redis_url, prefix)
     # The worker started inside the span, so the meter counted it as someone else's load.
     cpu["cpu_other_pct"] = max(0.0, cpu.get("cpu_other_pct", 0.0) - figures.get("cpu_sync_worker_pct", 0.0))
-    return {**cpu, **figures}
+    return Outcome({**cpu, **figures}, {"progress": progress})
 
 
 async def foreign_transactions(bench: Bench, stop: asyncio.Event) -> float:

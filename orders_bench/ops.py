@@ -164,15 +164,21 @@ class CreateOrdersViaClient:
         await self.client.close()
 
 
-async def _lags(acked: dict[str, float], seen: dict[str, float], arrived: asyncio.Event) -> list[float]:
-    """Seconds from each order's ack to its being seen, once every acked order was seen or LAG_DRAIN
-    passed (`arrived` is set whenever an order is seen); orders never seen have no lag."""
+async def _lags(acked: dict[str, float], seen: dict[str, float], arrived: asyncio.Event, result: JobResult) -> None:
+    """Puts into `result` the seconds from each order's ack to its being seen (as samples, and with
+    the ack's wall-clock time as series), once every acked order was seen or LAG_DRAIN passed
+    (`arrived` is set whenever an order is seen); orders never seen have no lag: they count as
+    missing."""
     deadline = time.perf_counter() + LAG_DRAIN
     while any(o not in seen for o in acked) and (left := deadline - time.perf_counter()) > 0:
         arrived.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(arrived.wait(), left)
-    return [seen[o] - at for o, at in acked.items() if o in seen]
+    to_wall = time.time() - time.perf_counter()  # the stamps are perf_counter's; the series is in wall time
+    lags = [(at, seen[o] - at) for o, at in acked.items() if o in seen]
+    result.samples = [lag for _, lag in lags]
+    result.series = [(at + to_wall, lag) for at, lag in lags]
+    result.extra["missing"] = float(len(acked) - len(lags))
 
 
 class Lag:
@@ -224,10 +230,11 @@ class Lag:
         return 1
 
     async def finish(self, result: JobResult) -> None:
-        lags = await _lags(self.acked, self.seen, self.arrived)
-        result.samples = [max(0.0, lag) for lag in lags]
-        result.extra["missing"] = float(len(self.acked) - len(lags))
-        result.extra["seen_before_ack"] = float(sum(lag < 0 for lag in lags))
+        await _lags(self.acked, self.seen, self.arrived, result)
+        result.extra["seen_before_ack"] = float(sum(lag < 0 for lag in result.samples))
+        # A stream message may beat the ack to the client: no lag to speak of.
+        result.samples = [max(0.0, lag) for lag in result.samples]
+        result.series = [(at, max(0.0, lag)) for at, lag in result.series]
         result.extra["ended_streams"] = float(sum(reader.done() for reader in self.readers))
 
     async def aclose(self) -> None:
@@ -278,8 +285,7 @@ class NaiveLag:
         return 1
 
     async def finish(self, result: JobResult) -> None:
-        result.samples = await _lags(self.acked, self.seen, self.arrived)
-        result.extra["missing"] = float(len(self.acked) - len(result.samples))
+        await _lags(self.acked, self.seen, self.arrived, result)
 
     async def aclose(self) -> None:
         self.probe.cancel()

@@ -15,14 +15,23 @@ Figures = dict[str, float]  # one round's figures of one measurement: "rate", "p
 
 def percentile(values: Sequence[float], q: float) -> float:
     """The q-th percentile (0-100) by linear interpolation between closest ranks (numpy's default)."""
+    [found] = percentiles(values, [q])
+    return found
+
+
+def percentiles(values: Sequence[float], qs: Sequence[float]) -> list[float]:
+    """The percentiles `qs` (each 0-100) of `values`, as `percentile` gives them, sorting once."""
     if not values:
         raise ValueError("percentile of no values")
-    if not 0 <= q <= 100:
-        raise ValueError(f"percentile must be within 0-100, got {q}")
+    if not all(0 <= q <= 100 for q in qs):
+        raise ValueError(f"percentile must be within 0-100, got {list(qs)}")
     ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low, high = math.floor(rank), math.ceil(rank)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+    found = []
+    for q in qs:
+        rank = (len(ordered) - 1) * q / 100
+        low, high = math.floor(rank), math.ceil(rank)
+        found.append(ordered[low] + (ordered[high] - ordered[low]) * (rank - low))
+    return found
 
 
 def latency_figures(seconds: Sequence[float]) -> Figures:

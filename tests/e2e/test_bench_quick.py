@@ -1,8 +1,9 @@
 """`orders-bench --quick` end to end, with tiny settings, on the test servers (ORDERS_TEST_* or
 embedded): every measurement reports positive figures (the 2-process ones unless the services
 refuse --processes, which the run says), the naive pipeline's beside ours, CPU per command and
-per query against the floor, the tables are printed, the JSON is written, and the benchmark
-leaves no database and no Redis key behind."""
+per query against the floor, the tables are printed, the JSON is written with the samples the
+plots need, the plots are drawn beside it, and the benchmark leaves no database and no Redis key
+behind."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import asyncio
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -26,6 +28,7 @@ CEILINGS = {"echo", "stack-create", "stack-get", "pg-insert", "redis-get", "redi
 LATENCY = CEILINGS | {"create", "lifecycle", "ack", "get", "list", "lag", "create-x2", "get-x2"}
 LATENCY |= {"naive-create", "naive-get", "naive-ack", "naive-lag"}
 X2 = {"create-x2", "get-x2"}
+PLOTS = ["bench-latency.png", "bench-lag.png", "bench-rebuild.png", "bench-throughput.png"]
 
 
 def run_bench(servers: Servers, json_out: Path) -> subprocess.CompletedProcess[str]:
@@ -50,6 +53,20 @@ async def leftovers(servers: Servers) -> tuple[list[str], list[str]]:
     finally:
         await redis.aclose()
     return [d for d in databases if d.startswith("orders_bench_")], keys
+
+
+def check_samples(results: dict[str, Any], skipped: set[str]) -> None:
+    """What the plots are drawn from: the latency percentiles, the lags against time, the rebuilds' progress."""
+    measurements = results["measurements"]
+    for name in LATENCY - skipped:
+        [samples] = measurements[name]["samples"]
+        assert len(samples["latency_ms"]) == len(results["sample_quantiles"]), name
+    for name in ("lag", "naive-lag"):
+        [samples] = measurements[name]["samples"]
+        assert 0 < len(samples["lag_series"]["t_s"]) == len(samples["lag_series"]["lag_ms"]), name
+    for name in ("rebuild", "rebuild-split"):
+        [samples] = measurements[name]["samples"]
+        assert samples["progress"]["applied"]["orders"][-1] == 2000, name
 
 
 def test_quick_bench_measures_everything_and_cleans_up(servers: Servers, tmp_path: Path) -> None:
@@ -77,6 +94,7 @@ def test_quick_bench_measures_everything_and_cleans_up(servers: Servers, tmp_pat
         assert results["measurements"][name]["rounds"][0]["peak_rss_mb"] > 0, name
     for name in ("lag", "naive-lag"):
         assert results["measurements"][name]["rounds"][0]["missing"] == 0, name
+    check_samples(results, set(skipped))
     assert results["machine"]["cpu_count"] >= 1
     [cpu] = results["cpu"]["rounds"]
     assert cpu["floor_command_us"] > 0
@@ -97,5 +115,8 @@ def test_quick_bench_measures_everything_and_cleans_up(servers: Servers, tmp_pat
     if skipped:
         assert "skipped: the services refused --processes 2" in done.stdout
     assert f"JSON: {tmp_path / 'results.json'}" in done.stdout
+    assert f"plots: {', '.join(PLOTS)} in {tmp_path / 'results'}" in done.stdout
+    for plot in PLOTS:
+        assert (tmp_path / "results" / plot).read_bytes().startswith(b"\x89PNG"), plot
     assert "round 1/1" in done.stderr  # progress, one line per step
     assert asyncio.run(leftovers(servers)) == before
