@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
@@ -21,6 +21,7 @@ from orders.store.views import PROJECTIONS, ViewKeys, redis_client
 from orders.telemetry import tracing
 from orders.telemetry.logs import LogFormat, LogLevel
 from orders.telemetry.tracing import TracingMode
+from read_service import page_tokens
 from read_service.freshness import CheckpointWatcher
 from read_service.projection_health import ProjectionHealth
 from read_service.servicer import SERVICE, OrderQueriesServicer
@@ -44,6 +45,7 @@ class ReadSettings:
     log_format: LogFormat = LogFormat.AUTO
     tracing: TracingMode = TracingMode.AUTO
     processes: int = 1
+    page_token_key: str = field(default="", repr=False)  # a secret: never in a log line
 
 
 def parse_settings(argv: Sequence[str] | None = None) -> ReadSettings:
@@ -68,6 +70,15 @@ def parse_settings(argv: Sequence[str] | None = None) -> ReadSettings:
         default="5",
         parse=config.positive_float,
     )
+    config.add_setting(
+        parser,
+        "page-token-key",
+        f"secret that signs ListOrders page tokens, the same for every replica, at least "
+        f"{page_tokens.MIN_KEY_CHARACTERS} characters; empty: a random key kept in Redis",
+        default="",
+        parse=page_tokens.configured_key,
+        secret=True,
+    )
     config.add_log_argument(parser)
     config.add_tracing_argument(parser)
     server_settings.add_security_arguments(parser)
@@ -82,6 +93,7 @@ class ReadService:
     health: ProjectionHealth
     feed: ChangeFeed
     readiness: Readiness  # "" and OrderQueries in gRPC health, and /readyz: is Redis reachable
+    page_token_key: page_tokens.SharedKeyFollower | None = None  # None: the key is configured
 
     async def stop(self, grace: float) -> None:
         self.readiness.stopping()
@@ -94,6 +106,8 @@ class ReadService:
         for watcher in self.watchers:
             await watcher.stop()
         await self.feed.stop()
+        if self.page_token_key is not None:
+            await self.page_token_key.stop()
 
 
 async def start_read_service(
@@ -108,21 +122,25 @@ async def start_read_service(
     security: ServerSecurity | None = None,
     readiness: Readiness | None = None,
     reuse_port: bool = False,
+    page_token_key: str = "",
 ) -> ReadService:
+    """Serves OrderQueries on `address`. Page tokens are signed with `page_token_key`, or when it is
+    empty with the key in Redis that every replica under the same prefix shares."""
     watchers = {name: CheckpointWatcher(redis, keys.of(name)) for name in PROJECTIONS}
     for watcher in watchers.values():
         watcher.start()
     # Watch streams count as RPCs in flight: at most half the slots, so that queries always find room.
     feed = ChangeFeed(redis, keys, max_pending=max_watch_pending, max_streams=max(1, max_concurrent_rpcs // 2))
     feed.start()
-    servicer = OrderQueriesServicer(redis, keys, watchers, max_wait, feed)
+    tokens, key_follower = await page_tokens.page_tokens(redis, keys.page_token_key, page_token_key)
+    servicer = OrderQueriesServicer(redis, keys, watchers, max_wait, feed, page_tokens=tokens)
     server = await start_server(address, {SERVICE: servicer}, max_concurrent_rpcs, security, reuse_port=reuse_port)
     readiness = readiness or Readiness()
     await readiness.attach(server.health, ["", SERVICE.full_name])
     health = ProjectionHealth(redis, keys, server.health, readiness, heartbeat_timeout)
     await health.check()
     health.start()
-    return ReadService(server, list(watchers.values()), health, feed, readiness)
+    return ReadService(server, list(watchers.values()), health, feed, readiness, key_follower)
 
 
 async def serve(settings: ReadSettings, slot: ProcessSlot = ONLY_PROCESS) -> None:
@@ -141,6 +159,7 @@ async def serve(settings: ReadSettings, slot: ProcessSlot = ONLY_PROCESS) -> Non
         security=settings.security,
         readiness=readiness,
         reuse_port=slot.shared,
+        page_token_key=settings.page_token_key,
     )
     log.info("OrderQueries listening on %s (port %d)%s", settings.read_address, service.server.port, slot.describe())
     await stop.wait()

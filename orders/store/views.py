@@ -372,6 +372,12 @@ class ViewKeys:
         return f"{self.gprefix}parked-errors:{self.projection}"
 
     @property
+    def page_token_key(self) -> str:
+        """The read service's key for signing ListOrders page tokens, when not configured: one per
+        prefix (no projection, no generation), so rebuilds keep it; a flush replaces it."""
+        return f"{self.prefix}page-token-key"
+
+    @property
     def parked_requests(self) -> str:
         """List of operator requests (JSON) for the active worker: retry an order's parked events."""
         return f"{self.prefix}parked-requests:{self.projection}"

@@ -138,8 +138,11 @@ class ListOrdersRequest(_message.Message):
     page_size: _builtins.int
     """Maximum orders per page, 1-500; 0 means the default of 50."""
     page_token: _builtins.str
-    """Opaque token from a previous response's next_page_token; the other
-    filters must be the same as in that request. Empty for the first page.
+    """Opaque token from a previous response's next_page_token, unchanged; the
+    other filters must be the same as in that request. Empty for the first
+    page. The server signs its tokens and refuses any other with
+    INVALID_ARGUMENT, also its own after its signing key changed: then
+    start again from the first page (docs/errors.md).
     """
     consistency_token: _builtins.str
     """Optional consistency token from a command result (see GetOrderRequest)."""

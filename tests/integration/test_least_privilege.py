@@ -153,7 +153,8 @@ async def restricted(access: Access, keys: ViewKeys) -> AsyncIterator[Restricted
 
         reader_redis = redis_client(urls.reader_redis_url)
         stack.push_async_callback(reader_redis.aclose)
-        read = await start_read_service(reader_redis, keys, "127.0.0.1:0", max_wait=5.0)
+        # A read-only Redis user cannot store a page token key: a configured one (docs/configuration.md).
+        read = await start_read_service(reader_redis, keys, "127.0.0.1:0", max_wait=5.0, page_token_key="k" * 32)
         stack.push_async_callback(read.stop, 0)
 
         worker_redis = redis_client(urls.worker_redis_url)

@@ -3,7 +3,6 @@ the protobuf Order built from a view, and command fingerprints."""
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
 from typing import Any
@@ -24,7 +23,6 @@ from orders.domain.commands import (
     ShipOrder,
 )
 from orders.domain.consistency import START, LogPosition
-from orders.domain.errors import InvalidQuery
 from orders.domain.events import (
     EVENT_TYPES,
     Address,
@@ -42,7 +40,7 @@ from orders.domain.events import (
 )
 from orders.store.views import OrderView, ViewKeys, ViewLine, is_json_view
 from orders.v1 import types_pb2
-from read_service.servicer import PageCursor, order_message
+from read_service.servicer import order_message
 from tests.unit.strategies import (
     STATUS_NAMES,
     envelopes,
@@ -77,11 +75,6 @@ VIEW = OrderView(
     tracking_number="JD0001",
     cancellation_reason="",
 )
-
-
-def b64(raw: bytes) -> str:
-    """A page token's encoding (URL-safe base64 without padding) of arbitrary bytes."""
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
 # --- OrderView JSON ------------------------------------------------------------------------------
@@ -386,60 +379,6 @@ def test_index_members_sort_like_creation_time_then_id(keys: list[tuple[int, str
     by_fields = sorted(views, key=lambda view: (view.created_at_us, view.order_id.encode()))
 
     assert [view.index_member() for view in by_fields] == [view.index_member() for view in by_member]
-
-
-# --- page tokens --------------------------------------------------------------------------------
-
-
-@given(st.text(), st.text(), st.text())
-def test_page_cursor_round_trips(customer_id: str, status: str, after: str) -> None:
-    """decode(encode(cursor)) with the same filters is the cursor; the token is URL-safe and unpadded."""
-    cursor = PageCursor(customer_id, status, after)
-    token = cursor.encode()
-
-    assert cursor == PageCursor.decode(token, customer_id, status)
-    assert not set(token) & set("+/=")
-
-
-@pytest.mark.parametrize(
-    "token",
-    [
-        pytest.param("", id="empty"),
-        pytest.param("!!!", id="not-base64"),
-        pytest.param("é", id="non-ascii"),
-        pytest.param("a", id="bad-length"),
-        pytest.param(b64(b"not json"), id="not-json"),
-        pytest.param(b64(b"\xff\xfe\x00"), id="not-utf8"),
-        pytest.param(b64(b"[1,2]"), id="two-items"),
-        pytest.param(b64(b'["a","b","c","d"]'), id="four-items"),
-        pytest.param(b64(b'{"a":1}'), id="object"),
-        pytest.param(b64(b"5"), id="json-number"),
-        pytest.param(b64(b"null"), id="json-null"),
-        pytest.param(b64(b"true"), id="json-bool"),
-    ],
-)
-def test_garbage_page_token_is_an_invalid_query(token: str) -> None:
-    """A token ListOrders did not produce is rejected as InvalidQuery on field page_token."""
-    with pytest.raises(InvalidQuery) as caught:
-        PageCursor.decode(token, "", "")
-
-    expected = ["page_token"]
-    assert expected == [violation.field for violation in caught.value.violations]
-
-
-@pytest.mark.parametrize(
-    ("customer_id", "status"),
-    [("cust-2", "PENDING"), ("cust-1", ""), ("", "PENDING"), ("cust-1", "SHIPPED")],
-)
-def test_page_token_of_other_filters_is_an_invalid_query(customer_id: str, status: str) -> None:
-    """A token is only valid for the filters it was issued for."""
-    token = PageCursor("cust-1", "PENDING", "0000000000000001:o-1").encode()
-
-    with pytest.raises(InvalidQuery, match="belongs to a request with other filters") as caught:
-        PageCursor.decode(token, customer_id, status)
-
-    expected = ["page_token"]
-    assert expected == [violation.field for violation in caught.value.violations]
 
 
 # --- the protobuf Order -------------------------------------------------------------------------
