@@ -77,6 +77,7 @@ async def test_worker_restarted_under_its_own_id_takes_its_lease_back_at_once(cl
     beat, _ = await read_heartbeat(redis, cluster.keys)
     await redis.aclose()
 
+    print(f"same id: caught up with {(dead_lease_expires_ms - caught_up_ms) / 1000:.1f}s of the dead 60 s lease left")
     assert holder == "worker-a"
     assert second.pid != first.pid
     assert caught_up_ms < dead_lease_expires_ms, "waited for its own dead lease to expire"
@@ -115,6 +116,7 @@ async def test_worker_restarted_under_another_id_waits_for_the_dead_lease_to_exp
     beat, _ = await read_heartbeat(redis, cluster.keys)
     await redis.aclose()
 
+    print(f"other id: caught up {(caught_up_ms - dead_lease_expires_ms) / 1000:.1f}s after the dead lease expired")
     assert holder_while_standby == "worker-a", "the dead lease expired before the check: raise the ttl"
     assert checkpoint_while_standby == applied_before  # nothing applied while the dead lease lived
     assert beat is not None
