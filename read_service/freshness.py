@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import redis.exceptions
 from redis.asyncio import Redis
@@ -31,6 +32,19 @@ class CheckpointWatcher:
         self._task = BackgroundTask("checkpoint-watcher")
         self._waiting = 0
         self.latest: LogPosition | None = None
+        self.high_water: LogPosition | None = None  # the newest checkpoint seen, never lowered
+        self.on_views_lost: Callable[[], None] = lambda: None  # called when the checkpoint goes back
+
+    def observe(self, checkpoint: LogPosition) -> None:
+        """Records that the views were seen at `checkpoint` (by a read or a publication)."""
+        if self.high_water is None or checkpoint > self.high_water:
+            self.high_water = checkpoint
+
+    def behind(self, checkpoint: LogPosition, seen_before: LogPosition | None) -> bool:
+        """Whether views read at `checkpoint` are older than they were seen at before the read
+        started (`seen_before`, the high water then); records `checkpoint` either way."""
+        self.observe(checkpoint)
+        return seen_before is not None and checkpoint < seen_before
 
     def start(self) -> None:
         self._task.start(self._follow)
@@ -57,7 +71,11 @@ class CheckpointWatcher:
 
     async def _set(self, raw: str | bytes | None) -> None:
         # Not max(): after a flush the views restart from zero, and so must the watcher.
-        self.latest = None if raw is None else LogPosition.parse(raw)
+        previous, self.latest = self.latest, None if raw is None else LogPosition.parse(raw)
+        if self.latest is not None:
+            self.observe(self.latest)
+        if previous is not None and (self.latest is None or self.latest < previous):
+            self.on_views_lost()
         async with self._changed:
             self._changed.notify_all()
 

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 import redis.exceptions
@@ -46,10 +43,12 @@ from orders.store.views import (
     parse_generation,
     run_script,
 )
-from orders.telemetry.metrics import count_store_error
+from orders.telemetry.metrics import READS_BEHIND, count_store_error
 from orders.v1 import queries_pb2 as pb
 from orders.v1 import queries_pb2_grpc, types_pb2
 from read_service.freshness import CheckpointWatcher
+from read_service.hot_views import HotView, HotViews
+from read_service.page_tokens import PageCursor, PageTokens
 from read_service.watch import MAX_WATCHED_ORDERS, ChangeFeed, ClientTooSlow, ShuttingDown, WatchLimit
 
 log = logging.getLogger(__name__)
@@ -78,20 +77,40 @@ ERRORS: ErrorTable = {
 }
 
 # One round trip, one consistent snapshot of the live generation: the checkpoint, the rebuild mark,
-# then (member, view) pairs of a page. KEYS[1]: the generation pointer. ARGV: the prefix, then the
-# index, checkpoint, rebuild mark and order-key names without it, the page start and size.
+# then (member, view, parked) triples of a page. KEYS[1]: the generation pointer. ARGV: the prefix,
+# then the index, checkpoint, rebuild mark and order-key names without it, the page start and size,
+# and the parked-mark key name without the order id.
 _PAGE_SCRIPT = (
     GENERATION_PREFIX_LUA
     + f"""
 local members = redis.call('ZREVRANGEBYLEX', p .. ARGV[2], ARGV[6], '-', 'LIMIT', 0, tonumber(ARGV[7]))
 local result = {{redis.call('GET', p .. ARGV[3]), redis.call('GET', p .. ARGV[4])}}
 for _, member in ipairs(members) do
+  local id = {lua_member_order_id("member")}
   result[#result + 1] = member
-  result[#result + 1] = redis.call('GET', p .. ARGV[5] .. {lua_member_order_id("member")})
+  result[#result + 1] = redis.call('GET', p .. ARGV[5] .. id)
+  result[#result + 1] = redis.call('EXISTS', p .. ARGV[8] .. id)
 end
 return result
 """
 )
+
+
+@dataclass(frozen=True)
+class Page:
+    """A page of an index read in one snapshot: the checkpoint, the rebuild mark, and the entries
+    (index member, view or None, whether the order has parked events)."""
+
+    checkpoint: bytes | None
+    rebuild_target: bytes | None
+    entries: list[tuple[str, bytes | None, bool]]
+
+    @property
+    def any_parked(self) -> bool:
+        return any(parked for _, _, parked in self.entries)
+
+    def order_ids(self) -> list[str]:
+        return [member_order_id(member) for member, _, _ in self.entries]
 
 
 OrderRead = tuple[bytes | None, bytes | None, bytes | None, bool]  # checkpoint, rebuild mark, view, parked
@@ -126,6 +145,11 @@ def stored_order(raw: bytes) -> types_pb2.Order:
     return types_pb2.Order.FromString(raw)
 
 
+def wire_view(raw: bytes) -> bytes:
+    """A stored order view in wire form (a serialized Order), converted if it is in the old JSON form."""
+    return OrderView.from_json(raw).to_wire() if is_json_view(raw) else raw
+
+
 def parse_token(text: str) -> LogPosition | None:
     if not text:
         return None
@@ -135,28 +159,11 @@ def parse_token(text: str) -> LogPosition | None:
         raise InvalidQuery([FieldViolation("consistency_token", "not a token returned by a command")]) from None
 
 
-@dataclass(frozen=True)
-class PageCursor:
-    """What a page token carries: the filters it belongs to and the last member returned."""
-
-    customer_id: str
-    status: str
-    after: str
-
-    def encode(self) -> str:
-        raw = json.dumps([self.customer_id, self.status, self.after], separators=(",", ":"))
-        return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
-
-    @classmethod
-    def decode(cls, token: str, customer_id: str, status: str) -> PageCursor:
-        try:
-            customer, stat, after = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-            cursor = cls(str(customer), str(stat), str(after))
-        except (ValueError, TypeError, RecursionError):  # not base64, not JSON, or not a 3-item list
-            raise InvalidQuery([FieldViolation("page_token", "not a token returned by ListOrders")]) from None
-        if (cursor.customer_id, cursor.status) != (customer_id, status):
-            raise InvalidQuery([FieldViolation("page_token", "belongs to a request with other filters")])
-        return cursor
+def _flag_parked(consistency: pb.ReadConsistency, parked: bool) -> pb.ReadConsistency:
+    """`consistency`, flagged stale for an order with parked events (its view is behind)."""
+    if not parked or consistency.stale:
+        return consistency
+    return pb.ReadConsistency(stale=True, view_token=consistency.view_token, rebuild_target=consistency.rebuild_target)
 
 
 def summary_message(view: CustomerSummaryView) -> pb.CustomerSummary:
@@ -184,8 +191,12 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
         watchers: dict[str, CheckpointWatcher],
         max_wait: float,
         feed: ChangeFeed,
+        *,
+        hot: HotViews | None = None,
+        page_tokens: PageTokens | None = None,  # the signer shared by the replicas (read_service.page_tokens)
     ) -> None:
         self._redis = redis
+        self._page_tokens = PageTokens.of_this_process() if page_tokens is None else page_tokens
         self._keys = keys
         self._summary_keys = keys.of(SUMMARY_PROJECTION)
         self._watchers = watchers  # projection name -> its checkpoint
@@ -194,6 +205,9 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
         self._live_keys = keys  # the orders' keys in the generation last seen live (GetOrder's plain read)
         self._orders = LiveReader(redis, keys)
         self._summaries = LiveReader(redis, self._summary_keys)
+        self._hot = HotViews() if hot is None else hot  # GetOrder's cache, kept current by the feed
+        feed.on_changes, feed.on_reset = self._hot.forget, self._hot.clear
+        watchers[PROJECTION].on_views_lost = self._hot.clear
 
     async def _await_token(
         self, token: LogPosition | None, context: grpc.aio.ServicerContext, projection: str = PROJECTION
@@ -204,12 +218,35 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
         budget = self._max_wait if remaining is None else min(self._max_wait, remaining - DEADLINE_MARGIN)
         await self._watchers[projection].wait_for(token, budget)
 
-    @staticmethod
-    def _consistency(token: LogPosition | None, raw_checkpoint: str | bytes | None) -> pb.ReadConsistency:
+    def _seen(self, projection: str = PROJECTION) -> LogPosition | None:
+        """Taken before a read: the newest checkpoint the views were seen at (see `_consistency`)."""
+        return self._watchers[projection].high_water
+
+    def _consistency(
+        self,
+        token: LogPosition | None,
+        raw_checkpoint: str | bytes | None,
+        raw_target: str | bytes | None,
+        seen_before: LogPosition | None,
+        projection: str = PROJECTION,
+    ) -> pb.ReadConsistency:
+        """What an answer read at `raw_checkpoint` says of itself. Stale when it is older than the
+        caller's token, or than the views were seen at before the read started (`seen_before`,
+        from `_seen`): a read that started later cannot see older views unless Redis lost them, so
+        an unflagged answer is never older than an earlier answer (monotonic reads)."""
         if raw_checkpoint is None:
             raise ViewsNotReady("the views are empty and being rebuilt; retry shortly")
         checkpoint = LogPosition.parse(raw_checkpoint)
-        return pb.ReadConsistency(stale=token is not None and checkpoint < token, view_token=checkpoint.token())
+        behind = self._watchers[projection].behind(checkpoint, seen_before)
+        if behind:
+            READS_BEHIND.labels(projection).inc()
+        consistency = pb.ReadConsistency(
+            stale=behind or raw_target is not None or (token is not None and checkpoint < token),
+            view_token=checkpoint.token(),
+        )
+        if raw_target is not None:  # replaying from scratch after a loss: say up to where
+            consistency.rebuild_target = LogPosition.parse(raw_target).token()
+        return consistency
 
     @staticmethod
     def _not_rebuilding(raw_target: str | bytes | None, consistency: pb.ReadConsistency) -> None:
@@ -233,15 +270,22 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
         self, order_id: str, token: LogPosition | None, context: grpc.aio.ServicerContext
     ) -> tuple[bytes, pb.ReadConsistency]:
         """One order's view (a serialized Order) once the views reached `token` (or the wait ended),
-        or the reason why not."""
+        or the reason why not: from the hot views when they hold it, else from Redis."""
+        hot = self._hot.get(order_id, token) if self._feed.subscribed.is_set() else None
+        if hot is not None:
+            return hot.raw, pb.ReadConsistency(view_token=hot.checkpoint.token())
         await self._await_token(token, context)
+        seen_before, mark = self._seen(), self._hot.mark()
         async with bounded_redis_call(context):
             read = await self._read_order_plain(order_id) or await self._read_order_scripted(order_id)
         raw_checkpoint, raw_target, raw_view, parked = read
-        consistency = self._consistency(token, raw_checkpoint)
+        consistency = self._consistency(token, raw_checkpoint, raw_target, seen_before)
         if parked:  # some of its events wait in the dead-letter list: the view is behind the checkpoint
             consistency.stale = True
-        if raw_view is None:
+        raw = None if raw_view is None else wire_view(raw_view)
+        fresh = HotView(raw, LogPosition.parse(consistency.view_token)) if raw and not consistency.stale else None
+        self._hot.offer(order_id, fresh, mark)
+        if raw is None:
             self._not_rebuilding(raw_target, consistency)
             if consistency.stale:
                 raise ViewsNotReady(
@@ -249,7 +293,7 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
                     "consistency token when the wait ended; retry"
                 )
             raise OrderNotFound(order_id)
-        return (OrderView.from_json(raw_view).to_wire() if is_json_view(raw_view) else raw_view), consistency
+        return raw, consistency
 
     async def _read_order_scripted(self, order_id: str) -> OrderRead:
         """The checkpoint, rebuild mark, view and parked flag of an order by the read script, which
@@ -280,6 +324,7 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
         )
         if parse_generation(pointer) != keys.generation:
             self._live_keys = keys.at(parse_generation(pointer))
+            self._hot.clear()  # they were read from the old generation
             return None
         if raw_view is None or is_json_view(raw_view):
             return None
@@ -291,31 +336,47 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
     ) -> pb.ListOrdersResponse:
         size, status = self._validate_list(request)
         token = parse_token(request.consistency_token)
-        cursor = PageCursor.decode(request.page_token, request.customer_id, status) if request.page_token else None
+        filters = (request.customer_id, status)
+        cursor = self._page_tokens.decode(request.page_token, *filters) if request.page_token else None
         await self._await_token(token, context)
-        start = f"({cursor.after}" if cursor else "+"
-        async with bounded_redis_call(context):
-            reply = await self._page(self._orders.rel.index(request.customer_id, status), start, size + 1)
-        consistency = self._consistency(token, reply[0])
-        self._not_rebuilding(reply[1], consistency)
-        orders, last_member = self._fill_page(list(zip(reply[2::2], reply[3::2], strict=True)), size)
-        next_token = PageCursor(request.customer_id, status, last_member).encode() if last_member else ""
+        start, seen_before = f"({cursor.after}" if cursor else "+", self._seen()
+        page = await self._page(self._orders.rel.index(request.customer_id, status), start, size + 1, context)
+        consistency = self._page_consistency(token, page, seen_before)
+        orders, last_member = self._fill_page(page.entries, size)
+        next_token = self._page_tokens.encode(PageCursor(*filters, last_member)) if last_member else ""
         return pb.ListOrdersResponse(orders=orders, next_page_token=next_token, consistency=consistency)
 
-    async def _page(self, index: str, start: str, limit: int) -> list[Any]:
-        """The live generation's checkpoint, rebuild mark and (member, view) pairs of index `index`
-        (a name from `self._orders.rel`) from `start`, at most `limit`; as bytes, but members as text."""
+    async def _page(self, index: str, start: str, limit: int, context: grpc.aio.ServicerContext) -> Page:
+        """The live generation's page of index `index` (a name from `self._orders.rel`) from `start`,
+        at most `limit` entries. Its orders leave the hot views: they may be newer than those."""
         rel = self._orders.rel
         keys: list[Arg] = [self._keys.generation_pointer]
-        args: list[Arg] = [self._keys.prefix, index, rel.checkpoint, rel.rebuild_target, rel.order(""), start, limit]
-        reply = list(await run_script(self._redis, _PAGE_SCRIPT, keys, args, raw=True))
-        reply[2::2] = [member.decode() for member in reply[2::2]]
-        return reply
+        args: list[Arg] = [
+            *(self._keys.prefix, index, rel.checkpoint, rel.rebuild_target, rel.order("")),
+            *(start, limit, rel.parked_mark("")),
+        ]
+        async with bounded_redis_call(context):
+            reply = await run_script(self._redis, _PAGE_SCRIPT, keys, args, raw=True)
+        triples = zip(reply[2::3], reply[3::3], reply[4::3], strict=True)
+        page = Page(reply[0], reply[1], [(member.decode(), view, bool(parked)) for member, view, parked in triples])
+        self._hot.forget(page.order_ids())
+        return page
+
+    def _page_consistency(
+        self, token: LogPosition | None, page: Page, seen_before: LogPosition | None
+    ) -> pb.ReadConsistency:
+        """A page's consistency; refused while the views are rebuilt from scratch (a page could miss
+        orders), and stale when one of its orders has parked events (its view is behind)."""
+        consistency = self._consistency(token, page.checkpoint, page.rebuild_target, seen_before)
+        self._not_rebuilding(page.rebuild_target, consistency)
+        consistency.stale = consistency.stale or page.any_parked
+        return consistency
 
     @staticmethod
-    def _fill_page(pairs: list[tuple[str, bytes | None]], size: int) -> tuple[list[types_pb2.Order], str]:
+    def _fill_page(entries: list[tuple[str, bytes | None, bool]], size: int) -> tuple[list[types_pb2.Order], str]:
         """Up to `size` orders that fit in one response, and the member to continue after ("" at the end).
         The byte budget matters: 500 orders of 100 lines each would exceed the 4 MiB message limit."""
+        pairs = [(member, raw) for member, raw, _ in entries]
         orders: list[types_pb2.Order] = []
         used = 0
         for index, (_, raw) in enumerate(pairs[:size]):
@@ -335,12 +396,12 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
             raise InvalidQuery([FieldViolation("customer_id", ID_RULE)])
         token = parse_token(request.consistency_token)
         await self._await_token(token, context, SUMMARY_PROJECTION)
-        rel = self._summaries.rel
+        rel, seen_before = self._summaries.rel, self._seen(SUMMARY_PROJECTION)
         async with bounded_redis_call(context):
             raw_checkpoint, raw_target, raw = await self._summaries.get(
                 rel.checkpoint, rel.rebuild_target, rel.summary_customer(request.customer_id)
             )
-        consistency = self._consistency(token, raw_checkpoint)
+        consistency = self._consistency(token, raw_checkpoint, raw_target, seen_before, SUMMARY_PROJECTION)
         if raw is None:
             self._not_rebuilding(raw_target, consistency)
             if consistency.stale:
@@ -379,7 +440,7 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
                 raw, consistency = await self._read_order(request.order_id, token, context)
                 view = types_pb2.Order.FromString(raw)
                 yield pb.WatchOrderResponse(order=view, consistency=consistency)
-                sent = view.version
+                sent, sent_stale = view.version, consistency.stale
                 end = self._stream_end(context)
                 while True:
                     try:
@@ -387,12 +448,15 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
                             change = await watch.next()
                     except TimeoutError:
                         return  # just before the client's deadline: end cleanly, with OK
-                    if change is not None and change[1] <= sent:
+                    if watch.take_switch():
+                        sent = 0  # a new generation: send the view again, in its form
+                    elif change is not None and change[1] <= sent:
                         continue  # already sent that version or a later one
-                    [current], consistency_now = await self._current([request.order_id], token, context)
-                    if current is not None and consistency_now is not None and current.version > sent:
-                        yield pb.WatchOrderResponse(order=current, consistency=consistency_now)
-                        sent = current.version
+                    for current, now in await self._current([request.order_id], token, context):
+                        # A newer version; or the same one, now behind (its next events were parked).
+                        if current.version > sent or (current.version == sent and now.stale and not sent_stale):
+                            yield pb.WatchOrderResponse(order=current, consistency=now)
+                            sent, sent_stale = current.version, now.stale
         except OrdersError as error:
             await self._end_stream("WatchOrder", error, context)
 
@@ -406,11 +470,10 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
             index = self._orders.rel.index(request.customer_id)
             with self._feed.customer(request.customer_id) as watch:  # before the first read, as in WatchOrder
                 await self._await_token(token, context)
-                async with bounded_redis_call(context):
-                    reply = await self._page(index, "+", SNAPSHOT_ORDERS + 1)
-                consistency = self._consistency(token, reply[0])
-                self._not_rebuilding(reply[1], consistency)
-                orders, more = self._fill_page(list(zip(reply[2::2], reply[3::2], strict=True)), SNAPSHOT_ORDERS)
+                seen_before = self._seen()
+                page = await self._page(index, "+", SNAPSHOT_ORDERS + 1, context)
+                consistency = self._page_consistency(token, page, seen_before)
+                orders, more = self._fill_page(page.entries, SNAPSHOT_ORDERS)
                 sent = {order.order_id: order.version for order in orders}  # the version each order was sent at
                 yield pb.WatchCustomerOrdersResponse(
                     orders=orders, initial=True, truncated=bool(more), consistency=consistency
@@ -423,17 +486,16 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
                     except TimeoutError:
                         return  # just before the client's deadline: end cleanly, with OK
                     if change is None:  # notifications may have been lost: re-read the newest and the sent
+                        if watch.take_switch():  # a new generation: send everything again, in its form
+                            sent = dict.fromkeys(sent, 0)
                         candidates = sorted(set(await self._newest_order_ids(index, context)) | set(sent))
                     elif change[1] <= sent.get(change[0], 0):
                         continue  # already sent that version or a later one
                     else:
                         candidates = [change[0]]
                     for start in range(0, len(candidates), READ_CHUNK):
-                        views, consistency_now = await self._current(
-                            candidates[start : start + READ_CHUNK], token, context
-                        )
-                        for view in views:
-                            if view is None or consistency_now is None or view.version <= sent.get(view.order_id, 0):
+                        for view, now in await self._current(candidates[start : start + READ_CHUNK], token, context):
+                            if view.version <= sent.get(view.order_id, 0):
                                 continue
                             if view.order_id not in sent and len(sent) >= MAX_WATCHED_ORDERS:
                                 raise WatchLimit(
@@ -441,7 +503,7 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
                                     "stream tracks; resubscribe"
                                 )
                             sent[view.order_id] = view.version
-                            yield pb.WatchCustomerOrdersResponse(orders=[view], consistency=consistency_now)
+                            yield pb.WatchCustomerOrdersResponse(orders=[view], consistency=now)
         except OrdersError as error:
             await self._end_stream("WatchCustomerOrders", error, context)
 
@@ -454,21 +516,28 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
 
     async def _current(
         self, order_ids: list[str], token: LogPosition | None, context: grpc.aio.ServicerContext
-    ) -> tuple[list[types_pb2.Order | None], pb.ReadConsistency | None]:
-        """The orders' views as they are now, in one snapshot with the checkpoint; no views (and no
-        consistency) while the views are flushed: their rebuild announces every order again."""
+    ) -> list[tuple[types_pb2.Order, pb.ReadConsistency]]:
+        """The views of those of `order_ids` that exist, as they are now, in one snapshot with the
+        checkpoint, each with its consistency (stale when the order has parked events). None while
+        the views are flushed: their rebuild announces every order again. The orders leave the hot
+        views, which may be older than what is read here."""
+        rel, seen_before = self._orders.rel, self._seen()
+        names = [*(rel.order(i) for i in order_ids), *(rel.parked_mark(i) for i in order_ids)]
         async with bounded_redis_call(context):
-            rel = self._orders.rel
-            raw_checkpoint, *raws = await self._orders.get_raw(rel.checkpoint, *(rel.order(i) for i in order_ids))
+            raw_checkpoint, raw_target, *raws = await self._orders.get_raw(rel.checkpoint, rel.rebuild_target, *names)
+        self._hot.forget(order_ids)
         if raw_checkpoint is None:
-            return [None] * len(order_ids), None
-        views = [None if raw is None else stored_order(raw) for raw in raws]
-        return views, self._consistency(token, raw_checkpoint)
+            return []
+        consistency = self._consistency(token, raw_checkpoint, raw_target, seen_before)
+        views, marks = raws[: len(order_ids)], raws[len(order_ids) :]
+        return [
+            (stored_order(raw), _flag_parked(consistency, mark is not None))
+            for raw, mark in zip(views, marks, strict=True)
+            if raw is not None
+        ]
 
     async def _newest_order_ids(self, index: str, context: grpc.aio.ServicerContext) -> list[str]:
-        async with bounded_redis_call(context):
-            reply = await self._page(index, "+", SNAPSHOT_ORDERS)
-        return [member_order_id(str(member)) for member in reply[2::2]]
+        return (await self._page(index, "+", SNAPSHOT_ORDERS, context)).order_ids()
 
     @staticmethod
     async def _end_stream(method: str, error: OrdersError, context: grpc.aio.ServicerContext) -> None:

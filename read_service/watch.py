@@ -18,6 +18,12 @@ Lost notifications: pub/sub delivers nothing while the feed is not subscribed. E
 subscription is confirmed (at start and after every reconnect), every watch catches up by
 re-reading all that it watches.
 
+Other notifications on the channel: an order whose events were parked (its view stays behind, so
+a stream flags it stale), and a generation switch after a zero-downtime rebuild (a JSON object,
+`{"generation": N}`): every stream then sends what it watches again, in the new generation's form.
+The feed also tells the hot views (read_service.hot_views) of every change, and to drop everything
+when notifications may have been lost.
+
 Shutdown: `close()` ends every stream with UNAVAILABLE (SERVER_SHUTTING_DOWN, with RetryInfo) and
 refuses new ones, so open streams do not hold the server's stop for its whole grace period.
 """
@@ -27,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -71,6 +77,7 @@ class Watch:
         self.pending: dict[str, int] = {}  # order id -> newest version heard of; oldest change first
         self.peak_pending = 0  # the most orders ever pending at once
         self.catching_up = False  # notifications may have been lost: re-read everything watched
+        self.switched = False  # the views moved to a new generation: send everything watched again
         self.ended: OrdersError | None = None
         self._wake = asyncio.Event()
 
@@ -91,6 +98,15 @@ class Watch:
     def catch_up(self) -> None:
         self.catching_up = True
         self._wake.set()
+
+    def switch(self) -> None:
+        self.switched = True
+        self.catch_up()
+
+    def take_switch(self) -> bool:
+        """Whether the views switched generation since the last call."""
+        switched, self.switched = self.switched, False
+        return switched
 
     def end(self, error: OrdersError) -> None:
         """Ends the stream with `error` the next time it looks, and frees what it held."""
@@ -131,6 +147,8 @@ class ChangeFeed:
         self._task = BackgroundTask("change-feed")
         self.subscribed = asyncio.Event()  # set while the subscription is confirmed
         self.resubscribe_delay = 1.0  # seconds between a lost subscription and the next attempt
+        self.on_changes: Callable[[Iterable[str]], None] = lambda order_ids: None  # orders that changed
+        self.on_reset: Callable[[], None] = lambda: None  # changes may have been missed, or views replaced
 
     def start(self) -> None:
         self._task.start(self._follow)
@@ -184,14 +202,25 @@ class ChangeFeed:
         for watch in self.watches():
             watch.catch_up()
 
+    def _switched(self, generation: int) -> None:
+        log.info("the views switched to generation %d: every watch sends its orders again", generation)
+        self.on_reset()
+        for watch in self.watches():
+            watch.switch()
+
     def _dispatch(self, data: str | bytes) -> None:
         try:
-            changes: list[dict[str, Any]] = json.loads(data)
+            changes: list[dict[str, Any]] | dict[str, Any] = json.loads(data)
+            if isinstance(changes, dict):
+                self._switched(int(changes["generation"]))
+                return
             parsed = [(str(c["order_id"]), str(c["customer_id"]), int(c["version"])) for c in changes]
         except (ValueError, TypeError, KeyError) as error:
             log.warning("unreadable change notification (%s): every watch re-reads", error)
+            self.on_reset()
             self._catch_up_all()
             return
+        self.on_changes([order_id for order_id, _, _ in parsed])
         for order_id, customer_id, version in parsed:
             for watch in self._by_order.get(order_id, ()):
                 watch.changed(order_id, version)
@@ -206,6 +235,7 @@ class ChangeFeed:
                 log.warning("change feed subscription lost (%s); resubscribing in %ss", error, self.resubscribe_delay)
             finally:
                 self.subscribed.clear()
+                self.on_reset()
             await asyncio.sleep(self.resubscribe_delay)
 
     async def _subscribe_and_listen(self) -> None:
@@ -217,6 +247,7 @@ class ChangeFeed:
                     continue
                 if message["type"] == "subscribe":
                     # Only from here on is nothing lost; whatever changed before, each watch re-reads.
+                    self.on_reset()
                     self.subscribed.set()
                     self._catch_up_all()
                 elif message["type"] == "message":

@@ -207,9 +207,12 @@ class Projector(ABC):
         batch = [e for e in events if e.stream_id not in parked]
         staged = await self.stage(batch, values, announce=live) if batch else BatchWrites()
         rebuilt = rebuild is not None and new_checkpoint >= LogPosition.parse(rebuild)
-        own = self._own_writes([e for e in events if e.stream_id in parked], park, len(batch), new_checkpoint, rebuilt)
-        if live:  # wakes the readers waiting for a token
+        held = [e for e in events if e.stream_id in parked]
+        own = self._own_writes(held, park, len(batch), new_checkpoint, rebuilt)
+        if live:  # wakes the readers waiting for a token, and tells the watches of newly parked events
             own.publish(keys.checkpoint_channel, new_checkpoint.token())
+            if held:
+                own.publish(keys.changes_channel, parked_notice(held))
         write = GuardedWrite(tuple(zip(guards, seen, strict=True)), (*staged.commands, *own.commands))
         if not await self._write_if_unmoved(write):
             raise CheckpointMoved("checkpoint, lease, rebuild mark or generation changed during the batch")
@@ -274,6 +277,8 @@ class Projector(ABC):
                 pipe.sadd(keys.retired, old.generation)
                 pipe.delete(keys.next_generation, keys.rebuild_started)
                 pipe.publish(keys.checkpoint_channel, checkpoint.token())
+                # Readers drop what they hold of the old generation, and watches resend in the new form.
+                pipe.publish(keys.changes_channel, json.dumps({"generation": keys.generation}))
                 await pipe.execute()
         except WatchError as error:
             raise CheckpointMoved("the generations moved during the switch") from error
@@ -376,6 +381,16 @@ class OrdersProjector(Projector):
             # a batch that fails announces nothing. Live watches re-read the views they are told of.
             writes.publish(self.keys.changes_channel, json.dumps(changed, separators=(",", ":")))
         return writes
+
+
+def parked_notice(events: list[RecordedEvent]) -> str:
+    """The change notification for orders whose events were just parked: their views did not change,
+    but they are now behind (the customer is not known here; customer watches flag it when they read)."""
+    newest: dict[str, int] = {}
+    for recorded in events:
+        newest[recorded.stream_id] = max(newest.get(recorded.stream_id, 0), recorded.version)
+    changes = [{"order_id": i, "customer_id": "", "version": v, "parked": True} for i, v in sorted(newest.items())]
+    return json.dumps(changes, separators=(",", ":"))
 
 
 def _text(value: str | bytes) -> str:

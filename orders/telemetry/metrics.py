@@ -106,6 +106,20 @@ PROJECTION_STATE = Gauge(
     ["projection", "state"],
 )
 
+# ---------------------------------------------------------------------------- read service
+
+READ_CACHE = Counter(
+    "orders_read_cache_lookups_total",
+    "GetOrder lookups in the read service's cache of hot views (read_service.hot_views), by result",
+    ["result"],
+)
+READS_BEHIND = Counter(
+    "orders_reads_behind_total",
+    "Answers flagged stale because the views were older than what this read service had answered "
+    "from before (a rebuild after a loss, or an older copy of Redis), by projection",
+    ["projection"],
+)
+
 # ---------------------------------------------------------------------------- stores
 
 STORE_ERRORS = Counter(

@@ -8,7 +8,9 @@ list itself. Round trips are counted on the test client's connections, as in tes
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -16,11 +18,12 @@ import grpc
 import pytest
 from redis.asyncio import Redis
 
-from orders.store.views import OrderView, ViewKeys, execute
+from orders.store.views import PROJECTIONS, OrderView, ViewKeys, execute
 from orders.v1 import queries_pb2 as qry
+from read_service.freshness import CheckpointWatcher
 from read_service.servicer import OrderQueriesServicer
 from read_service.watch import ChangeFeed
-from tests.helpers import add_item_request, an_address, create_request, round_trip_counting_redis
+from tests.helpers import add_item_request, an_address, create_request, eventually, round_trip_counting_redis
 from tests.integration.conftest import System
 
 
@@ -62,8 +65,9 @@ class NoDeadline:
 
 
 def servicer(recorded: Recorded, keys: ViewKeys) -> OrderQueriesServicer:
-    feed = ChangeFeed(recorded.redis, keys)  # not started: GetOrder does not use it
-    return OrderQueriesServicer(recorded.redis, keys, watchers={}, max_wait=1.0, feed=feed)
+    feed = ChangeFeed(recorded.redis, keys)  # not started: GetOrder then reads Redis every time
+    watchers = {name: CheckpointWatcher(recorded.redis, keys.of(name)) for name in PROJECTIONS}  # not started
+    return OrderQueriesServicer(recorded.redis, keys, watchers=watchers, max_wait=1.0, feed=feed)
 
 
 async def get(service: OrderQueriesServicer, order_id: str) -> qry.GetOrderResponse:
@@ -160,3 +164,59 @@ async def test_the_plain_read_follows_a_generation_switch(system: System, record
 
     assert (first.order.version, second.order.version) == (newer.order.version, newer.order.version)
     assert recorded.commands == ["MGET", "EVALSHA", "MGET"]
+
+
+@asynccontextmanager
+async def following(recorded: Recorded, keys: ViewKeys) -> AsyncIterator[OrderQueriesServicer]:
+    """A servicer whose change feed and checkpoint watchers run, as in the read service: GetOrder then
+    keeps hot views."""
+    feed = ChangeFeed(recorded.redis, keys)
+    watchers = {name: CheckpointWatcher(recorded.redis, keys.of(name)) for name in PROJECTIONS}
+    service = OrderQueriesServicer(recorded.redis, keys, watchers=watchers, max_wait=5.0, feed=feed)
+    parts: list[ChangeFeed | CheckpointWatcher] = [feed, *watchers.values()]
+    for part in parts:
+        part.start()
+    try:
+        await asyncio.wait_for(feed.subscribed.wait(), 10)
+        yield service
+    finally:
+        for part in parts:
+            await part.stop()
+
+
+async def test_a_hot_view_is_answered_from_memory_until_the_order_changes(system: System, recorded: Recorded) -> None:
+    served = await an_order(system)
+    order_id = served.order.order_id
+    async with following(recorded, system.keys) as service:
+        first = await get(service, order_id)
+        recorded.reset()
+        again = await get(service, order_id)
+        assert (recorded.commands, again) == ([], first)  # no Redis call, the same answer
+
+        added = (await system.commands.AddItem(add_item_request(order_id, "HOT"))).result
+
+        async def newer() -> None:  # the change feed dropped the entry: the next read sees the change
+            assert (await get(service, order_id)).order.version == added.version
+
+        await eventually(newer)
+
+
+async def test_a_token_newer_than_the_hot_view_is_read_from_redis(system: System, recorded: Recorded) -> None:
+    served = await an_order(system)
+    order_id = served.order.order_id
+    async with following(recorded, system.keys) as service:
+        await get(service, order_id)  # now hot
+        await system.stop_worker()  # the change below cannot reach the views, nor drop the entry
+        added = (await system.commands.AddItem(add_item_request(order_id, "LATE"))).result
+        request = qry.GetOrderRequest(order_id=order_id, consistency_token=added.consistency_token)
+        recorded.reset()
+
+        answer = await service.GetOrder(request, cast(grpc.aio.ServicerContext, ShortDeadline()))
+
+    assert "MGET" in recorded.commands  # the hot view's snapshot is older than the token
+    assert (answer.order.version, answer.consistency.stale) == (served.order.version, True)
+
+
+class ShortDeadline(NoDeadline):
+    def time_remaining(self) -> float | None:
+        return 0.3
