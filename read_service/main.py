@@ -23,6 +23,7 @@ from orders.telemetry.logs import LogFormat, LogLevel
 from orders.telemetry.tracing import TracingMode
 from read_service import page_tokens
 from read_service.freshness import CheckpointWatcher
+from read_service.hot_views import DEFAULT_CAPACITY, HotViews
 from read_service.projection_health import ProjectionHealth
 from read_service.servicer import SERVICE, OrderQueriesServicer
 from read_service.watch import MAX_PENDING, ChangeFeed
@@ -45,6 +46,7 @@ class ReadSettings:
     log_format: LogFormat = LogFormat.AUTO
     tracing: TracingMode = TracingMode.AUTO
     processes: int = 1
+    read_cache_size: int = DEFAULT_CAPACITY
     page_token_key: str = field(default="", repr=False)  # a secret: never in a log line
 
 
@@ -69,6 +71,13 @@ def parse_settings(argv: Sequence[str] | None = None) -> ReadSettings:
         "seconds without a sync worker heartbeat before health reports orders.projection NOT_SERVING",
         default="5",
         parse=config.positive_float,
+    )
+    config.add_setting(
+        parser,
+        "read-cache-size",
+        "orders whose views GetOrder keeps in memory, kept current by the change feed; 0: none",
+        default=str(DEFAULT_CAPACITY),
+        parse=config.non_negative_int,
     )
     config.add_setting(
         parser,
@@ -123,6 +132,7 @@ async def start_read_service(
     readiness: Readiness | None = None,
     reuse_port: bool = False,
     page_token_key: str = "",
+    read_cache_size: int = DEFAULT_CAPACITY,
 ) -> ReadService:
     """Serves OrderQueries on `address`. Page tokens are signed with `page_token_key`, or when it is
     empty with the key in Redis that every replica under the same prefix shares."""
@@ -133,7 +143,8 @@ async def start_read_service(
     feed = ChangeFeed(redis, keys, max_pending=max_watch_pending, max_streams=max(1, max_concurrent_rpcs // 2))
     feed.start()
     tokens, key_follower = await page_tokens.page_tokens(redis, keys.page_token_key, page_token_key)
-    servicer = OrderQueriesServicer(redis, keys, watchers, max_wait, feed, page_tokens=tokens)
+    hot = HotViews(read_cache_size)
+    servicer = OrderQueriesServicer(redis, keys, watchers, max_wait, feed, hot=hot, page_tokens=tokens)
     server = await start_server(address, {SERVICE: servicer}, max_concurrent_rpcs, security, reuse_port=reuse_port)
     readiness = readiness or Readiness()
     await readiness.attach(server.health, ["", SERVICE.full_name])
@@ -160,6 +171,7 @@ async def serve(settings: ReadSettings, slot: ProcessSlot = ONLY_PROCESS) -> Non
         readiness=readiness,
         reuse_port=slot.shared,
         page_token_key=settings.page_token_key,
+        read_cache_size=settings.read_cache_size,
     )
     log.info("OrderQueries listening on %s (port %d)%s", settings.read_address, service.server.port, slot.describe())
     await stop.wait()
