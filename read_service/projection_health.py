@@ -10,6 +10,7 @@ service reports:
                                       its heartbeat within the heartbeat timeout, or while that
                                       projection is stopped on an error
     orders.projection                 SERVING only while every projection is
+Each status is also the `orders_health_serving{service=...}` gauge (orders.telemetry.metrics).
 
 Start-up is quiet: a sync worker started together with this service (orders-local) needs a moment
 for its first heartbeat, and until then Redis may still hold the previous run's, long stale. So for
@@ -32,6 +33,7 @@ from orders.server.readiness import Readiness
 from orders.server.tasks import BackgroundTask
 from orders.store.heartbeat import read_heartbeat
 from orders.store.views import PROJECTIONS, ViewKeys
+from orders.telemetry.metrics import health_status
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +128,7 @@ class ProjectionHealth:
             log.log(logging.INFO if status == SERVING else logging.WARNING, "health of %r: %s (%s)", service, name, why)
         self._status[service] = status
         await self._servicer.set(service, status)
+        health_status(service, status == SERVING)
 
     async def _watch(self) -> None:
         while True:

@@ -1,5 +1,5 @@
 """How far a projection's loop has come, for operators: the lag gauges, a wait behind an older
-transaction (in the log and the heartbeat), and the log lines of applied batches.
+transaction (its gauge, the log and the heartbeat), and the log lines of applied batches.
 
 The PostgreSQL head is only looked up while the projection is behind (`measure_lag`), and at most
 every HEAD_EVERY seconds: a short batch with nothing held back is caught up, at no cost, and under
@@ -67,14 +67,17 @@ class Progress:
         }
 
     async def track_held_back(self, conn: Connection, batch: Batch) -> None:
-        """Makes a long wait behind an older transaction visible: in the log and in the heartbeat."""
+        """Makes a wait behind an older transaction visible: in orders_projection_held_back_seconds
+        (set on every step, so it grows while the wait lasts), in the heartbeat, and, once long, in the log."""
         if not batch.held_back:
             if self._held_back is not None and self._held_back.reported_at > -float("inf"):
                 log.info("no longer held back (after %.1fs)", time.monotonic() - self._held_back.since)
             self._held_back = None
+            self._metrics.held_back(0.0)
             return
         now = time.monotonic()
         held = self._held_back = self._held_back or HeldBack(since=now)
+        self._metrics.held_back(now - held.since)
         if now - held.since >= HELD_BACK_REPORT_AFTER and now - held.reported_at >= HELD_BACK_REPORT_EVERY:
             held.reported_at = now
             held.blocker = await oldest_transaction(conn)

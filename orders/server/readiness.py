@@ -2,10 +2,10 @@
 
 `Readiness` gathers the problems its checks report (one reason per check, "" when fine). It is
 SERVING while there are none, and it drives both the gRPC health service (`""` and the process's
-own service names, on every server it is attached to) and the ops endpoint's `/readyz`
-(orders.server.ops_server). `StoreProbe` is one such check: it asks a store a trivial question (PostgreSQL
-`SELECT 1`, Redis `PING`) every second with a short timeout, and at once when told that an
-operation found the store unreachable.
+own service names, on every server it is attached to, with the `orders_health_serving` gauge of
+each) and the ops endpoint's `/readyz` (orders.server.ops_server). `StoreProbe` is one such check:
+it asks a store a trivial question (PostgreSQL `SELECT 1`, Redis `PING`) every second with a short
+timeout, and at once when told that an operation found the store unreachable.
 
 Liveness is separate and says only that the process runs: the gRPC health service `liveness`
 (orders.server.grpc_server) and `/livez`. A restart does not fix an unreachable store or a poison event.
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from grpc_health.v1 import health, health_pb2
 
 from orders.server.tasks import BackgroundTask
+from orders.telemetry.metrics import health_status
 
 if TYPE_CHECKING:
     import asyncpg  # the read service has no PostgreSQL at all, and does not import its driver
@@ -76,13 +77,17 @@ class Readiness:
 
     def stopping(self) -> None:
         """The process is shutting down: not ready from now on (the servers' health goes NOT_SERVING
-        through their own graceful stop)."""
+        through their own graceful stop; the gauges now)."""
         self._stopping = True
+        for _, services in self._targets:
+            for service in services:
+                health_status(service, serving=False)
 
     async def _publish(self, servicer: health.aio.HealthServicer, services: Sequence[str]) -> None:
-        status = SERVING if self.serving else NOT_SERVING
+        serving = self.serving
         for service in services:
-            await servicer.set(service, status)
+            await servicer.set(service, SERVING if serving else NOT_SERVING)
+            health_status(service, serving)
 
 
 class StoreProbe:

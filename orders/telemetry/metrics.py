@@ -105,6 +105,12 @@ PROJECTION_STATE = Gauge(
     "1 for the state this worker's loop of the projection is in, 0 for the others",
     ["projection", "state"],
 )
+PROJECTION_HELD_BACK = Gauge(
+    "orders_projection_held_back_seconds",
+    "How long an older open PostgreSQL transaction has held the projection back (the age of the horizon "
+    "it waits behind), as of the loop's last step; 0 when not held back",
+    ["projection"],
+)
 
 # ---------------------------------------------------------------------------- read service
 
@@ -118,6 +124,15 @@ READS_BEHIND = Counter(
     "Answers flagged stale because the views were older than what this read service had answered "
     "from before (a rebuild after a loss, or an older copy of Redis), by projection",
     ["projection"],
+)
+
+# ---------------------------------------------------------------------------- health
+
+HEALTH_SERVING = Gauge(
+    "orders_health_serving",
+    'The process\'s gRPC health per service name: 1 SERVING, 0 NOT_SERVING ("" is the whole process, '
+    "as /readyz; the read service also reports orders.projection and orders.projection.NAME)",
+    ["service"],
 )
 
 # ---------------------------------------------------------------------------- stores
@@ -165,6 +180,16 @@ def count_store_error(store: str, operation: str) -> None:
     _store_error_child(store, operation).inc()
 
 
+@functools.cache
+def _health_child(service: str) -> Any:
+    return HEALTH_SERVING.labels(service)
+
+
+def health_status(service: str, serving: bool) -> None:
+    """What the gRPC health service now answers for `service`: SERVING or NOT_SERVING."""
+    _health_child(service).set(1 if serving else 0)
+
+
 class ProjectionMetrics:
     """The sync worker's metrics of one projection, with their label children resolved once."""
 
@@ -174,6 +199,7 @@ class ProjectionMetrics:
         self.lag_events = PROJECTION_LAG_EVENTS.labels(projection)
         self.lag_seconds = PROJECTION_LAG_SECONDS.labels(projection)
         self.wakeup = PROJECTION_WAKEUP.labels(projection)
+        self.held_back_seconds = PROJECTION_HELD_BACK.labels(projection)
         self._states = {state: PROJECTION_STATE.labels(projection, state) for state in PROJECTION_STATES}
 
     def batch_applied(self, events: int) -> None:
@@ -184,6 +210,11 @@ class ProjectionMetrics:
         self.lag_events.set(events)
         self.lag_seconds.set(seconds)
 
+    def held_back(self, seconds: float) -> None:
+        self.held_back_seconds.set(seconds)
+
     def state(self, state: str) -> None:
         for name, child in self._states.items():
             child.set(1 if name == state else 0)
+        if state != "active":  # only an active loop steps, and so only it can say how long it waits
+            self.held_back_seconds.set(0)
