@@ -10,6 +10,7 @@ grace period to finish.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterable
@@ -237,8 +238,25 @@ def _on_signal(sig: signal.Signals, stop: asyncio.Event, exit_on_repeat: bool) -
     stop.set()
 
 
+# Allocations between young-generation collections; CPython's default is 700, which a server that
+# makes thousands of short-lived objects per call (messages, futures, dicts) reaches many times a call.
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def tune_gc() -> None:
+    """Garbage collection for a long-running server. Start-up leaves a large, permanent object graph
+    (modules, protobuf descriptors, gRPC, prometheus): gc.freeze() moves it out of the collector's
+    generations, so that full collections no longer walk it; and young collections run every
+    GC_YOUNG_THRESHOLD allocations. Reference counting still frees most objects at once; only cycles
+    wait for a collection. A profile of the services under load showed 12-23% of their busy CPU in
+    gc_collect_main before this (docs/performance.md)."""
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+
+
 def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """Runs an async main with uvloop when available (about 1.2x faster gRPC)."""
+    """Runs an async main with uvloop when available (about 1.2x faster gRPC), after `tune_gc`."""
+    tune_gc()
     try:
         import uvloop  # noqa: PLC0415 - optional speed-up
     except ImportError:
