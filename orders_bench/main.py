@@ -27,7 +27,7 @@ import asyncpg
 from orders import config
 from orders.server.grpc_server import run
 from orders.store.views import PROJECTIONS, redis_client
-from orders_bench import measure
+from orders_bench import measure, soak
 from orders_bench.ceilings import prepare_redis_keys, prepare_scratch_table
 from orders_bench.cpu import CPU, PER_PROCESS, cpu_rounds, describe_floor, median_floor, render_cpu
 from orders_bench.history import load_history
@@ -83,6 +83,7 @@ examples:
   orders-bench --plot bench-results/20261204T155834Z.json --plots-dir docs/images   # re-plot a saved run
   orders-bench --postgres-url postgresql://postgres@127.0.0.1:5432/postgres --redis-url redis://127.0.0.1:6379/0
   orders-bench --only write,echo --rounds 3 --concurrency 128 --client-processes 2
+  orders-bench --soak 900 --postgres-url postgresql://postgres@127.0.0.1:5432/postgres --redis-url redis://127.0.0.1:6379/0
 """
 
 
@@ -134,6 +135,13 @@ QUICK = {"rounds": 3, "duration": 1.5, "warmup": 0.5, "rebuild_events": 50_000, 
 FULL = {"rounds": 5, "duration": 5.0, "warmup": 1.0, "rebuild_events": 1_000_000, "read_orders": 5000}
 T = TypeVar("T")
 WRITE_POOL_SIZE = 20  # ORDERS_POOL_SIZE's default
+DEFAULT_RATE = 500.0
+SOAK_HELP = (
+    "measure nothing else: run a steady mixed load (lifecycle commands at --rate, as many GetOrder/ListOrders"
+    " queries, --lag-streams watch streams) for SECONDS, recording per --soak-window each process's memory and"
+    " CPU, Redis memory and keys, ack/query/lag p50 and p99 and errors; writes bench-results/soak-<time>.json,"
+    " its plots, and a summary with the fitted memory growth and a verdict (docs/performance.md, Soak)"
+)
 
 
 def checks(rate: float) -> list[Check]:
@@ -198,16 +206,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--duration", type=config.positive_float, help="seconds measured per round (default 5)")
     add("--warmup", type=config.positive_float, help="seconds run before each round's measured window (default 1)")
     add("--concurrency", type=config.positive_int, default=64, help="calls in flight, closed loop (default 64)")
-    add("--rate", type=config.positive_float, default=500.0, help="commands/s offered by ack and lag (default 500)")
+    add("--rate", type=config.positive_float, help="commands/s offered by ack and lag (default 500; --soak: 300)")
     add("--rebuild-events", type=config.positive_int, help="events in the rebuild history (default 1,000,000)")
     add("--read-orders", type=config.positive_int, help="orders prefilled for the read tests (default 5000)")
-    add("--lag-streams", type=config.positive_int, default=16, help="WatchCustomerOrders streams of the lag probe")
+    add("--lag-streams", type=config.positive_int, default=16, help="WatchCustomerOrders streams of lag and --soak")
     add("--client-processes", type=config.positive_int, default=1, help="load generator processes (default 1)")
     add("--only", type=_names, help="comma-separated measurements or groups to run (default: all but create-client)")
     add("--json-out", type=Path, help="where to write the JSON results (default bench-results/<UTC time>.json)")
     add("--no-plots", action="store_true", help="write no plots, only the JSON")
     add("--plots-dir", type=Path, help="where to write the plots (default: beside the JSON, a folder of its name)")
     add("--plot", type=Path, metavar="JSON", help="measure nothing: draw the plots of a saved run's JSON")
+    add("--soak", type=config.positive_float, metavar="SECONDS", help=SOAK_HELP)
+    add("--soak-window", type=config.positive_float, default=soak.DEFAULT_WINDOW, metavar="SECONDS",
+        help="--soak: seconds per recorded window (default 10)")  # fmt: skip
     config.add_setting(
         parser, "postgres-url", "PostgreSQL server to use (empty: embedded)", default="", parse=_optional_postgres
     )
@@ -232,7 +243,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         duration=float(filled["duration"]),
         warmup=float(filled["warmup"]),
         concurrency=args.concurrency,
-        rate=args.rate,
+        rate=args.rate or DEFAULT_RATE,
         rebuild_events=int(filled["rebuild_events"]),
         client_processes=args.client_processes,
         read_orders=int(filled["read_orders"]),
@@ -582,12 +593,13 @@ NO_MATPLOTLIB = "matplotlib is not installed (pip install 'orders-cqrs[bench]')"
 def draw_plots(results: Mapping[str, Any], directory: Path) -> str:
     """Draws the plots of a run's results into `directory`; one line that says what was drawn."""
     try:
-        from orders_bench import plots  # noqa: PLC0415 - matplotlib is optional: imported only to plot
+        from orders_bench import plots, soak_plots  # noqa: PLC0415 - matplotlib is optional: imported only to plot
     except ModuleNotFoundError as missing:
         if (missing.name or "").partition(".")[0] != "matplotlib":
             raise
         raise PlotsUnavailable(NO_MATPLOTLIB) from missing
-    written, lacking = plots.write_plots(results, directory)
+    write_plots = soak_plots.write_plots if results.get("kind") == "soak" else plots.write_plots
+    written, lacking = write_plots(results, directory)
     line = f"plots: {', '.join(p.name for p in written) or 'none'} in {directory}"
     return f"{line} (no data for: {', '.join(lacking)})" if lacking else line
 
@@ -615,6 +627,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         except (OSError, ValueError, PlotsUnavailable) as error:
             sys.exit(f"orders-bench: cannot plot {args.plot}: {error}")
         return
+    if args.soak is not None:
+        soak_main(args)
+        return
     settings = settings_from(args)
     chosen = [BY_NAME[name] for name in (args.only or [m.name for m in MEASUREMENTS if m.default])]
     reports: list[Report] = []
@@ -629,6 +644,27 @@ def main(argv: Sequence[str] | None = None) -> None:
         finally:
             servers.stop()
     print(output(reports[0], args.json_out, args.plots_dir, plots=not args.no_plots), flush=True)
+
+
+def soak_main(args: argparse.Namespace) -> None:
+    """`--soak`: the services on the given (or embedded) servers under a steady load (orders_bench.soak)."""
+    settings = soak.settings_from(args)
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="orders-bench-soak-") as scratch:
+        servers = start_servers(args.postgres_url or None, args.redis_url or None, Path(scratch) / "servers")
+        try:
+
+            async def go() -> None:
+                results.append(await soak.soak_run(settings, servers, Path(scratch), Progress(), machine_info))
+
+            run(go)
+        finally:
+            servers.stop()
+    path = soak.write_json(results[0], args.json_out)
+    text = f"{soak.render(results[0])}\n\nJSON: {path}"
+    if not args.no_plots:
+        text = f"{text}\n{draw(results[0], args.plots_dir or plots_beside(path))}"
+    print(text, flush=True)
 
 
 if __name__ == "__main__":
