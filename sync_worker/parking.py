@@ -1,8 +1,9 @@
 """Parked orders: the `park` poison policy and operators' retries (docs/design.md, "Poison events").
 
 Under `park`, an order whose event a projection cannot apply is set aside in the projection's
-dead-letter list with every later event of it, so its view stays at its last good state while the
-checkpoint moves on for the other orders. `orders-admin retry` queues a request that the active
+dead-letter list: that event and every later event of it (its events before it are applied, even
+in the same batch), so its view stays at its last good state while the checkpoint moves on for the
+other orders. `orders-admin retry` queues a request that the active
 worker serves in its loop: it applies that order's parked events in order and releases them, or
 leaves them parked with the new error. Under `stop` (the default) a poison event goes up to the
 loop, which stops there.
@@ -42,15 +43,20 @@ class ParkedOrders:
 
     async def apply(
         self, projector: Projector, checkpoint: LogPosition | None, events: list[RecordedEvent], live: bool
-    ) -> tuple[LogPosition, dict[str, str]]:
-        """Applies a batch; under the park policy, parks each order whose event fails and tries again.
-        Returns the new checkpoint and the orders parked by this batch (order id -> why)."""
-        park: dict[str, str] = {}
+    ) -> tuple[LogPosition, dict[str, PoisonEvent]]:
+        """Applies a batch; under the park policy, parks each order from its event that fails and tries
+        again. Returns the new checkpoint and the orders parked by this batch (order id -> the event
+        they are parked from)."""
+        park: dict[str, PoisonEvent] = {}
         while True:
             try:
                 applied = await projector.apply(checkpoint, events, holder=self._worker_id, park=park, live=live)
             except PoisonEvent as poison:
-                if self._policy != PoisonPolicy.PARK or poison.stream_id in park:
+                known = park.get(poison.stream_id)
+                # An earlier event of an order parked here may fail in turn (a view that cannot be
+                # stored fails on the order's last applied event): it parks from there. The same
+                # event failing again means parking cannot help.
+                if self._policy != PoisonPolicy.PARK or (known is not None and known.position == poison.position):
                     raise
                 log.warning(
                     "projection %s parked order %r from the %s; its later events wait with it",
@@ -58,7 +64,7 @@ class ParkedOrders:
                     poison.stream_id,
                     poison,
                 )
-                park[poison.stream_id] = str(poison)
+                park[poison.stream_id] = poison
             else:
                 return applied, park
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from orders.domain.consistency import LogPosition
+from orders.domain.errors import PoisonEvent
 from orders.domain.events import RecordedEvent, event_type
 from orders.store.event_store import Batch, Connection, head, oldest_transaction
 from orders.telemetry.metrics import ProjectionMetrics
@@ -108,7 +110,9 @@ class Progress:
             self._head = (now, await head(conn))
         return self._head[1]
 
-    def log_batch(self, generation: int, events: list[RecordedEvent], parked: dict[str, str], live: bool) -> None:
+    def log_batch(
+        self, generation: int, events: list[RecordedEvent], parked: Mapping[str, PoisonEvent], live: bool
+    ) -> None:
         """One DEBUG line per event of an applied batch, with the correlation id of the command that
         wrote it (a field of the record: JSON logs carry it), one DEBUG line for the batch, and an
         INFO summary at most every SUMMARY_EVERY seconds (a line per batch would flood busy logs)."""
@@ -127,10 +131,11 @@ class Progress:
         if log.isEnabledFor(logging.DEBUG):
             self._log_applied(generation, events, live)
 
-    def _log_events(self, events: list[RecordedEvent], parked: dict[str, str]) -> None:
+    def _log_events(self, events: list[RecordedEvent], parked: Mapping[str, PoisonEvent]) -> None:
         name = self._projection
         for recorded in events:
-            what = "parked" if recorded.stream_id in parked else "applied"
+            poison = parked.get(recorded.stream_id)  # parked from that event on
+            what = "parked" if poison is not None and recorded.position >= poison.position else "applied"
             kind = event_type(recorded.event)
             fields = {
                 "projection": name,

@@ -180,14 +180,16 @@ class Projector(ABC):
         after: LogPosition | None,
         events: list[RecordedEvent],
         holder: str | None = None,
-        park: dict[str, str] | None = None,
+        park: Mapping[str, PoisonEvent] | None = None,
         live: bool = True,
     ) -> LogPosition:
         """Applies `events`, which follow checkpoint `after`, atomically; returns the new checkpoint.
 
         With `holder`, applies only while that worker holds the projection's lease (LeaseLost otherwise).
-        Events of orders in `park` (order id -> why), and of orders parked before, go to the dead-letter
-        list instead, in order, so that each of those orders stays consistent while the rest go on.
+        Of an order in `park` (order id -> the event it cannot apply), that event and the order's later
+        ones go to the dead-letter list instead, in order; its events before it are applied. Of an order
+        parked before, every event goes there. So each of those orders stays consistent, at its last
+        good state, while the rest go on.
         `live`: this generation is the one readers use (the pointer names it), and the batch is
         announced to them. Otherwise it is the generation a zero-downtime rebuild builds (the pointer
         names the one before it and the rebuild request names it); nothing is announced.
@@ -203,11 +205,10 @@ class Projector(ABC):
         self._check_generation(pointer, building, live)
         if (None if current is None else LogPosition.parse(current)) != after:
             raise CheckpointMoved(f"checkpoint is {current!r}, batch follows {after}")
-        parked = {i for i, score in zip(ids, scores, strict=True) if score is not None} | set(park)
-        batch = [e for e in events if e.stream_id not in parked]
+        parked_before = {i for i, score in zip(ids, scores, strict=True) if score is not None}
+        batch, held = held_back(events, parked_before, park)
         staged = await self.stage(batch, values, announce=live) if batch else BatchWrites()
         rebuilt = rebuild is not None and new_checkpoint >= LogPosition.parse(rebuild)
-        held = [e for e in events if e.stream_id in parked]
         own = self._own_writes(held, park, len(batch), new_checkpoint, rebuilt)
         if live:  # wakes the readers waiting for a token, and tells the watches of newly parked events
             own.publish(keys.checkpoint_channel, new_checkpoint.token())
@@ -219,7 +220,12 @@ class Projector(ABC):
         return new_checkpoint
 
     def _own_writes(
-        self, parked: list[RecordedEvent], park: dict[str, str], applied: int, checkpoint: LogPosition, rebuilt: bool
+        self,
+        parked: list[RecordedEvent],
+        park: Mapping[str, PoisonEvent],
+        applied: int,
+        checkpoint: LogPosition,
+        rebuilt: bool,
     ) -> BatchWrites:
         """The protocol's writes, after the projection's: the parked events, the new checkpoint, the
         count of applied events (parked ones count when they are released) and, once the views have
@@ -283,14 +289,14 @@ class Projector(ABC):
         except WatchError as error:
             raise CheckpointMoved("the generations moved during the switch") from error
 
-    def _queue_parking(self, writes: BatchWrites, events: list[RecordedEvent], park: dict[str, str]) -> None:
+    def _queue_parking(self, writes: BatchWrites, events: list[RecordedEvent], park: Mapping[str, PoisonEvent]) -> None:
         for recorded in events:
             writes.zadd(self.keys.parked, {recorded.stream_id: recorded.position}, nx=True)
             writes.rpush(self.keys.parked_events(recorded.stream_id), recorded.position)
         for order_id in sorted({recorded.stream_id for recorded in events}):
             writes.set(self.keys.parked_mark(order_id), "1")
-        for order_id, why in park.items():
-            writes.hset(self.keys.parked_errors, order_id, why)
+        for order_id, poison in park.items():
+            writes.hset(self.keys.parked_errors, order_id, str(poison))
 
     async def apply_parked(self, order_id: str, events: list[RecordedEvent], holder: str) -> None:
         """Applies an order's parked events, in order, and releases them from the dead-letter list.
@@ -381,6 +387,23 @@ class OrdersProjector(Projector):
             # a batch that fails announces nothing. Live watches re-read the views they are told of.
             writes.publish(self.keys.changes_channel, json.dumps(changed, separators=(",", ":")))
         return writes
+
+
+def held_back(
+    events: list[RecordedEvent], parked_before: set[str], park: Mapping[str, PoisonEvent]
+) -> tuple[list[RecordedEvent], list[RecordedEvent]]:
+    """Splits a batch, keeping log order, into the events to apply and those to park: every event of
+    an order in `parked_before` (its earlier events wait in the dead-letter list), and, of an order in
+    `park`, its poison event and every later one (its earlier events make its last good state)."""
+    holding = set(parked_before)
+    applied: list[RecordedEvent] = []
+    held: list[RecordedEvent] = []
+    for recorded in events:
+        poison = park.get(recorded.stream_id)
+        if poison is not None and recorded.position == poison.position:
+            holding.add(recorded.stream_id)
+        (held if recorded.stream_id in holding else applied).append(recorded)
+    return applied, held
 
 
 def parked_notice(events: list[RecordedEvent]) -> str:

@@ -10,13 +10,14 @@ not disturb the count. A guard key moved between that read and the write still f
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 import pytest
 from redis.asyncio import Redis
 
 from orders.domain.consistency import LogPosition
+from orders.domain.errors import PoisonEvent
 from orders.domain.events import RecordedEvent
 from orders.store.event_store import open_connection, read_batch
 from orders.store.views import PROJECTION, SUMMARY_PROJECTION, CustomerSummaryView, ViewKeys
@@ -203,7 +204,7 @@ class Interfering(OrdersProjector):
         after: LogPosition | None,
         events: list[RecordedEvent],
         holder: str | None = None,
-        park: dict[str, str] | None = None,
+        park: Mapping[str, PoisonEvent] | None = None,
         live: bool = True,
     ) -> LogPosition:
         try:
