@@ -57,6 +57,12 @@ class ProjectionAdminServicer(admin_pb2_grpc.ProjectionAdminServicer):
             )
         return ViewKeys(self._prefix, name)
 
+    async def _live_keys(self, name: str) -> ViewKeys:
+        """The keys of the generation readers use: a zero-downtime rebuild parks its orders anew in
+        the generation it builds, and the worker retries them in the live one."""
+        keys = self._keys(name)
+        return keys.at(parse_generation(await self._redis.get(keys.generation_pointer)))
+
     @translate_errors(ERRORS)
     async def ListProjections(
         self, request: pb.ListProjectionsRequest, context: grpc.aio.ServicerContext
@@ -127,8 +133,8 @@ class ProjectionAdminServicer(admin_pb2_grpc.ProjectionAdminServicer):
     async def ListParkedOrders(
         self, request: pb.ListParkedOrdersRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListParkedOrdersResponse:
-        keys = self._keys(request.name)
         async with _stores():
+            keys = await self._live_keys(request.name)
             order_ids = [str(i) for i in await self._redis.zrange(keys.parked, 0, -1)]
             orders = [
                 pb.ParkedOrder(
@@ -144,10 +150,11 @@ class ProjectionAdminServicer(admin_pb2_grpc.ProjectionAdminServicer):
     async def RetryParkedOrder(
         self, request: pb.RetryParkedOrderRequest, context: grpc.aio.ServicerContext
     ) -> pb.RetryParkedOrderResponse:
-        keys = self._keys(request.name)
         async with _stores():
+            keys = await self._live_keys(request.name)
             if await self._redis.zscore(keys.parked, request.order_id) is None:
                 raise OrderNotParked(f"order {request.order_id!r} has no parked events in {request.name!r}")
+            # One list for every generation: the worker serves it against the generation live then.
             await self._redis.rpush(keys.parked_requests, json.dumps({"order_id": request.order_id}))
         return pb.RetryParkedOrderResponse()
 
