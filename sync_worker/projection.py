@@ -21,6 +21,7 @@ from orders.domain.status import OrderStatus
 from orders.store.views import OrderView, ViewLine
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 
 
 class ProjectionGap(Exception):
@@ -35,16 +36,25 @@ def project(view: OrderView | None, recorded: RecordedEvent) -> OrderView:
             f"order {recorded.stream_id!r}: got event version {recorded.version} at position "
             f"{recorded.position}, expected version {expected}"
         )
-    at_us = (recorded.recorded_at - EPOCH) // timedelta(microseconds=1)  # exact, unlike float seconds
+    at_us = (recorded.recorded_at - EPOCH) // _MICROSECOND  # exact, unlike float seconds
     if view is None:
         return _created(recorded, at_us)
     changes = _CHANGES.get(type(recorded.event))
     if changes is None:
         raise ProjectionGap(f"unexpected {type(recorded.event).__name__} in order {view.order_id!r}")
-    # One new view per event, built from a dict: dataclasses.replace was the rebuild's largest cost.
-    return OrderView(
-        **{**vars(view), **changes(recorded.event, view), "version": recorded.version, "updated_at_us": at_us}
-    )
+    return _evolved(view, {**changes(recorded.event, view), "version": recorded.version, "updated_at_us": at_us})
+
+
+def _evolved(view: OrderView, changes: Changes) -> OrderView:
+    """A new view: `view` with `changes`. One per event, so the fold's largest cost: built by copying
+    the fields' dict, four times faster than OrderView's __init__ (a frozen dataclass's sets each of
+    its twelve fields through object.__setattr__) or dataclasses.replace. Equal to what __init__
+    would build: OrderView has no __post_init__, no slots, and `changes` only names its fields."""
+    new = object.__new__(OrderView)
+    fields = new.__dict__
+    fields.update(view.__dict__)
+    fields.update(changes)
+    return new
 
 
 def _created(recorded: RecordedEvent, at_us: int) -> OrderView:
