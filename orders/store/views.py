@@ -49,7 +49,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -120,31 +120,25 @@ class OrderView:
     def to_message(self) -> types_pb2.Order:
         """The view as the read API serves it (line totals and the order total computed here)."""
         currency, total = self.currency_code, 0
-        items = []
-        for line in self.lines:
-            price, quantity = line.unit_price_minor, line.quantity
-            total += price * quantity
-            items.append(
-                types_pb2.LineItem(
-                    sku=line.sku,
-                    name=line.name,
-                    quantity=quantity,
-                    unit_price=types_pb2.Money(currency_code=currency, minor_units=price),
-                    line_total=types_pb2.Money(currency_code=currency, minor_units=price * quantity),
-                )
-            )
         order = types_pb2.Order(
             order_id=self.order_id,
             customer_id=self.customer_id,
             status=_WIRE_STATUS[self.status],
-            items=items,
             version=self.version,
             carrier=self.carrier,
             tracking_number=self.tracking_number,
             cancellation_reason=self.cancellation_reason,
         )
-        # Set in place: cheaper than building and copying in the nested messages (the worker encodes
-        # one view per changed order and batch).
+        # Nested messages set in place, not built and copied in: the worker encodes one view per
+        # changed order and batch, and building LineItems with their Money took half of it.
+        items = order.items
+        for line in self.lines:
+            price, quantity = line.unit_price_minor, line.quantity
+            total += price * quantity
+            item = items.add(sku=line.sku, name=line.name, quantity=quantity)
+            unit_price, line_total = item.unit_price, item.line_total
+            unit_price.currency_code, unit_price.minor_units = currency, price
+            line_total.currency_code, line_total.minor_units = currency, price * quantity
         order.total.currency_code, order.total.minor_units = currency, total
         _set_timestamp(order.created_at, self.created_at_us)
         _set_timestamp(order.updated_at, self.updated_at_us)
@@ -247,8 +241,17 @@ class CustomerSummaryView:
     last_order_us: int = 0
 
     def to_json(self) -> str:
-        # json, not orjson: lifetime spend is a sum without bound, and orjson stops at 64 bits.
-        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
+        # json, not orjson: lifetime spend is a sum without bound, and orjson stops at 64 bits. The
+        # fields by hand, not dataclasses.asdict (which deep-copies them): a quarter of the cost.
+        fields = {
+            "customer_id": self.customer_id,
+            "order_count": self.order_count,
+            "by_status": self.by_status,
+            "spend_minor": self.spend_minor,
+            "first_order_us": self.first_order_us,
+            "last_order_us": self.last_order_us,
+        }
+        return json.dumps(fields, separators=(",", ":"), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> CustomerSummaryView:
