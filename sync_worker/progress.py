@@ -68,6 +68,11 @@ class Progress:
             "held_back_by": held.blocker if held else None,
         }
 
+    def left_active(self) -> None:
+        """The loop stopped stepping (standby, paused, failed): a wait it measured is over; if it is
+        held back again once active, that wait counts from then, not from the old one's start."""
+        self._held_back = None
+
     async def track_held_back(self, conn: Connection, batch: Batch) -> None:
         """Makes a wait behind an older transaction visible: in orders_projection_held_back_seconds
         (set on every step, so it grows while the wait lasts), in the heartbeat, and, once long, in the log."""

@@ -314,6 +314,8 @@ class SyncWorker:
             self.progress_at = time.monotonic()
             if state == "standby":  # the active worker reports the lag
                 self._metrics.lag(0, 0.0)
+            if state != "active":
+                self._progress.left_active()
 
     def _notified(self, *_: object) -> None:
         """A NOTIFY of an append: wake the loop, and time how long until a batch starts on it."""

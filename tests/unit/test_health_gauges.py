@@ -3,11 +3,16 @@
 
 from __future__ import annotations
 
+import time
+from typing import cast
+
 from grpc_health.v1 import health, health_pb2
 from prometheus_client import REGISTRY
 
 from orders.server.readiness import Readiness
+from orders.store.event_store import Batch, Connection
 from orders.telemetry.metrics import ProjectionMetrics
+from sync_worker.progress import HeldBack, Progress
 
 SERVICE = "tests.unit.HealthGauge"  # a name of this test's own: the registry is the process's
 
@@ -48,3 +53,17 @@ def test_a_loop_that_is_no_longer_active_reports_no_wait_behind_the_horizon() ->
     metrics.state("standby")
 
     assert (while_active, held_back()) == (12.5, 0)
+
+
+async def test_a_wait_behind_the_horizon_counts_from_when_the_loop_is_active_again() -> None:
+    """A loop held back, then standby, then active and held back again: the new wait starts at 0."""
+    metrics = ProjectionMetrics("unit-held-again")
+    progress = Progress("unit-held-again", 10, metrics)
+    held = Batch(events=[], held_back=True)
+    await progress.track_held_back(cast(Connection, None), held)
+    progress._held_back = HeldBack(since=time.monotonic() - 60)  # a minute into the first wait
+
+    progress.left_active()
+    await progress.track_held_back(cast(Connection, None), held)
+
+    assert progress.status()["held_back_seconds"] < 1
