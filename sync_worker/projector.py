@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import cast
 
+import msgpack
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
@@ -60,20 +61,19 @@ end
 return {values, scores}
 """
 # KEYS: the guard keys. ARGV: each guard's expected value ("=" and the value, or "!" for absent),
-# then the batch's writes, each as its argument count and its arguments. Writes nothing and returns
-# 0 if a guard differs; a script runs alone, so nothing can move between the check and the writes.
+# then the batch's writes as one MessagePack array of commands (each an array of strings): one
+# argument for redis-py to send instead of thousands, each of which it would encode on its own.
+# Writes nothing and returns 0 if a guard differs; a script runs alone, so nothing can move between
+# the check and the writes.
 _WRITE = """
 local WRITES = {SET=true, INCRBY=true, DEL=true, PUBLISH=true, ZADD=true, ZREM=true, RPUSH=true, HSET=true}
 for i, key in ipairs(KEYS) do
   local value = redis.call('GET', key)
   if (value and '=' .. value or '!') ~= ARGV[i] then return 0 end
 end
-local i = #KEYS + 1
-while i <= #ARGV do
-  local argc = tonumber(ARGV[i])
-  if not WRITES[string.upper(ARGV[i + 1])] then return redis.error_reply('not a batch write: ' .. ARGV[i + 1]) end
-  redis.call(unpack(ARGV, i + 1, i + argc))
-  i = i + argc + 1
+for _, command in ipairs(cmsgpack.unpack(ARGV[#KEYS + 1])) do
+  if not WRITES[string.upper(command[1])] then return redis.error_reply('not a batch write: ' .. command[1]) end
+  redis.call(unpack(command))
 end
 return 1
 """
@@ -81,21 +81,24 @@ _SCRIPTS = {script: hashlib.sha1(script.encode()).hexdigest() for script in (_RE
 MAX_MEMBERS = 1000  # per ZADD / ZREM: Lua's unpack() has a stack limit
 
 
-Command = tuple[Arg, ...]  # a Redis command and its arguments
+Text = str | bytes  # a write's argument: numbers go as their decimal text (see BatchWrites)
+Command = tuple[Text, ...]  # a Redis command and its arguments
 
 
 class BatchWrites:
     """A batch's writes as Redis commands, for the guarded write script (or a MULTI): built here
-    rather than through redis-py's command methods, which cost a rebuild more than the commands."""
+    rather than through redis-py's command methods, which cost a rebuild more than the commands.
+    Numbers are written as decimal text: the script gets the commands as MessagePack, and Lua would
+    turn a number of 10^14 or more into "1e+14" on its way to Redis."""
 
     def __init__(self) -> None:
         self.commands: list[Command] = []
 
-    def set(self, key: str, value: Arg) -> None:
+    def set(self, key: str, value: Text) -> None:
         self.commands.append(("SET", key, value))
 
     def incrby(self, key: str, amount: int) -> None:
-        self.commands.append(("INCRBY", key, amount))
+        self.commands.append(("INCRBY", key, str(amount)))
 
     def delete(self, *keys: str) -> None:
         self.commands.append(("DEL", *keys))
@@ -103,14 +106,14 @@ class BatchWrites:
     def publish(self, channel: str, message: str) -> None:
         self.commands.append(("PUBLISH", channel, message))
 
-    def hset(self, key: str, field: str, value: Arg) -> None:
+    def hset(self, key: str, field: str, value: Text) -> None:
         self.commands.append(("HSET", key, field, value))
 
-    def rpush(self, key: str, value: Arg) -> None:
-        self.commands.append(("RPUSH", key, value))
+    def rpush(self, key: str, value: int) -> None:
+        self.commands.append(("RPUSH", key, str(value)))
 
     def zadd(self, key: str, scores: Mapping[str, int], nx: bool = False) -> None:
-        entries = [arg for member, score in scores.items() for arg in (score, member)]
+        entries = [arg for member, score in scores.items() for arg in (str(score), member)]
         for start in range(0, len(entries), 2 * MAX_MEMBERS):
             self.commands.append(("ZADD", key, *(("NX",) if nx else ()), *entries[start : start + 2 * MAX_MEMBERS]))
 
@@ -131,12 +134,11 @@ class GuardedWrite:
         return [key for key, _ in self.guards]
 
     def script_args(self) -> list[Arg]:
-        """Each guard's expected value ("=" and the value, or "!" for absent), then each command's
-        argument count and its arguments."""
+        """Each guard's expected value ("=" and the value, or "!" for absent), then the commands as
+        one MessagePack array. Strings and bytes both go as MessagePack's raw type (use_bin_type off):
+        the cmsgpack of Redis's Lua reads no bin type, and to Lua both are byte strings anyway."""
         args: list[Arg] = ["!" if value is None else f"={_text(value)}" for _, value in self.guards]
-        for command in self.commands:
-            args.append(len(command))
-            args.extend(command)
+        args.append(cast(bytes, msgpack.packb(self.commands, use_bin_type=False)))
         return args
 
 
