@@ -136,8 +136,8 @@ class Cluster:
         await service.wait_for_log("listening on")
         return service
 
-    async def start_read_service(self) -> Service:
-        service = await self.spawn("orders-read-service")
+    async def start_read_service(self, **env: str) -> Service:
+        service = await self.spawn("orders-read-service", **env)
         await service.wait_for_log("listening on")
         return service
 
