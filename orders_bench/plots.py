@@ -79,21 +79,33 @@ PERCENTILE_TICKS = {0: "p0", 50: "p50", 90: "p90", 99: "p99", 99.9: "p99.9"}
 def write_plots(results: Results, directory: Path) -> tuple[list[Path], list[str]]:
     """Writes every plot the results have data for into `directory`; returns the files written and
     the names of the plots left out for lack of data."""
-    directory.mkdir(parents=True, exist_ok=True)
     drawers: dict[str, Callable[[Results], Figure | None]] = {
         "latency": latency_plot,
         "lag": lag_plot,
         "rebuild": rebuild_plot,
         "throughput": throughput_plot,
     }
+    return draw_all(results, directory, "bench", drawers, _caption)
+
+
+def draw_all(
+    results: Results,
+    directory: Path,
+    prefix: str,
+    drawers: Mapping[str, Callable[[Results], Figure | None]],
+    caption: Callable[[Figure, Results], None],
+) -> tuple[list[Path], list[str]]:
+    """Draws each of `drawers` that has data into `directory` as `<prefix>-<name>.png`, captioned;
+    returns the files written and the names left out for lack of data."""
+    directory.mkdir(parents=True, exist_ok=True)
     written, lacking = [], []
     for name, draw in drawers.items():
         figure = draw(results)
         if figure is None:
             lacking.append(name)
             continue
-        _caption(figure, results)
-        path = directory / f"bench-{name}.png"
+        caption(figure, results)
+        path = directory / f"{prefix}-{name}.png"
         save_png(figure, path)
         written.append(path)
     return written, lacking

@@ -20,7 +20,7 @@ from typing import Any
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from orders_bench.plots import DPI, SIZE, save_png
+from orders_bench.plots import DPI, SIZE, draw_all
 from orders_bench.soak_stats import SERVICES, memory_series, warmup_windows
 
 Results = Mapping[str, Any]  # the JSON of a soak, as orders_bench.soak.soak_run makes it
@@ -30,23 +30,12 @@ MB = 1024 * 1024
 def write_plots(results: Results, directory: Path) -> tuple[list[Path], list[str]]:
     """Writes the soak's plots into `directory`; returns the files written and the plots left out
     for lack of data (a soak without windows)."""
-    directory.mkdir(parents=True, exist_ok=True)
     drawers: dict[str, Callable[[Results], Figure | None]] = {
         "memory": memory_plot,
         "latency": latency_plot,
         "lag": lag_plot,
     }
-    written, lacking = [], []
-    for name, draw in drawers.items():
-        figure = draw(results)
-        if figure is None:
-            lacking.append(name)
-            continue
-        _caption(figure, results)
-        path = directory / f"soak-{name}.png"
-        save_png(figure, path)
-        written.append(path)
-    return written, lacking
+    return draw_all(results, directory, "soak", drawers, _caption)
 
 
 def _caption(figure: Figure, results: Results) -> None:

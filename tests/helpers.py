@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shlex
 import shutil
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import NamedTuple, TypeVar
 
+import asyncpg
 import grpc
 import pytest
 from google.protobuf.message import Message
@@ -182,3 +184,18 @@ def round_trip_counting_redis(url: str) -> tuple[Redis, list[int]]:
 
     pool = ConnectionPool.from_url(url, connection_class=CountingConnection, decode_responses=True)
     return Redis.from_pool(pool), sends
+
+
+@contextlib.asynccontextmanager
+async def held_transaction(url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A transaction that took a transaction id and then sits idle, holding the xmin horizon back."""
+    conn = await asyncpg.connect(url)
+    transaction = conn.transaction()
+    await transaction.start()
+    await conn.fetchval("SELECT pg_current_xact_id()")
+    try:
+        yield conn
+    finally:
+        with contextlib.suppress(Exception):
+            await transaction.rollback()
+        await conn.close()

@@ -9,7 +9,6 @@ and the Redis views equal a fold of every event in PostgreSQL.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import shutil
 import uuid
@@ -285,18 +284,3 @@ async def assert_consistent(cluster: Cluster, load: Load | None = None, timeout:
         await assert_views_match_events(cluster.servers.postgres_url, redis, cluster.keys)
     finally:
         await redis.aclose()
-
-
-@contextlib.asynccontextmanager
-async def held_transaction(url: str) -> AsyncIterator[asyncpg.Connection]:
-    """A transaction that took a transaction id and then sits idle, holding the xmin horizon back."""
-    conn = await asyncpg.connect(url)
-    transaction = conn.transaction()
-    await transaction.start()
-    await conn.fetchval("SELECT pg_current_xact_id()")
-    try:
-        yield conn
-    finally:
-        with contextlib.suppress(Exception):
-            await transaction.rollback()
-        await conn.close()

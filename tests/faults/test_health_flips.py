@@ -19,8 +19,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orders.tools.embedded import free_port
-from tests.faults.conftest import Cluster, Service, held_transaction
-from tests.helpers import create_request, eventually
+from tests.faults.conftest import Cluster, Service
+from tests.helpers import create_request, eventually, held_transaction
 
 FLIP_WITHIN = 5.0  # seconds from a store going away to NOT_SERVING
 

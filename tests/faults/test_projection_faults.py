@@ -21,8 +21,8 @@ from orders.v1 import commands_pb2 as cmd
 from orders.v1 import queries_pb2 as qry
 from orders.v1 import queries_pb2_grpc
 from read_service.projection_health import NOT_SERVING, PROJECTION_SERVICE, SERVING
-from tests.faults.conftest import Cluster, Load, assert_consistent, held_transaction, run_load_while
-from tests.helpers import create_request, eventually, rich_details
+from tests.faults.conftest import Cluster, Load, assert_consistent, run_load_while
+from tests.helpers import create_request, eventually, held_transaction, rich_details
 from tests.integration.test_no_skip import writer
 
 

@@ -8,12 +8,10 @@ process; the gauges are read from prometheus_client's default registry, which /m
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
-import asyncpg
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -23,7 +21,7 @@ from redis.asyncio import Redis
 from orders.store.views import PROJECTIONS, ViewKeys, redis_client
 from read_service.main import start_read_service
 from tests.conftest import Servers
-from tests.helpers import create_request, eventually
+from tests.helpers import create_request, eventually, held_transaction
 from tests.integration.conftest import System
 
 QUERIES = "orders.v1.OrderQueries"
@@ -137,21 +135,6 @@ async def test_the_health_gauge_follows_a_read_service_whose_redis_goes_away_and
     assert set(serving.values()) == {(1.0, "SERVING")}
     assert set(gone.values()) == {(0.0, "NOT_SERVING")}
     assert set(back.values()) == {(1.0, "SERVING")}
-
-
-@contextlib.asynccontextmanager
-async def held_transaction(url: str) -> AsyncIterator[asyncpg.Connection]:
-    """A transaction that took a transaction id and then sits idle, holding the horizon back."""
-    conn = await asyncpg.connect(url)
-    transaction = conn.transaction()
-    await transaction.start()
-    await conn.fetchval("SELECT pg_current_xact_id()")
-    try:
-        yield conn
-    finally:
-        with contextlib.suppress(Exception):
-            await transaction.rollback()
-        await conn.close()
 
 
 async def test_the_held_back_gauge_grows_while_an_open_transaction_holds_the_projection_and_then_drops_to_0(
