@@ -258,6 +258,33 @@ async def run_load_while(load: Load, fault: Callable[[], Awaitable[None]]) -> No
         await asyncio.wait_for(task, 60)
 
 
+async def lose_redis(cluster: Cluster, how: str, down_for: float = 0.0) -> None:
+    """Redis loses every key: FLUSHALL ("flushall"), or a stop and an empty start `down_for` seconds
+    later ("restart-empty")."""
+    if how == "flushall":
+        redis = cluster.redis()
+        await redis.flushall()
+        await redis.aclose()
+        return
+    await cluster.servers.stop_redis()
+    await asyncio.sleep(down_for)
+    await cluster.servers.start_redis(empty=True)
+
+
+async def views_rebuilt(cluster: Cluster, timeout: float) -> None:
+    """Waits until the views hold a checkpoint and no rebuild mark: the replay after a loss is done."""
+    redis = cluster.redis()
+    try:
+
+        async def done() -> None:
+            assert await redis.exists(cluster.keys.checkpoint)
+            assert not await redis.exists(cluster.keys.rebuild_target)
+
+        await eventually(done, timeout=timeout)
+    finally:
+        await redis.aclose()
+
+
 async def assert_consistent(cluster: Cluster, load: Load | None = None, timeout: float = 60) -> None:
     """No acknowledged command lost, none applied twice, and the views equal the fold of the log."""
     conn = await open_connection(cluster.servers.postgres_url)

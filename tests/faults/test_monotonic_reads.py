@@ -15,8 +15,8 @@ import grpc
 import pytest
 
 from orders.v1 import queries_pb2 as qry
-from tests.faults.conftest import Cluster, Load, assert_consistent, run_load_while
-from tests.helpers import add_item_request, create_request, eventually
+from tests.faults.conftest import Cluster, Load, assert_consistent, lose_redis, run_load_while, views_rebuilt
+from tests.helpers import add_item_request, create_request
 
 KNOWN_ORDERS = 12
 KNOWN_CUSTOMERS = 3
@@ -89,29 +89,6 @@ async def sample(cluster: Cluster, order_ids: list[str], answers: list[Answer], 
             answers.append(Answer(subject, newness, consistency.stale, sent, time.monotonic()))
 
 
-async def lose_redis(cluster: Cluster, how: str) -> None:
-    if how == "flushall":
-        redis = cluster.redis()
-        await redis.flushall()
-        await redis.aclose()
-    else:
-        await cluster.servers.stop_redis()
-        await cluster.servers.start_redis(empty=True)
-
-
-async def rebuilt(cluster: Cluster) -> None:
-    redis = cluster.redis()
-    try:
-
-        async def done() -> None:
-            assert await redis.exists(cluster.keys.checkpoint)
-            assert not await redis.exists(cluster.keys.rebuild_target)
-
-        await eventually(done, timeout=60)
-    finally:
-        await redis.aclose()
-
-
 @pytest.mark.parametrize("how", ["flushall", "restart-empty"])
 async def test_no_read_goes_back_in_time_unflagged_when_redis_loses_the_views(cluster: Cluster, how: str) -> None:
     await cluster.start_write_service()
@@ -127,7 +104,7 @@ async def test_no_read_goes_back_in_time_unflagged_when_redis_loses_the_views(cl
         try:
             await asyncio.sleep(1.0)
             await lose_redis(cluster, how)
-            await rebuilt(cluster)
+            await views_rebuilt(cluster, timeout=60)
             await asyncio.sleep(0.5)
         finally:
             for sampler in samplers:

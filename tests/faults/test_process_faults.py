@@ -14,8 +14,8 @@ import pytest
 
 from orders.v1 import commands_pb2 as cmd
 from orders.v1 import queries_pb2 as qry
-from tests.faults.conftest import Cluster, Load, assert_consistent, run_load_while
-from tests.helpers import create_request, eventually, money
+from tests.faults.conftest import Cluster, Load, assert_consistent, lose_redis, run_load_while, views_rebuilt
+from tests.helpers import create_request, money
 
 
 async def test_sync_worker_killed_at_random_moments(cluster: Cluster) -> None:
@@ -95,32 +95,18 @@ async def test_redis_lost_during_load_is_rebuilt_and_never_claims_not_found(clus
                 except grpc.aio.AioRpcError as error:
                     answers.append(error.code().name)
 
-    async def lose_redis() -> None:
+    async def fault() -> None:
         stop_reading = asyncio.Event()
         reader = asyncio.create_task(read_known(stop_reading))
         await asyncio.sleep(1.0)
-        if how == "flushall":
-            redis = cluster.redis()
-            await redis.flushall()
-            await redis.aclose()
-        else:
-            await cluster.servers.stop_redis()
-            await asyncio.sleep(1.0)
-            await cluster.servers.start_redis(empty=True)
+        await lose_redis(cluster, how, down_for=1.0)
         await asyncio.sleep(1.0)
-        redis = cluster.redis()
-
-        async def rebuilt() -> None:  # bounded by time, not by machine speed
-            assert await redis.exists(cluster.keys.checkpoint)
-            assert not await redis.exists(cluster.keys.rebuild_target)
-
-        await eventually(rebuilt, timeout=30)
-        await redis.aclose()
+        await views_rebuilt(cluster, timeout=30)  # bounded by time, not by machine speed
         await asyncio.sleep(0.5)
         stop_reading.set()
         await reader
 
-    await run_load_while(load, lose_redis)
+    await run_load_while(load, fault)
 
     print(f"redis {how}: answers={dict(Counter(answers))} acked={len(load.acked)} errors={dict(load.errors)}")
     assert "NOT_FOUND" not in answers
