@@ -166,6 +166,21 @@ def add_postgres_argument(parser: SettingsParser) -> None:
 def add_redis_arguments(parser: SettingsParser) -> None:
     add_setting(parser, "redis-url", "Redis holding the read views", parse=redis_url)
     add_setting(parser, "redis-prefix", "prefix of every Redis key and channel", default="orders:")
+    add_setting(
+        parser,
+        "partitions",
+        f"partitions each projection is split into by order id (1-{MAX_PARTITIONS}); the same for every worker "
+        "and read service of one deployment (changing it: docs/operations.md, 'Changing the partition count')",
+        default="1",
+        parse=partition_count,
+    )
+
+
+MAX_PARTITIONS = 256
+
+
+def partition_count(text: str) -> int:
+    return _number(text, int, f"an integer from 1 to {MAX_PARTITIONS}", lambda value: 1 <= value <= MAX_PARTITIONS)
 
 
 def add_server_arguments(parser: SettingsParser, flag: str, default_address: str) -> None:

@@ -48,6 +48,7 @@ class ReadSettings:
     processes: int = 1
     read_cache_size: int = DEFAULT_CAPACITY
     page_token_key: str = field(default="", repr=False)  # a secret: never in a log line
+    partitions: int = 1  # each projection split by order id (orders.store.views.partition_of)
 
 
 def parse_settings(argv: Sequence[str] | None = None) -> ReadSettings:

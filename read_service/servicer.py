@@ -352,7 +352,7 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
         rel = self._orders.rel
         keys: list[Arg] = [self._keys.generation_pointer]
         args: list[Arg] = [
-            *(self._keys.prefix, index, rel.checkpoint, rel.rebuild_target, rel.order("")),
+            *(self._keys.pprefix, index, rel.checkpoint, rel.rebuild_target, rel.order("")),
             *(start, limit, rel.parked_mark("")),
         ]
         async with bounded_redis_call(context):

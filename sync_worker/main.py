@@ -56,6 +56,7 @@ class SyncSettings:
     log_format: LogFormat = LogFormat.AUTO
     tracing: TracingMode = TracingMode.AUTO
     batch_wait: float = DEFAULT_WAIT
+    partitions: int = 1  # each projection split by order id (orders.store.views.partition_of)
 
 
 def parse_settings(argv: Sequence[str] | None = None) -> SyncSettings:

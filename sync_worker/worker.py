@@ -188,7 +188,7 @@ class SyncWorker:
             log.info(
                 "projection %s: tailing the event log into %s as %s",
                 self.projection,
-                self._generations.projector.keys.prefix,
+                self._generations.projector.keys.pprefix,
                 self.worker_id,
             )
             while not stop.is_set():

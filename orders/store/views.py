@@ -4,37 +4,46 @@ The sync worker writes these and the read service reads them; nothing else
 knows the layout. Redis is a cache that can be rebuilt from the event store at
 any time, so everything here is derived from events.
 
-Keys, under a configurable prefix (default "orders:"):
-    {p}order:{order_id}                     the order view, as the read API's serialized orders.v1.Order
+Keys, under a configurable prefix (default "orders:") and then a partition's hash tag
+{t} = "{projection:partition/partitions}" (`orders:{orders:0/1}:order:42`): every key of one
+partition of one projection lands in one Redis Cluster slot, so each batch script and each read
+touches one slot. A projection is split into `partitions` partitions by a hash of the order id
+(`partition_of`); one partition (0/1) is the whole projection. Partition counts differ in the tag,
+so a deployment can build a new count beside the one that serves (docs/design.md, "Partitions").
+    {p}{t}:order:{order_id}                 the order view, as the read API's serialized orders.v1.Order
                                             (older deployments wrote JSON; both are read, see `OrderView.from_stored`)
-    {p}idx:all                              sorted set of every order
-    {p}idx:customer:{customer_id}           a customer's orders
-    {p}idx:status:{STATUS}                  orders in one status
-    {p}idx:customer:{customer_id}:{STATUS}  a customer's orders in one status
-    {p}checkpoint:orders                    consistency token of the last applied event
-    {p}rebuild:orders                       while replaying from scratch: the token to reach
-    {p}lease:orders                         id of the one worker allowed to apply (expires)
-    {p}heartbeat:orders                     that worker's last sign of life and status, JSON
-    {p}applied:orders                       events applied in total (exactly-once audit)
-    {p}paused:orders                        present while an operator has paused the projection
-    {p}rebuild-started:orders               when the current rebuild started (Redis clock, ms)
-    {p}parked:orders, {p}parked:orders:{id}  dead-letter: orders parked on a poison event, and
-    {p}parked-errors:orders                  their events' positions and errors
-    {p}parked-mark:orders:{id}              a string beside each parked order's list, so that one MGET sees it
-    {p}generation:orders                    the generation readers use (absent = 0), see below
-    {p}next-generation:orders               while a zero-downtime rebuild runs: the generation it builds
-    {p}retired:orders                       after a switch: set of old generations whose keys are being deleted
+    {p}{t}:idx:all                          sorted set of every order (of the partition)
+    {p}{t}:idx:customer:{customer_id}       a customer's orders
+    {p}{t}:idx:status:{STATUS}              orders in one status
+    {p}{t}:idx:customer:{customer_id}:{STATUS}  a customer's orders in one status
+    {p}{t}:checkpoint:orders                consistency token of the last applied event (of the whole log:
+                                            a partition's checkpoint passes the events of other partitions too)
+    {p}{t}:rebuild:orders                   while replaying from scratch: the token to reach
+    {p}{t}:lease:orders                     id of the one worker allowed to apply (expires)
+    {p}{t}:heartbeat:orders                 that worker's last sign of life and status, JSON
+    {p}{t}:applied:orders                   events applied in total (exactly-once audit)
+    {p}{t}:paused:orders                    present while an operator has paused the partition
+    {p}{t}:rebuild-started:orders           when the current rebuild started (Redis clock, ms)
+    {p}{t}:parked:orders, {p}{t}:parked:orders:{id}  dead-letter: orders parked on a poison event, and
+    {p}{t}:parked-errors:orders             their events' positions and errors
+    {p}{t}:parked-mark:orders:{id}          a string beside each parked order's list, so that one MGET sees it
+    {p}{t}:generation:orders                the generation readers use (absent = 0), see below
+    {p}{t}:next-generation:orders           while a zero-downtime rebuild runs: the generation it builds
+    {p}{t}:retired:orders                   after a switch: set of old generations whose keys are being deleted
+    {p}workers:orders:{partitions}          the workers sharing the partitions: id -> expiry (sync_worker.membership)
+    {p}page-token-key                       the read service's page token key, when not configured
 The customer summary projection keeps its own keys, checkpoint, lease and heartbeat:
-    {p}summary:customer:{customer_id}       a customer's summary, JSON
-    {p}summary:order:{order_id}             the projection's own copy of each order's view
-    {p}checkpoint:customer_summary, {p}lease:customer_summary, ...
-Generations: a zero-downtime rebuild writes generation n+1 of a projection while generation n
-serves. Generation 0 has the names above; generation n > 0 puts `g{n}:` after the prefix of every
-view key, the checkpoint, the rebuild mark, `applied` and the parked keys (`{p}g1:order:{id}`,
-`{p}g1:checkpoint:orders`). Lease, heartbeat, paused, the pointers and the channels have no generation.
-Channels:
-    {p}checkpoint:orders                    the new checkpoint, published with every batch
-    {p}changes:orders                       the orders a batch changed, published with it:
+    {p}{t}:summary:customer:{customer_id}   a customer's summary, JSON (of the partition's orders: a read
+                                            adds up the partitions' summaries)
+    {p}{t}:summary:order:{order_id}         the projection's own copy of each order's view
+    {p}{t}:checkpoint:customer_summary, {p}{t}:lease:customer_summary, ...
+Generations: a zero-downtime rebuild writes generation n+1 of a partition while generation n
+serves. Generation 0 has the names above; generation n > 0 puts `g{n}:` after the tag in every
+view key, the checkpoint, the rebuild mark, `applied` and the parked keys (`{p}{t}:g1:order:{id}`,
+`{p}{t}:g1:checkpoint:orders`). Lease, heartbeat, paused, the pointers and the channels have no generation.
+Channels (per partition):
+    {p}{t}:checkpoint:orders                the new checkpoint, published with every batch
+    {p}{t}:changes:orders                   the orders a batch changed, published with it:
                                             JSON [{"order_id", "customer_id", "version"}, ...]
 
 Index members all have score 0 and sort lexicographically as
@@ -49,6 +58,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import zlib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -258,22 +268,67 @@ class CustomerSummaryView:
         return cls(**json.loads(text))
 
 
+def partition_of(order_id: str, partitions: int) -> int:
+    """The partition that holds an order's views and events: CRC-32 (zlib's, IEEE) of the id's UTF-8
+    bytes, modulo the partition count. Stable across processes and languages, unlike hash()."""
+    return 0 if partitions == 1 else zlib.crc32(order_id.encode()) % partitions
+
+
 @dataclass(frozen=True)
 class ViewKeys:
-    """Names of every key and channel, under one prefix (tests use a prefix each)."""
+    """Names of every key and channel of one partition of one projection, under one prefix (tests
+    use a prefix each)."""
 
     prefix: str = "orders:"
     projection: str = field(default=PROJECTION)
     generation: int = 0
+    partition: int = 0
+    partitions: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.partition < self.partitions:
+            raise ValueError(f"partition {self.partition} of {self.partitions}")
+
+    @property
+    def tag(self) -> str:
+        """The partition's hash tag: Redis Cluster hashes only what is inside the braces."""
+        return f"{{{self.projection}:{self.partition}/{self.partitions}}}"
+
+    @property
+    def pprefix(self) -> str:
+        """The prefix of this partition's keys and channels (every generation)."""
+        return f"{self.prefix}{self.tag}:"
 
     @property
     def gprefix(self) -> str:
         """The prefix of this generation's keys."""
-        return generation_prefix(self.prefix, self.generation)
+        return generation_prefix(self.pprefix, self.generation)
+
+    @property
+    def name(self) -> str:
+        """The partition's name in logs, metrics and the admin API: the projection, and its partition
+        when there are several (`orders`, `orders/2`)."""
+        return self.projection if self.partitions == 1 else f"{self.projection}/{self.partition}"
 
     def at(self, generation: int) -> ViewKeys:
-        """The keys of another generation of this projection."""
+        """The keys of another generation of this partition."""
         return replace(self, generation=generation)
+
+    def of(self, projection: str) -> ViewKeys:
+        """The keys of another projection's same partition under the same prefix (generation 0)."""
+        return ViewKeys(self.prefix, projection, 0, self.partition, self.partitions)
+
+    def all_partitions(self) -> list[ViewKeys]:
+        """The keys of every partition of this projection (generation 0), in partition order."""
+        return [ViewKeys(self.prefix, self.projection, 0, k, self.partitions) for k in range(self.partitions)]
+
+    def for_order(self, order_id: str) -> ViewKeys:
+        """The keys of the partition of this projection that holds `order_id` (generation 0)."""
+        return ViewKeys(self.prefix, self.projection, 0, partition_of(order_id, self.partitions), self.partitions)
+
+    def owns(self, order_id: str) -> bool:
+        """Whether this partition holds `order_id`'s views (and applies its events)."""
+        return self.partitions == 1 or partition_of(order_id, self.partitions) == self.partition
 
     def order(self, order_id: str) -> str:
         return f"{self.gprefix}order:{order_id}"
@@ -299,24 +354,20 @@ class ViewKeys:
     def summary_order(self, order_id: str) -> str:
         return f"{self.gprefix}summary:order:{order_id}"
 
-    def of(self, projection: str) -> ViewKeys:
-        """The keys of another projection under the same prefix (generation 0)."""
-        return ViewKeys(self.prefix, projection)
-
     @property
     def generation_pointer(self) -> str:
         """The generation that readers use and live batches go to; absent means 0."""
-        return f"{self.prefix}generation:{self.projection}"
+        return f"{self.pprefix}generation:{self.projection}"
 
     @property
     def next_generation(self) -> str:
         """While a zero-downtime rebuild runs: the generation being built."""
-        return f"{self.prefix}next-generation:{self.projection}"
+        return f"{self.pprefix}next-generation:{self.projection}"
 
     @property
     def retired(self) -> str:
         """After a switch: set of old generations whose keys the worker deletes in chunks."""
-        return f"{self.prefix}retired:{self.projection}"
+        return f"{self.pprefix}retired:{self.projection}"
 
     @property
     def checkpoint(self) -> str:
@@ -324,12 +375,12 @@ class ViewKeys:
 
     @property
     def checkpoint_channel(self) -> str:
-        return f"{self.prefix}checkpoint:{self.projection}"
+        return f"{self.pprefix}checkpoint:{self.projection}"
 
     @property
     def changes_channel(self) -> str:
         """Where the orders projection announces which orders each batch changed (live watch)."""
-        return f"{self.prefix}changes:{self.projection}"
+        return f"{self.pprefix}changes:{self.projection}"
 
     @property
     def rebuild_target(self) -> str:
@@ -337,11 +388,11 @@ class ViewKeys:
 
     @property
     def lease(self) -> str:
-        return f"{self.prefix}lease:{self.projection}"
+        return f"{self.pprefix}lease:{self.projection}"
 
     @property
     def heartbeat(self) -> str:
-        return f"{self.prefix}heartbeat:{self.projection}"
+        return f"{self.pprefix}heartbeat:{self.projection}"
 
     @property
     def applied(self) -> str:
@@ -349,11 +400,11 @@ class ViewKeys:
 
     @property
     def paused(self) -> str:
-        return f"{self.prefix}paused:{self.projection}"
+        return f"{self.pprefix}paused:{self.projection}"
 
     @property
     def rebuild_started(self) -> str:
-        return f"{self.prefix}rebuild-started:{self.projection}"
+        return f"{self.pprefix}rebuild-started:{self.projection}"
 
     @property
     def parked(self) -> str:
@@ -377,16 +428,22 @@ class ViewKeys:
     @property
     def page_token_key(self) -> str:
         """The read service's key for signing ListOrders page tokens, when not configured: one per
-        prefix (no projection, no generation), so rebuilds keep it; a flush replaces it."""
+        prefix (no projection, partition or generation), so rebuilds keep it; a flush replaces it."""
         return f"{self.prefix}page-token-key"
+
+    @property
+    def workers(self) -> str:
+        """The workers sharing this projection's partitions (of this count), with their expiry times."""
+        return f"{self.prefix}workers:{self.projection}:{self.partitions}"
 
     @property
     def parked_requests(self) -> str:
         """List of operator requests (JSON) for the active worker: retry an order's parked events."""
-        return f"{self.prefix}parked-requests:{self.projection}"
+        return f"{self.pprefix}parked-requests:{self.projection}"
 
     def view_patterns(self) -> list[str]:
-        """SCAN patterns of every view key of this projection (to delete them for a rebuild)."""
+        """SCAN patterns of every view key of this partition's generation (to delete them for a
+        rebuild). Braces are not special in SCAN patterns; square brackets are, and a tag has none."""
         parked = [f"{self.gprefix}parked:{self.projection}*", f"{self.gprefix}parked-mark:{self.projection}:*"]
         parked.append(self.parked_errors)
         if self.projection == SUMMARY_PROJECTION:
@@ -397,6 +454,18 @@ class ViewKeys:
     def generation_keys(self) -> list[str]:
         """This generation's single keys outside the view patterns."""
         return [self.checkpoint, self.rebuild_target, self.applied]
+
+
+@dataclass(frozen=True)
+class RelativeKeys(ViewKeys):
+    """Key names after a partition's prefix and generation, for the scripts that add those themselves
+    (they resolve the live generation in the same step)."""
+
+    prefix: str = ""
+
+    @property
+    def pprefix(self) -> str:
+        return ""
 
 
 def generation_prefix(prefix: str, generation: int) -> str:
@@ -441,16 +510,16 @@ class LiveReader:
         self._redis = redis
         self._script = redis.register_script(_READ_LIVE)
         self.keys = keys
-        self.rel = ViewKeys("", keys.projection)  # key names without prefix or generation
+        self.rel = RelativeKeys(projection=keys.projection)  # names for the script, which adds the prefixes
 
     async def get(self, *names: str) -> list[str | None]:
         """The values of `names` (from `self.rel`) in the live generation."""
-        return list(await self._script(keys=[self.keys.generation_pointer], args=[self.keys.prefix, *names]))
+        return list(await self._script(keys=[self.keys.generation_pointer], args=[self.keys.pprefix, *names]))
 
     async def get_raw(self, *names: str) -> list[bytes | None]:
         """As `get`, as bytes: order views are binary (a decoding client would fail on them)."""
         keys: list[Arg] = [self.keys.generation_pointer]
-        return list(await run_script(self._redis, _READ_LIVE, keys, [self.keys.prefix, *names], raw=True))
+        return list(await run_script(self._redis, _READ_LIVE, keys, [self.keys.pprefix, *names], raw=True))
 
 
 Arg = str | bytes | int | float  # a Redis command's argument

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import zlib
 from typing import Any
 
 import pytest
@@ -38,7 +39,7 @@ from orders.domain.events import (
     from_payload,
     to_payload,
 )
-from orders.store.views import OrderView, ViewKeys, ViewLine, is_json_view
+from orders.store.views import OrderView, ViewKeys, ViewLine, is_json_view, partition_of
 from orders.v1 import types_pb2
 from read_service.servicer import order_message
 from tests.unit.strategies import (
@@ -321,10 +322,10 @@ def test_unsupported_schema_version_is_rejected(event_class: type[Event], above_
 @pytest.mark.parametrize(
     ("customer_id", "status", "expected"),
     [
-        ("", "", "p:idx:all"),
-        ("cust-1", "", "p:idx:customer:cust-1"),
-        ("", "PENDING", "p:idx:status:PENDING"),
-        ("cust-1", "SHIPPED", "p:idx:customer:cust-1:SHIPPED"),
+        ("", "", "p:{orders:0/1}:idx:all"),
+        ("cust-1", "", "p:{orders:0/1}:idx:customer:cust-1"),
+        ("", "PENDING", "p:{orders:0/1}:idx:status:PENDING"),
+        ("cust-1", "SHIPPED", "p:{orders:0/1}:idx:customer:cust-1:SHIPPED"),
     ],
 )
 def test_index_name_for_each_filter_combination(customer_id: str, status: str, expected: str) -> None:
@@ -335,24 +336,24 @@ def test_index_name_for_each_filter_combination(customer_id: str, status: str, e
 def test_indexes_of_a_view_are_the_four_that_list_it() -> None:
     """A view is listed in: all, its customer's, its status's, and its customer's in its status."""
     expected = [
-        "orders:idx:all",
-        "orders:idx:customer:cust-1",
-        "orders:idx:status:SHIPPED",
-        "orders:idx:customer:cust-1:SHIPPED",
+        "orders:{orders:0/1}:idx:all",
+        "orders:{orders:0/1}:idx:customer:cust-1",
+        "orders:{orders:0/1}:idx:status:SHIPPED",
+        "orders:{orders:0/1}:idx:customer:cust-1:SHIPPED",
     ]
 
     assert expected == ViewKeys().indexes_of(VIEW)
 
 
 def test_order_and_checkpoint_keys() -> None:
-    """The order key and the checkpoint key and channel live under the prefix."""
+    """The order key and the checkpoint key and channel live under the prefix and the partition's tag."""
     keys = ViewKeys("t:1:")
 
     assert (
         keys.order("o-1"),
         keys.checkpoint,
         keys.checkpoint_channel,
-    ) == ("t:1:order:o-1", "t:1:checkpoint:orders", "t:1:checkpoint:orders")
+    ) == ("t:1:{orders:0/1}:order:o-1", "t:1:{orders:0/1}:checkpoint:orders", "t:1:{orders:0/1}:checkpoint:orders")
 
 
 def test_index_member_is_padded_time_then_order_id() -> None:
@@ -563,16 +564,46 @@ def test_generation_keys_carry_their_generation_and_projection_keys_do_not() -> 
     zero, one = ViewKeys("p:"), ViewKeys("p:").at(1)
 
     assert (zero.order("o1"), zero.checkpoint, zero.index("c1")) == (
-        "p:order:o1",
-        "p:checkpoint:orders",
-        "p:idx:customer:c1",
+        "p:{orders:0/1}:order:o1",
+        "p:{orders:0/1}:checkpoint:orders",
+        "p:{orders:0/1}:idx:customer:c1",
     )
     assert (one.order("o1"), one.checkpoint, one.applied) == (
-        "p:g1:order:o1",
-        "p:g1:checkpoint:orders",
-        "p:g1:applied:orders",
+        "p:{orders:0/1}:g1:order:o1",
+        "p:{orders:0/1}:g1:checkpoint:orders",
+        "p:{orders:0/1}:g1:applied:orders",
     )
-    assert ViewKeys("p:", "customer_summary", 2).summary_customer("c1") == "p:g2:summary:customer:c1"
+    summary = ViewKeys("p:", "customer_summary", 2)
+    assert summary.summary_customer("c1") == "p:{customer_summary:0/1}:g2:summary:customer:c1"
     shared = ["lease", "heartbeat", "paused", "checkpoint_channel", "changes_channel", "generation_pointer"]
     assert [getattr(one, name) for name in shared] == [getattr(zero, name) for name in shared]
-    assert not any(p.startswith("p:g1:") for p in zero.view_patterns())
+    assert not any(p.startswith("p:{orders:0/1}:g1:") for p in zero.view_patterns())
+
+
+def test_every_key_of_a_partition_shares_one_hash_tag() -> None:
+    """Redis Cluster hashes only the text in the first braces: every key and channel of one partition
+    of one projection carries the same tag, so each batch script and read touches one slot, and the
+    partition count is in the tag, so two counts never share a key."""
+    keys = ViewKeys("p:", "orders", 1, 2, 4)
+    names = [keys.order("o1"), keys.index("c1", "PENDING"), keys.checkpoint, keys.lease, keys.heartbeat]
+    names += [keys.generation_pointer, keys.parked_mark("o1"), keys.changes_channel, *keys.view_patterns()]
+
+    assert {name[name.index("{") : name.index("}") + 1] for name in names} == {"{orders:2/4}"}
+    assert ViewKeys("p:", "orders", 0, 2, 8).tag != keys.tag
+    assert keys.name == "orders/2"
+    assert ViewKeys("p:").name == "orders"
+
+
+def test_orders_spread_over_partitions_by_a_stable_hash() -> None:
+    """partition_of is CRC-32 of the id: the same in every process, spread over every partition, and
+    each order is owned by exactly one partition."""
+    ids = [f"order-{n}" for n in range(400)]
+    keys = ViewKeys("p:", partitions=4)
+
+    assert partition_of("order-1", 4) == zlib.crc32(b"order-1") % 4
+    assert {partition_of(i, 4) for i in ids} == {0, 1, 2, 3}
+    for order_id in ids:
+        owners = [k.partition for k in keys.all_partitions() if k.owns(order_id)]
+        assert owners == [keys.for_order(order_id).partition]
+    with pytest.raises(ValueError, match="partition 4 of 4"):
+        ViewKeys("p:", partition=4, partitions=4)
