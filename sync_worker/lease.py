@@ -64,6 +64,11 @@ class Lease:
         self.paused = False
 
     @property
+    def held(self) -> bool:
+        """Whether this worker took or renewed the lease last time it tried (and has not released it)."""
+        return self._renewed_at > -float("inf")
+
+    @property
     def renew_every(self) -> float:
         return self.ttl / 5
 

@@ -27,6 +27,7 @@ from sync_worker.admin import ProjectionAdminServicer
 from sync_worker.batching import DEFAULT_WAIT
 from sync_worker.customer_summary import CustomerSummaryProjector
 from sync_worker.health import DEFAULT_STUCK_AFTER, WORKER_SERVICE, WorkerHealth
+from sync_worker.membership import Membership
 from sync_worker.parking import PoisonPolicy
 from sync_worker.projector import OrdersProjector, Projector
 from sync_worker.reads import SharedReads
@@ -154,18 +155,35 @@ def projection_list(text: str) -> list[str]:
 
 
 def build_workers(
-    settings: WorkerSettings, redis: Redis, prefix: str, names: list[str], worker_id: str | None = None
+    settings: WorkerSettings,
+    redis: Redis,
+    prefix: str,
+    names: list[str],
+    worker_id: str | None = None,
+    *,
+    partitions: int = 1,
 ) -> list[SyncWorker]:
-    """One tailing loop per projection: each has its own checkpoint, lease and heartbeat; they share
-    the rows they read from the log while they are in step."""
-    worker_id, reads = worker_id or default_worker_id(), SharedReads()
-    return [SyncWorker(settings, PROJECTORS[n](redis, ViewKeys(prefix, n)), worker_id, reads) for n in names]
+    """One tailing loop per partition of each projection: each has its own checkpoint, lease and
+    heartbeat; they share the rows they read from the log while they are in step, and each
+    projection's loops share the worker's registration (sync_worker.membership)."""
+    worker_id, reads, loops = worker_id or default_worker_id(), SharedReads(), []
+    for name in names:
+        partition_keys = ViewKeys(prefix, name, partitions=partitions).all_partitions()
+        membership = Membership(redis, partition_keys[0], worker_id, settings.lease_ttl)
+        for keys in partition_keys:
+            loops.append(SyncWorker(settings, PROJECTORS[name](redis, keys), worker_id, reads, membership))
+    return loops
 
 
 async def start_admin(
-    address: str, pool: asyncpg.Pool, redis: Redis, prefix: str, security: ServerSecurity | None = None
+    address: str,
+    pool: asyncpg.Pool,
+    redis: Redis,
+    prefix: str,
+    security: ServerSecurity | None = None,
+    partitions: int = 1,
 ) -> RunningServer:
-    servicer = ProjectionAdminServicer(pool, redis, prefix)
+    servicer = ProjectionAdminServicer(pool, redis, prefix, partitions=partitions)
     server = await start_server(address, {ADMIN_SERVICE: servicer}, max_concurrent_rpcs=20, security=security)
     log.info("ProjectionAdmin listening on %s (port %d)", address, server.port)
     return server
@@ -182,14 +200,23 @@ async def serve(settings: SyncSettings) -> None:
         poison_policy=settings.poison_policy,
         batch_wait=settings.batch_wait,
     )
-    workers = build_workers(worker_settings, redis, settings.redis_prefix, settings.projections, settings.worker_id)
+    workers = build_workers(
+        worker_settings,
+        redis,
+        settings.redis_prefix,
+        settings.projections,
+        settings.worker_id,
+        partitions=settings.partitions,
+    )
     pool = await connect(settings.postgres_url, max_size=2)
     readiness = Readiness()
     ops = await start_ops_server(settings.metrics_address, readiness) if settings.metrics_address else None
     health = WorkerHealth(readiness, workers, redis, pool, settings.projection_stuck_after)
     await health.check()
     admin = (
-        await start_admin(settings.admin_address, pool, redis, settings.redis_prefix, settings.security)
+        await start_admin(
+            settings.admin_address, pool, redis, settings.redis_prefix, settings.security, settings.partitions
+        )
         if settings.admin_address
         else None
     )

@@ -1,0 +1,157 @@
+"""Partitioned projections on the worker side: workers share the partitions, rebalance when one
+joins or stops, and together apply every event exactly once, each in the partition of its order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+
+from orders.domain.consistency import LogPosition
+from orders.store.event_store import head, open_connection
+from orders.store.views import PROJECTION, PROJECTIONS, ViewKeys
+from sync_worker.main import build_workers
+from sync_worker.worker import SyncWorker, WorkerSettings
+from tests.helpers import add_item_request, all_events, assert_views_match_events, create_request, eventually
+from tests.integration.conftest import System
+
+PARTITIONS = 4
+LEASE_TTL = 1.0  # short, so that hand-overs and takeovers happen within the test's patience
+
+
+class Workers:
+    """Worker processes' loops, run in this event loop, each set under its own worker id."""
+
+    def __init__(self, system: System) -> None:
+        self._system = system
+        self._running: dict[str, tuple[asyncio.Event, asyncio.Task[list[None]], list[SyncWorker]]] = {}
+
+    def start(self, worker_id: str) -> list[SyncWorker]:
+        settings = WorkerSettings(self._system.database_url, poll_interval=0.2, lease_ttl=LEASE_TTL)
+        loops = build_workers(
+            settings, self._system.redis, self._system.keys.prefix, list(PROJECTIONS), worker_id, partitions=PARTITIONS
+        )
+        stop = asyncio.Event()
+        task = asyncio.ensure_future(asyncio.gather(*(loop.run(stop) for loop in loops)))
+        self._running[worker_id] = (stop, task, loops)
+        return loops
+
+    async def stop(self, worker_id: str) -> None:
+        stop, task, _ = self._running.pop(worker_id)
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+    async def stop_all(self) -> None:
+        for worker_id in list(self._running):
+            await self.stop(worker_id)
+
+
+@pytest.fixture
+async def workers(system: System) -> AsyncIterator[Workers]:
+    await system.stop_worker()  # the fixture's single-partition worker: these tests run their own
+    running = Workers(system)
+    try:
+        yield running
+    finally:
+        with contextlib.suppress(Exception):
+            await running.stop_all()
+
+
+def partition_keys(system: System) -> list[ViewKeys]:
+    keys = []
+    for name in PROJECTIONS:
+        keys += ViewKeys(system.keys.prefix, name, partitions=PARTITIONS).all_partitions()
+    return keys
+
+
+async def lease_holders(redis: Redis, system: System) -> Counter[str | None]:
+    """How many partitions (of both projections) each worker holds the lease of."""
+    holders = await redis.mget([keys.lease for keys in partition_keys(system)])
+    return Counter(holders)
+
+
+async def write_orders(system: System, count: int, tag: str) -> None:
+    for n in range(count):
+        created = (await system.commands.CreateOrder(create_request(f"cust-{n % 3}"))).result
+        await system.commands.AddItem(add_item_request(created.order_id, sku=f"{tag}-{n}"))
+
+
+async def caught_up(system: System) -> LogPosition:
+    """Waits until every partition of both projections has a checkpoint at the log's head."""
+    conn = await open_connection(system.database_url)
+    try:
+        last = await head(conn)
+    finally:
+        await conn.close()
+    assert last is not None
+
+    async def all_there() -> None:
+        checkpoints = await system.redis.mget([keys.checkpoint for keys in partition_keys(system)])
+        assert checkpoints == [last.token()] * len(checkpoints)
+
+    await eventually(all_there, timeout=20)
+    return last
+
+
+async def assert_applied_once(system: System) -> None:
+    """Every event was applied by exactly one partition of each projection: the partitions' counts of
+    applied events add up to the log's length, and the views of every partition equal a replay."""
+    events = len(await all_events(system.database_url))
+    for name in PROJECTIONS:
+        partitions = ViewKeys(system.keys.prefix, name, partitions=PARTITIONS).all_partitions()
+        applied = await system.redis.mget([keys.applied for keys in partitions])
+        assert sum(int(count or 0) for count in applied) == events, name
+    await assert_views_match_events(system.database_url, system.redis, ViewKeys(system.keys.prefix, partitions=PARTITIONS))
+
+
+async def test_two_workers_share_the_partitions_and_apply_each_event_once(system: System, workers: Workers) -> None:
+    """Two workers each hold half of the eight partitions (four of each projection), every
+    partition's checkpoint reaches the head, and each order's view is in its own partition only."""
+    workers.start("worker-a")
+    workers.start("worker-b")
+    await write_orders(system, 24, "x")
+
+    await caught_up(system)
+    await eventually(lambda: _expect(lease_holders(system.redis, system), {"worker-a": 4, "worker-b": 4}), timeout=10)
+    await assert_applied_once(system)
+
+
+async def test_partitions_rebalance_when_a_worker_joins_and_when_it_stops(system: System, workers: Workers) -> None:
+    """Alone, a worker holds every partition; a second one that joins gets its half within a few
+    renewals while events keep coming; when it stops, the first takes them all back. Nothing is
+    applied twice or skipped on the way."""
+    workers.start("worker-a")
+    await write_orders(system, 8, "a")
+    await eventually(lambda: _expect(lease_holders(system.redis, system), {"worker-a": 8}), timeout=10)
+
+    workers.start("worker-b")
+    await write_orders(system, 8, "b")
+    await eventually(lambda: _expect(lease_holders(system.redis, system), {"worker-a": 4, "worker-b": 4}), timeout=10)
+
+    await workers.stop("worker-b")
+    await write_orders(system, 8, "c")
+    await eventually(lambda: _expect(lease_holders(system.redis, system), {"worker-a": 8}), timeout=10)
+    await caught_up(system)
+    await assert_applied_once(system)
+
+
+async def test_a_partition_of_one_order_moves_nothing_but_its_checkpoint_elsewhere(system: System, workers: Workers) -> None:
+    """A batch of one order's events changes that order's partition only: the other partitions'
+    checkpoints pass it, with no view and nothing applied."""
+    workers.start("worker-a")
+    created = (await system.commands.CreateOrder(create_request("cust-solo"))).result
+    last = await caught_up(system)
+
+    owner = ViewKeys(system.keys.prefix, PROJECTION, partitions=PARTITIONS).for_order(created.order_id)
+    for keys in owner.all_partitions():
+        assert await system.redis.get(keys.checkpoint) == last.token()
+        assert (await system.redis.exists(keys.order(created.order_id))) == (keys == owner)
+        assert int(await system.redis.get(keys.applied) or 0) == (1 if keys == owner else 0)
+
+
+async def _expect(holders: object, expected: dict[str, int]) -> None:
+    assert await holders == Counter(expected)  # type: ignore[misc]
