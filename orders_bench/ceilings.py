@@ -24,7 +24,7 @@ import sys
 
 import asyncpg
 import grpc
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from orders.domain.events import Address, OrderCreated, to_payload
 from orders.domain.status import OrderStatus
@@ -180,7 +180,7 @@ async def prepare_redis_keys(redis_url: str, prefix: str) -> None:
 
 class _Redis:
     def __init__(self, job: Job) -> None:
-        self.redis: Redis = redis_client(job.params["redis_url"])
+        self.redis: Redis | RedisCluster = redis_client(job.params["redis_url"])
         self.prefix = ceiling_prefix(job.params["prefix"])
         self.value = sample_view_stored()
 

@@ -27,7 +27,7 @@ import asyncpg
 from orders import config
 from orders.server.grpc_server import run
 from orders.store.views import PROJECTIONS, redis_client
-from orders_bench import measure, soak
+from orders_bench import measure, scaling, soak
 from orders_bench.ceilings import prepare_redis_keys, prepare_scratch_table
 from orders_bench.cpu import CPU, PER_PROCESS, cpu_rounds, describe_floor, median_floor, render_cpu
 from orders_bench.history import load_history
@@ -84,6 +84,8 @@ examples:
   orders-bench --postgres-url postgresql://postgres@127.0.0.1:5432/postgres --redis-url redis://127.0.0.1:6379/0
   orders-bench --only write,echo --rounds 3 --concurrency 128 --client-processes 2
   orders-bench --soak 900 --postgres-url postgresql://postgres@127.0.0.1:5432/postgres --redis-url redis://127.0.0.1:6379/0
+  orders-bench --scaling                     # P 1,2,4 x W 1,2,4, 3 rounds, on embedded servers (~10 minutes)
+  orders-bench --scaling --quick --partitions 1,2 --workers 1,2
 """
 
 
@@ -141,6 +143,13 @@ SOAK_HELP = (
     " queries, --lag-streams watch streams) for SECONDS, recording per --soak-window each process's memory and"
     " CPU, Redis memory and keys, ack/query/lag p50 and p99 and errors; writes bench-results/soak-<time>.json,"
     " its plots, and a summary with the fitted memory growth and a verdict (docs/performance.md, Soak)"
+)
+SCALING_HELP = (
+    "measure nothing else: the sync worker's throughput with each --partitions count and each --workers count of"
+    " worker processes, --rounds rounds each (default 3), on a fresh database and Redis prefix each: the rebuild of"
+    " a log of --rebuild-events events (default 100,000; --quick 20,000) and live apply while --writers connections"
+    " append as fast as they go for --duration seconds (default 4; --quick 2): events/s against P=1 W=1, lag, the"
+    " CPU of every process; writes bench-results/scaling-<time>.json (docs/performance.md, Scaling)"
 )
 
 
@@ -219,6 +228,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--soak", type=config.positive_float, metavar="SECONDS", help=SOAK_HELP)
     add("--soak-window", type=config.positive_float, default=soak.DEFAULT_WINDOW, metavar="SECONDS",
         help="--soak: seconds per recorded window (default 10)")  # fmt: skip
+    add("--scaling", action="store_true", help=SCALING_HELP)
+    add("--partitions", type=scaling.positive_list, default=scaling.DEFAULT_PARTITIONS, metavar="LIST",
+        help="--scaling: partition counts, comma-separated (default 1,2,4)")  # fmt: skip
+    add("--workers", type=scaling.positive_list, default=scaling.DEFAULT_WORKERS, metavar="LIST",
+        help="--scaling: worker process counts, comma-separated (default 1,2,4)")  # fmt: skip
+    add("--writers", type=config.positive_int, default=scaling.DEFAULT_WRITERS,
+        help="--scaling: connections appending during the live window (default 4)")  # fmt: skip
     config.add_setting(
         parser, "postgres-url", "PostgreSQL server to use (empty: embedded)", default="", parse=_optional_postgres
     )
@@ -630,6 +646,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.soak is not None:
         soak_main(args)
         return
+    if args.scaling:
+        scaling_main(args)
+        return
     settings = settings_from(args)
     chosen = [BY_NAME[name] for name in (args.only or [m.name for m in MEASUREMENTS if m.default])]
     reports: list[Report] = []
@@ -662,6 +681,27 @@ def soak_main(args: argparse.Namespace) -> None:
             servers.stop()
     path = soak.write_json(results[0], args.json_out)
     text = f"{soak.render(results[0])}\n\nJSON: {path}"
+    if not args.no_plots:
+        text = f"{text}\n{draw(results[0], args.plots_dir or plots_beside(path))}"
+    print(text, flush=True)
+
+
+def scaling_main(args: argparse.Namespace) -> None:
+    """`--scaling`: the sync worker's throughput by partitions and workers (orders_bench.scaling)."""
+    settings = scaling.settings_from(args)
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="orders-bench-scaling-") as scratch:
+        servers = start_servers(args.postgres_url or None, args.redis_url or None, Path(scratch) / "servers")
+        try:
+
+            async def go() -> None:
+                results.append(await scaling.scaling_run(settings, servers, Path(scratch), Progress(), machine_info))
+
+            run(go)
+        finally:
+            servers.stop()
+    path = scaling.write_json(results[0], args.json_out)
+    text = f"{scaling.render(results[0])}\n\nJSON: {path}"
     if not args.no_plots:
         text = f"{text}\n{draw(results[0], args.plots_dir or plots_beside(path))}"
     print(text, flush=True)

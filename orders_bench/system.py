@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from orders.store.migrations import migrate_url
 from orders.store.views import redis_client
@@ -119,7 +119,7 @@ async def delete_keys(redis_url: str, prefix: str) -> int:
     return deleted
 
 
-async def _lazy_free_done(redis: Redis) -> None:
+async def _lazy_free_done(redis: Redis | RedisCluster) -> None:
     for _ in range(LAZY_FREE_TRIES):
         if not int((await redis.info("memory")).get("lazyfree_pending_objects", 0)):
             return
