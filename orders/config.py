@@ -102,9 +102,51 @@ def postgres_url(text: str) -> str:
 
 
 def redis_url(text: str) -> str:
+    """One Redis (redis://, rediss://, unix://) or a Redis Cluster (redis+cluster://host:port,host:port,
+    rediss+cluster:// with TLS), whose node list is checked here."""
+    if is_cluster_url(text):
+        cluster_startup_urls(text)  # raises ValueError naming what is wrong
+        return text
     if urlsplit(text).scheme not in {"redis", "rediss", "unix"}:
-        raise ValueError(f"expected a redis://host:port/db URL, got {text!r}")
+        raise ValueError(f"expected a redis://host:port/db or redis+cluster://host:port[,...] URL, got {text!r}")
     return text
+
+
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}  # and the scheme of one node's URL
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.partition("://")[0].lower() in CLUSTER_SCHEMES
+
+
+def cluster_startup_urls(url: str) -> tuple[str, list[tuple[str, int]]]:
+    """A cluster URL's first node as a plain URL (with the credentials and options) and the other
+    nodes' (host, port). Raises ValueError for a URL that is not one, with no node, a port that is
+    not a number, or a database other than 0 (a cluster has only database 0)."""
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() not in CLUSTER_SCHEMES:
+        raise ValueError(f"not a cluster URL: {url!r}")
+    location, _, query = rest.partition("?")
+    netloc, _, path = location.partition("/")
+    userinfo, _, hosts = netloc.rpartition("@")
+    if path.strip("/") not in ("", "0"):
+        raise ValueError(f"a Redis Cluster has only database 0, not {path!r}")
+    nodes = [_host_port(node) for node in hosts.split(",")]
+    credentials = f"{userinfo}@" if userinfo else ""
+    host, port = nodes[0]
+    first = f"{CLUSTER_SCHEMES[scheme.lower()]}://{credentials}{_bracketed(host)}:{port}"
+    return first + (f"?{query}" if query else ""), nodes[1:]
+
+
+def _host_port(node: str) -> tuple[str, int]:
+    host, sep, port = node.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT for each cluster node, got {node!r}")
+    return host.strip("[]"), int(port)
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
 
 
 def address(text: str) -> str:

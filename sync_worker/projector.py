@@ -34,7 +34,6 @@ from typing import cast
 
 import msgpack
 from redis.asyncio import Redis
-from redis.exceptions import WatchError
 
 from orders.domain.consistency import LogPosition
 from orders.domain.errors import PoisonEvent
@@ -60,19 +59,35 @@ for i = 1, #ARGV, 1000 do
 end
 return {values, scores}
 """
-# KEYS: the guard keys. ARGV: each guard's expected value ("=" and the value, or "!" for absent),
-# then the batch's writes as one MessagePack array of commands (each an array of strings): one
-# argument for redis-py to send instead of thousands, each of which it would encode on its own.
-# Writes nothing and returns 0 if a guard differs; a script runs alone, so nothing can move between
-# the check and the writes.
+# KEYS: the guard keys, then every other key the writes touch (declared, as Redis Cluster requires:
+# all of one partition, so one slot). ARGV: each guard's expected value ("=" and the value, or "!"
+# for absent, of a string; "[" and its items joined by commas, of a list), then the batch's writes as
+# one MessagePack array of commands (each an array of strings) in which each key is its index in
+# KEYS: one argument for redis-py to send instead of thousands, each of which it would encode on its
+# own, and no key sent twice. A command's key is its first argument; every argument of DEL is one;
+# PUBLISH names a channel, not a key. Writes nothing and returns 0 if a guard differs; a script runs
+# alone, so nothing can move between the check and the writes.
 _WRITE = """
-local WRITES = {SET=true, INCRBY=true, DEL=true, PUBLISH=true, ZADD=true, ZREM=true, RPUSH=true, HSET=true}
-for i, key in ipairs(KEYS) do
-  local value = redis.call('GET', key)
-  if (value and '=' .. value or '!') ~= ARGV[i] then return 0 end
+local WRITES = {SET=true, INCRBY=true, DEL=true, PUBLISH=true, ZADD=true, ZREM=true, RPUSH=true, HSET=true,
+  HDEL=true, SADD=true}
+for i = 1, #ARGV - 1 do
+  local expected, seen = ARGV[i], nil
+  if string.sub(expected, 1, 1) == '[' then
+    seen = '[' .. table.concat(redis.call('LRANGE', KEYS[i], 0, -1), ',')
+  else
+    local value = redis.call('GET', KEYS[i])
+    seen = value and '=' .. value or '!'
+  end
+  if seen ~= expected then return 0 end
 end
-for _, command in ipairs(cmsgpack.unpack(ARGV[#KEYS + 1])) do
-  if not WRITES[string.upper(command[1])] then return redis.error_reply('not a batch write: ' .. command[1]) end
+for _, command in ipairs(cmsgpack.unpack(ARGV[#ARGV])) do
+  local name = string.upper(command[1])
+  if not WRITES[name] then return redis.error_reply('not a batch write: ' .. command[1]) end
+  if name == 'DEL' then
+    for j = 2, #command do command[j] = KEYS[command[j]] end
+  elseif name ~= 'PUBLISH' then
+    command[2] = KEYS[command[2]]
+  end
   redis.call(unpack(command))
 end
 return 1
@@ -112,6 +127,12 @@ class BatchWrites:
     def rpush(self, key: str, value: int) -> None:
         self.commands.append(("RPUSH", key, str(value)))
 
+    def hdel(self, key: str, field: str) -> None:
+        self.commands.append(("HDEL", key, field))
+
+    def sadd(self, key: str, member: Text) -> None:
+        self.commands.append(("SADD", key, member))
+
     def zadd(self, key: str, scores: Mapping[str, int], nx: bool = False) -> None:
         entries = [arg for member, score in scores.items() for arg in (str(score), member)]
         for start in range(0, len(entries), 2 * MAX_MEMBERS):
@@ -125,21 +146,46 @@ class BatchWrites:
 @dataclass(frozen=True)
 class GuardedWrite:
     """A batch's whole write as the write script takes it: the guard keys with the values the batch
-    was read with (None: absent), and the commands to run only if every guard still has its value."""
+    was read with (None: absent), the lists that must still hold exactly the given items, and the
+    commands to run only if every guard still has its value."""
 
     guards: tuple[tuple[str, Raw], ...]
     commands: tuple[Command, ...]
+    list_guards: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
-    def script_keys(self) -> list[str]:
-        return [key for key, _ in self.guards]
+    def script_keys_and_args(self) -> tuple[list[Arg], list[Arg]]:
+        """The write script's KEYS (the guards, then each other key the commands touch, once) and
+        ARGV: each guard's expected value, then the commands as one MessagePack array with their keys
+        replaced by their index in KEYS (1-based, as Lua counts). Strings and bytes both go as
+        MessagePack's raw type (use_bin_type off): the cmsgpack of Redis's Lua reads no bin type, and
+        to Lua both are byte strings anyway."""
+        keys: list[Arg] = [key for key, _ in (*self.guards, *self.list_guards)]
+        index: dict[Arg, int] = {}  # a guard may be written too: the checkpoint is
+        for position, key in enumerate(keys, start=1):
+            index.setdefault(key, position)
 
-    def script_args(self) -> list[Arg]:
-        """Each guard's expected value ("=" and the value, or "!" for absent), then the commands as
-        one MessagePack array. Strings and bytes both go as MessagePack's raw type (use_bin_type off):
-        the cmsgpack of Redis's Lua reads no bin type, and to Lua both are byte strings anyway."""
+        def key_index(key: Text) -> int:
+            if (found := index.get(key)) is None:
+                keys.append(key)
+                found = index[key] = len(keys)
+            return found
+
+        commands = [_with_key_indexes(command, key_index) for command in self.commands]
         args: list[Arg] = ["!" if value is None else f"={_text(value)}" for _, value in self.guards]
-        args.append(cast(bytes, msgpack.packb(self.commands, use_bin_type=False)))
-        return args
+        args += ["[" + ",".join(items) for _, items in self.list_guards]
+        args.append(cast(bytes, msgpack.packb(commands, use_bin_type=False)))
+        return keys, args
+
+
+def _with_key_indexes(command: Command, key_index: Callable[[Text], int]) -> list[Text | int]:
+    """`command` with its keys replaced by key_index(key), as the write script reads it: every
+    argument of DEL, the first of the others but PUBLISH (whose first names a channel)."""
+    name = command[0]
+    if name == "DEL":
+        return [name, *(key_index(key) for key in command[1:])]
+    if name == "PUBLISH":
+        return list(command)
+    return [name, key_index(command[1]), *command[2:]]
 
 
 class CheckpointMoved(Exception):
@@ -242,9 +288,10 @@ class Projector(ABC):
 
     async def _write_if_unmoved(self, write: GuardedWrite) -> bool:
         """Runs `write`'s commands, in one step, if every guard key still has its value."""
-        return bool(await self._script(_WRITE, write.script_keys(), write.script_args()))
+        keys, args = write.script_keys_and_args()
+        return bool(await self._script(_WRITE, keys, args))
 
-    async def _script(self, script: str, keys: list[str], args: list[Arg], raw: bool = False) -> object:
+    async def _script(self, script: str, keys: list[Arg], args: list[Arg], raw: bool = False) -> object:
         """Runs `script`; with `raw`, its reply's strings stay bytes (order views are binary)."""
         return await run_script(self.redis, script, list(keys), args, raw=raw, sha=_SCRIPTS[script])
 
@@ -268,28 +315,28 @@ class Projector(ABC):
     async def switch_to(self, holder: str, checkpoint: LogPosition) -> None:
         """Makes this generation, built up to `checkpoint`, the live one in one step: only if the
         live generation is the one before it and at that same checkpoint, and `holder` holds the lease.
-        The old generation is marked retired; the worker deletes its keys afterwards."""
+        The old generation is marked retired; the worker deletes its keys afterwards. One read, then a
+        guarded write that makes the switch only if none of what was read moved meanwhile."""
         keys, old = self.keys, self.keys.at(self.keys.generation - 1)
-        try:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                watched = [keys.lease, keys.generation_pointer, keys.next_generation, keys.checkpoint, old.checkpoint]
-                await pipe.watch(*watched)
-                lease, pointer, building, new_raw, old_raw = await pipe.mget(watched)
-                if lease != holder:
-                    raise LeaseLost(f"the lease is held by {lease!r}")
-                self._check_generation(pointer, building, live=False)
-                if new_raw != checkpoint.token() or old_raw != checkpoint.token():
-                    raise CheckpointMoved(f"checkpoints {old_raw!r} and {new_raw!r} differ from {checkpoint}")
-                pipe.multi()  # type: ignore[no-untyped-call]
-                pipe.set(keys.generation_pointer, keys.generation)
-                pipe.sadd(keys.retired, old.generation)
-                pipe.delete(keys.next_generation, keys.rebuild_started)
-                pipe.publish(keys.checkpoint_channel, checkpoint.token())
-                # Readers drop what they hold of the old generation, and watches resend in the new form.
-                pipe.publish(keys.changes_channel, json.dumps({"generation": keys.generation}))
-                await pipe.execute()
-        except WatchError as error:
-            raise CheckpointMoved("the generations moved during the switch") from error
+        guards = [keys.lease, keys.generation_pointer, keys.next_generation, keys.checkpoint, old.checkpoint]
+        seen, _, _ = await self._read(guards, [], [])
+        lease, pointer, building, new_raw, old_raw = seen
+        if lease != holder:
+            raise LeaseLost(f"the lease is held by {lease!r}")
+        self._check_generation(pointer, building, live=False)
+        if new_raw != checkpoint.token() or old_raw != checkpoint.token():
+            raise CheckpointMoved(f"checkpoints {old_raw!r} and {new_raw!r} differ from {checkpoint}")
+        writes = BatchWrites()
+        writes.set(keys.generation_pointer, str(keys.generation))
+        writes.sadd(keys.retired, str(old.generation))
+        writes.delete(keys.next_generation, keys.rebuild_started)
+        writes.publish(keys.checkpoint_channel, checkpoint.token())
+        # Readers drop what they hold of the old generation, and watches resend in the new form.
+        writes.publish(keys.changes_channel, json.dumps({"generation": keys.generation}))
+        if not await self._write_if_unmoved(
+            GuardedWrite(tuple(zip(guards, seen, strict=True)), tuple(writes.commands))
+        ):
+            raise CheckpointMoved("the generations moved during the switch")
 
     def _queue_parking(self, writes: BatchWrites, events: list[RecordedEvent], park: Mapping[str, PoisonEvent]) -> None:
         for recorded in events:
@@ -301,27 +348,25 @@ class Projector(ABC):
             writes.hset(self.keys.parked_errors, order_id, str(poison))
 
     async def apply_parked(self, order_id: str, events: list[RecordedEvent], holder: str) -> None:
-        """Applies an order's parked events, in order, and releases them from the dead-letter list.
-        Raises PoisonEvent (and changes nothing) if one of them still fails."""
-        try:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                guards = [self.keys.lease, self.keys.generation_pointer]
-                await pipe.watch(*guards, self.keys.parked_events(order_id))
-                (lease, pointer), values, _ = await self._read(guards, self.reads(events), [])
-                if lease != holder:
-                    raise LeaseLost("the lease moved")
-                self._check_generation(pointer, None, live=True)
-                writes = await self.stage(events, values)
-                pipe.multi()  # type: ignore[no-untyped-call]
-                for command in writes.commands:
-                    pipe.execute_command(*command)
-                pipe.zrem(self.keys.parked, order_id)
-                pipe.delete(self.keys.parked_events(order_id), self.keys.parked_mark(order_id))
-                pipe.hdel(self.keys.parked_errors, order_id)
-                pipe.incrby(self.keys.applied, len(events))
-                await pipe.execute()
-        except WatchError as error:
-            raise CheckpointMoved("the lease, the parked events or the generation changed meanwhile") from error
+        """Applies an order's parked events (all of them, in order), and releases them from the
+        dead-letter list, in one guarded write: only if `holder` holds the lease, this generation is
+        live and the order's parked list is still exactly `events`. Raises PoisonEvent (and changes
+        nothing) if one of them still fails."""
+        keys = self.keys
+        guards = [keys.lease, keys.generation_pointer]
+        (lease, pointer), values, _ = await self._read(guards, self.reads(events), [])
+        if lease != holder:
+            raise LeaseLost("the lease moved")
+        self._check_generation(pointer, None, live=True)
+        writes = await self.stage(events, values)
+        writes.zrem(keys.parked, order_id)
+        writes.delete(keys.parked_events(order_id), keys.parked_mark(order_id))
+        writes.hdel(keys.parked_errors, order_id)
+        writes.incrby(keys.applied, len(events))
+        parked = ((keys.parked_events(order_id), tuple(str(e.position) for e in events)),)
+        write = GuardedWrite(((keys.lease, lease), (keys.generation_pointer, pointer)), tuple(writes.commands), parked)
+        if not await self._write_if_unmoved(write):
+            raise CheckpointMoved("the lease, the parked events or the generation changed meanwhile")
 
     @abstractmethod
     def reads(self, events: list[RecordedEvent]) -> list[str]:

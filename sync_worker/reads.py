@@ -1,7 +1,8 @@
 """What a step of a projection's loop reads, and how it saves reads.
 
 - The step's state (StepStates): the generation pointers, the live checkpoint and whether operators'
-  requests or retired generations wait, in one pipelined round trip. Under steady load a step takes
+  requests or retired generations wait, in one round trip (a read-only script over the partition's
+  keys, so that it runs on one Redis and on a Redis Cluster alike). Under steady load a step takes
   that state from the step before, for at most STATE_REUSE seconds, as long as nothing special is
   under way: the batch's guarded write still catches any change.
 - The log's rows (SharedReads): the loops of one process share the rows they read while in step,
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 from orders.domain.consistency import LogPosition
 from orders.store.event_store import Batch, Connection, read_batch
-from orders.store.views import parse_generation
+from orders.store.views import parse_generation, run_script
 from sync_worker.generations import Generations
 from sync_worker.projector import Projector
 
@@ -26,6 +27,16 @@ from sync_worker.projector import Projector
 # an operator's request or a retired generation waits this long at most. SharedReads keeps a batch
 # for others as long.
 STATE_REUSE = 0.1
+
+# KEYS: the generation pointer, the next-generation mark, a checkpoint, the operators' requests (a
+# list) and the retired generations (a set). Returns the first three's values, whether the list
+# exists (a list exists while it holds a request) and one retired generation, or false.
+_STEP_STATE = """
+local values = redis.call('MGET', KEYS[1], KEYS[2], KEYS[3])
+values[4] = redis.call('EXISTS', KEYS[4])
+values[5] = redis.call('SRANDMEMBER', KEYS[5])
+return values
+"""
 
 
 @dataclass(frozen=True)
@@ -76,11 +87,14 @@ class StepStates:
         The batch's guarded write checks both, so a switch or a flush between steps is never missed."""
         redis, keys = self._generations.projector.redis, self._generations.projector.keys
         guess = self._live
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.mget(keys.generation_pointer, keys.next_generation, guess.keys.checkpoint)
-            pipe.exists(keys.parked_requests)  # a list exists while it holds a request
-            pipe.srandmember(keys.retired)
-            (pointer, building, raw), requests, retired = await pipe.execute()
+        state = [
+            keys.generation_pointer,
+            keys.next_generation,
+            guess.keys.checkpoint,
+            keys.parked_requests,
+            keys.retired,
+        ]
+        pointer, building, raw, requests, retired = await run_script(redis, _STEP_STATE, list(state), [])
         live = self._live = self._generations.at(parse_generation(pointer))
         if live is not guess:
             raw = await redis.get(live.keys.checkpoint)

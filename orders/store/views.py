@@ -64,10 +64,12 @@ from typing import Any
 
 import orjson
 from google.protobuf.timestamp_pb2 import Timestamp
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
 from redis.client import NEVER_DECODE
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
+from orders.config import cluster_startup_urls, is_cluster_url
 from orders.domain.events import Address
 from orders.domain.status import OrderStatus
 from orders.v1 import types_pb2
@@ -523,22 +525,29 @@ class LiveReader:
 
 
 Arg = str | bytes | int | float  # a Redis command's argument
+# A client of one Redis or of a Redis Cluster (redis_client): the views' code runs on both, as every
+# script and read touches one partition's keys, which share a hash tag and so one slot.
+RedisClient = Redis | RedisCluster
+# What a failing Redis raises: the cluster client's own errors (no node serves a slot, the cluster
+# cannot be reached) are not RedisErrors.
+REDIS_ERRORS: tuple[type[Exception], ...] = (RedisError, RedisClusterException)
 
 
-async def execute(redis: Redis, *args: Arg, raw: bool = False) -> Any:
+async def execute(redis: RedisClient, *args: Arg, raw: bool = False) -> Any:
     """A Redis command's reply; with `raw`, its strings stay bytes whatever the client decodes."""
     options: dict[str, list[str]] = {NEVER_DECODE: []} if raw else {}
-    return await redis.execute_command(*args, **options)  # type: ignore[no-untyped-call]
+    return await redis.execute_command(*args, **options)
 
 
 async def run_script(
-    redis: Redis, script: str, keys: list[Arg], args: list[Arg], *, raw: bool = False, sha: str | None = None
+    redis: RedisClient, script: str, keys: list[Arg], args: list[Arg], *, raw: bool = False, sha: str | None = None
 ) -> Any:
     """A Lua script's reply (see `execute` for `raw`), sent by its SHA1 (`sha`, or computed) once
-    Redis has cached it."""
+    Redis has cached it. On a cluster, the node serving the keys' slot runs it (every key must be
+    declared in `keys`, all in one slot)."""
     try:
         return await execute(redis, "EVALSHA", sha or _sha1(script), len(keys), *keys, *args, raw=raw)
-    except NoScriptError:  # a restarted or flushed server: EVAL caches the script again
+    except NoScriptError:  # a restarted or flushed server, a cluster node that never ran it: EVAL caches it
         return await execute(redis, "EVAL", script, len(keys), *keys, *args, raw=raw)
 
 
@@ -547,13 +556,20 @@ def _sha1(script: str) -> str:
     return hashlib.sha1(script.encode()).hexdigest()
 
 
-def redis_client(url: str) -> Redis:
-    """A client with explicit timeouts: a hung Redis must fail a call, not stall it forever."""
-    return Redis.from_url(
-        url,
-        decode_responses=True,
-        socket_timeout=5,
-        socket_connect_timeout=5,
-        health_check_interval=30,
-        max_connections=200,
-    )
+def redis_client(url: str) -> RedisClient:
+    """A client with explicit timeouts: a hung Redis must fail a call, not stall it forever.
+
+    `redis://`, `rediss://` or `unix://`: one Redis. `redis+cluster://[user:password@]host:port[,host:port...]`
+    (`rediss+cluster://` with TLS): a Redis Cluster, found from any of the nodes listed."""
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_timeout": 5,
+        "socket_connect_timeout": 5,
+        "health_check_interval": 30,
+        "max_connections": 200,  # on a cluster: per node
+    }
+    if is_cluster_url(url):
+        first, others = cluster_startup_urls(url)
+        nodes = [ClusterNode(host, port) for host, port in others]
+        return RedisCluster.from_url(first, startup_nodes=nodes, **options)
+    return Redis.from_url(url, **options)
