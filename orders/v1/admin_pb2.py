@@ -24,45 +24,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15orders/v1/admin.proto\x12\torders.v1\"\x93\x01\n\x0fRebuildProgress\x12\x13\n\x0b\x65vents_done\x18\x01 \x01(\x03\x12\x14\n\x0c\x65vents_total\x18\x02 \x01(\x03\x12\x19\n\x11\x65vents_per_second\x18\x03 \x01(\x01\x12\x14\n\x0cseconds_left\x18\x04 \x01(\x01\x12\x10\n\x08in_place\x18\x05 \x01(\x08\x12\x12\n\ngeneration\x18\x06 \x01(\x03\"\xa7\x02\n\x10ProjectionStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.orders.v1.ProjectionState\x12\x12\n\ncheckpoint\x18\x03 \x01(\t\x12\x12\n\nlag_events\x18\x04 \x01(\x03\x12\x13\n\x0blag_seconds\x18\x05 \x01(\x01\x12\x12\n\nlast_error\x18\x06 \x01(\t\x12\x11\n\tworker_id\x18\x07 \x01(\t\x12\x1d\n\x15heartbeat_age_seconds\x18\x08 \x01(\x01\x12+\n\x07rebuild\x18\t \x01(\x0b\x32\x1a.orders.v1.RebuildProgress\x12\x16\n\x0e\x61pplied_events\x18\n \x01(\x03\x12\x12\n\ngeneration\x18\x0b \x01(\x03\"\x18\n\x16ListProjectionsRequest\"K\n\x17ListProjectionsResponse\x12\x30\n\x0bprojections\x18\x01 \x03(\x0b\x32\x1b.orders.v1.ProjectionStatus\"&\n\x16PauseProjectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"J\n\x17PauseProjectionResponse\x12/\n\nprojection\x18\x01 \x01(\x0b\x32\x1b.orders.v1.ProjectionStatus\"\'\n\x17ResumeProjectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"K\n\x18ResumeProjectionResponse\x12/\n\nprojection\x18\x01 \x01(\x0b\x32\x1b.orders.v1.ProjectionStatus\":\n\x18RebuildProjectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08in_place\x18\x02 \x01(\x08\"L\n\x19RebuildProjectionResponse\x12/\n\nprojection\x18\x01 \x01(\x0b\x32\x1b.orders.v1.ProjectionStatus\"\'\n\x17ListParkedOrdersRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"A\n\x0bParkedOrder\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x11\n\tpositions\x18\x02 \x03(\x03\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"B\n\x18ListParkedOrdersResponse\x12&\n\x06orders\x18\x01 \x03(\x0b\x32\x16.orders.v1.ParkedOrder\"9\n\x17RetryParkedOrderRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08order_id\x18\x02 \x01(\t\"\x1a\n\x18RetryParkedOrderResponse*\xd6\x01\n\x0fProjectionState\x12 \n\x1cPROJECTION_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18PROJECTION_STATE_RUNNING\x10\x01\x12\x1b\n\x17PROJECTION_STATE_PAUSED\x10\x02\x12\x1f\n\x1bPROJECTION_STATE_REBUILDING\x10\x03\x12%\n!PROJECTION_STATE_STOPPED_ON_ERROR\x10\x04\x12\x1e\n\x1aPROJECTION_STATE_NO_WORKER\x10\x05\x32\xbc\x04\n\x0fProjectionAdmin\x12X\n\x0fListProjections\x12!.orders.v1.ListProjectionsRequest\x1a\".orders.v1.ListProjectionsResponse\x12X\n\x0fPauseProjection\x12!.orders.v1.PauseProjectionRequest\x1a\".orders.v1.PauseProjectionResponse\x12[\n\x10ResumeProjection\x12\".orders.v1.ResumeProjectionRequest\x1a#.orders.v1.ResumeProjectionResponse\x12^\n\x11RebuildProjection\x12#.orders.v1.RebuildProjectionRequest\x1a$.orders.v1.RebuildProjectionResponse\x12[\n\x10ListParkedOrders\x12\".orders.v1.ListParkedOrdersRequest\x1a#.orders.v1.ListParkedOrdersResponse\x12[\n\x10RetryParkedOrder\x12\".orders.v1.RetryParkedOrderRequest\x1a#.orders.v1.RetryParkedOrderResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15orders/v1/admin.proto\x12\torders.v1\"\x93\x01\n\x0fRebuildProgress\x12\x13\n\x0b\x65vents_done\x18\x01 \x01(\x03\x12\x14\n\x0c\x65vents_total\x18\x02 \x01(\x03\x12\x19\n\x11\x65vents_per_second\x18\x03 \x01(\x01\x12\x14\n\x0cseconds_left\x18\x04 \x01(\x01\x12\x10\n\x08in_place\x18\x05 \x01(\x08\x12\x12\n\ngeneration\x18\x06 \x01(\x03\"\xbe\x02\n\x10ProjectionStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.orders.v1.ProjectionState\x12\x12\n\ncheckpoint\x18\x03 \x01(\t\x12\x12\n\nlag_events\x18\x04 \x01(\x03\x12\x13\n\x0blag_seconds\x18\x05 \x01(\x01\x12\x12\n\nlast_error\x18\x06 \x01(\t\x12\x11\n\tworker_id\x18\x07 \x01(\t\x12\x1d\n\x15heartbeat_age_seconds\x18\x08 \x01(\x01\x12+\n\x07rebuild\x18\t \x01(\x0b\x32\x1a.orders.v1.RebuildProgress\x12\x16\n\x0e\x61pplied_events\x18\n \x01(\x03\x12\x12\n\ngeneration\x18\x0b \x01(\x03\x12\x15\n\rparked_orders\x18\x0c \x01(\x03\"\x18\n\x16ListProjectionsRequest\"K\n\x17ListProjectionsResponse\x12\x30\n\x0bprojections\x18\x01 \x03(\x0b\x32\x1b.orders.v1.ProjectionStatus\"&\n\x16PauseProjectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"{\n\x17PauseProjectionResponse\x12/\n\nprojection\x18\x01 \x01(\x0b\x32\x1b.orders.v1.ProjectionStatus\x12/\n\npartitions\x18\x02 \x03(\x0b\x32\x1b.orders.v1.ProjectionStatus\"\'\n\x17ResumeProjectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"|\n\x18ResumeProjectionResponse\x12/\n\nprojection\x18\x01 \x01(\x0b\x32\x1b.orders.v1.ProjectionStatus\x12/\n\npartitions\x18\x02 \x03(\x0b\x32\x1b.orders.v1.ProjectionStatus\":\n\x18RebuildProjectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08in_place\x18\x02 \x01(\x08\"}\n\x19RebuildProjectionResponse\x12/\n\nprojection\x18\x01 \x01(\x0b\x32\x1b.orders.v1.ProjectionStatus\x12/\n\npartitions\x18\x02 \x03(\x0b\x32\x1b.orders.v1.ProjectionStatus\"\'\n\x17ListParkedOrdersRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"T\n\x0bParkedOrder\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x11\n\tpositions\x18\x02 \x03(\x03\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x11\n\tpartition\x18\x04 \x01(\t\"B\n\x18ListParkedOrdersResponse\x12&\n\x06orders\x18\x01 \x03(\x0b\x32\x16.orders.v1.ParkedOrder\"9\n\x17RetryParkedOrderRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08order_id\x18\x02 \x01(\t\"\x1a\n\x18RetryParkedOrderResponse*\xd6\x01\n\x0fProjectionState\x12 \n\x1cPROJECTION_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18PROJECTION_STATE_RUNNING\x10\x01\x12\x1b\n\x17PROJECTION_STATE_PAUSED\x10\x02\x12\x1f\n\x1bPROJECTION_STATE_REBUILDING\x10\x03\x12%\n!PROJECTION_STATE_STOPPED_ON_ERROR\x10\x04\x12\x1e\n\x1aPROJECTION_STATE_NO_WORKER\x10\x05\x32\xbc\x04\n\x0fProjectionAdmin\x12X\n\x0fListProjections\x12!.orders.v1.ListProjectionsRequest\x1a\".orders.v1.ListProjectionsResponse\x12X\n\x0fPauseProjection\x12!.orders.v1.PauseProjectionRequest\x1a\".orders.v1.PauseProjectionResponse\x12[\n\x10ResumeProjection\x12\".orders.v1.ResumeProjectionRequest\x1a#.orders.v1.ResumeProjectionResponse\x12^\n\x11RebuildProjection\x12#.orders.v1.RebuildProjectionRequest\x1a$.orders.v1.RebuildProjectionResponse\x12[\n\x10ListParkedOrders\x12\".orders.v1.ListParkedOrdersRequest\x1a#.orders.v1.ListParkedOrdersResponse\x12[\n\x10RetryParkedOrder\x12\".orders.v1.RetryParkedOrderRequest\x1a#.orders.v1.RetryParkedOrderResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'orders.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROJECTIONSTATE']._serialized_start=1223
-  _globals['_PROJECTIONSTATE']._serialized_end=1437
+  _globals['_PROJECTIONSTATE']._serialized_start=1412
+  _globals['_PROJECTIONSTATE']._serialized_end=1626
   _globals['_REBUILDPROGRESS']._serialized_start=37
   _globals['_REBUILDPROGRESS']._serialized_end=184
   _globals['_PROJECTIONSTATUS']._serialized_start=187
-  _globals['_PROJECTIONSTATUS']._serialized_end=482
-  _globals['_LISTPROJECTIONSREQUEST']._serialized_start=484
-  _globals['_LISTPROJECTIONSREQUEST']._serialized_end=508
-  _globals['_LISTPROJECTIONSRESPONSE']._serialized_start=510
-  _globals['_LISTPROJECTIONSRESPONSE']._serialized_end=585
-  _globals['_PAUSEPROJECTIONREQUEST']._serialized_start=587
-  _globals['_PAUSEPROJECTIONREQUEST']._serialized_end=625
-  _globals['_PAUSEPROJECTIONRESPONSE']._serialized_start=627
-  _globals['_PAUSEPROJECTIONRESPONSE']._serialized_end=701
-  _globals['_RESUMEPROJECTIONREQUEST']._serialized_start=703
-  _globals['_RESUMEPROJECTIONREQUEST']._serialized_end=742
-  _globals['_RESUMEPROJECTIONRESPONSE']._serialized_start=744
-  _globals['_RESUMEPROJECTIONRESPONSE']._serialized_end=819
-  _globals['_REBUILDPROJECTIONREQUEST']._serialized_start=821
-  _globals['_REBUILDPROJECTIONREQUEST']._serialized_end=879
-  _globals['_REBUILDPROJECTIONRESPONSE']._serialized_start=881
-  _globals['_REBUILDPROJECTIONRESPONSE']._serialized_end=957
-  _globals['_LISTPARKEDORDERSREQUEST']._serialized_start=959
-  _globals['_LISTPARKEDORDERSREQUEST']._serialized_end=998
-  _globals['_PARKEDORDER']._serialized_start=1000
-  _globals['_PARKEDORDER']._serialized_end=1065
-  _globals['_LISTPARKEDORDERSRESPONSE']._serialized_start=1067
-  _globals['_LISTPARKEDORDERSRESPONSE']._serialized_end=1133
-  _globals['_RETRYPARKEDORDERREQUEST']._serialized_start=1135
-  _globals['_RETRYPARKEDORDERREQUEST']._serialized_end=1192
-  _globals['_RETRYPARKEDORDERRESPONSE']._serialized_start=1194
-  _globals['_RETRYPARKEDORDERRESPONSE']._serialized_end=1220
-  _globals['_PROJECTIONADMIN']._serialized_start=1440
-  _globals['_PROJECTIONADMIN']._serialized_end=2012
+  _globals['_PROJECTIONSTATUS']._serialized_end=505
+  _globals['_LISTPROJECTIONSREQUEST']._serialized_start=507
+  _globals['_LISTPROJECTIONSREQUEST']._serialized_end=531
+  _globals['_LISTPROJECTIONSRESPONSE']._serialized_start=533
+  _globals['_LISTPROJECTIONSRESPONSE']._serialized_end=608
+  _globals['_PAUSEPROJECTIONREQUEST']._serialized_start=610
+  _globals['_PAUSEPROJECTIONREQUEST']._serialized_end=648
+  _globals['_PAUSEPROJECTIONRESPONSE']._serialized_start=650
+  _globals['_PAUSEPROJECTIONRESPONSE']._serialized_end=773
+  _globals['_RESUMEPROJECTIONREQUEST']._serialized_start=775
+  _globals['_RESUMEPROJECTIONREQUEST']._serialized_end=814
+  _globals['_RESUMEPROJECTIONRESPONSE']._serialized_start=816
+  _globals['_RESUMEPROJECTIONRESPONSE']._serialized_end=940
+  _globals['_REBUILDPROJECTIONREQUEST']._serialized_start=942
+  _globals['_REBUILDPROJECTIONREQUEST']._serialized_end=1000
+  _globals['_REBUILDPROJECTIONRESPONSE']._serialized_start=1002
+  _globals['_REBUILDPROJECTIONRESPONSE']._serialized_end=1127
+  _globals['_LISTPARKEDORDERSREQUEST']._serialized_start=1129
+  _globals['_LISTPARKEDORDERSREQUEST']._serialized_end=1168
+  _globals['_PARKEDORDER']._serialized_start=1170
+  _globals['_PARKEDORDER']._serialized_end=1254
+  _globals['_LISTPARKEDORDERSRESPONSE']._serialized_start=1256
+  _globals['_LISTPARKEDORDERSRESPONSE']._serialized_end=1322
+  _globals['_RETRYPARKEDORDERREQUEST']._serialized_start=1324
+  _globals['_RETRYPARKEDORDERREQUEST']._serialized_end=1381
+  _globals['_RETRYPARKEDORDERRESPONSE']._serialized_start=1383
+  _globals['_RETRYPARKEDORDERRESPONSE']._serialized_end=1409
+  _globals['_PROJECTIONADMIN']._serialized_start=1629
+  _globals['_PROJECTIONADMIN']._serialized_end=2201
 # @@protoc_insertion_point(module_scope)

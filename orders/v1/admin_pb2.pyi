@@ -117,14 +117,21 @@ class ProjectionStatus(_message.Message):
     REBUILD_FIELD_NUMBER: _builtins.int
     APPLIED_EVENTS_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
+    PARKED_ORDERS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """Projection name, e.g. "orders" or "customer_summary"."""
+    """Projection name, e.g. "orders" or "customer_summary"; with several
+    partitions, the partition's: "orders/2".
+    """
     state: Global___ProjectionState.ValueType
     """What it is doing."""
     checkpoint: _builtins.str
-    """Consistency token of the last applied event; empty before the first."""
+    """Consistency token of the last applied event; empty before the first. A
+    partition's checkpoint passes the other partitions' events too.
+    """
     lag_events: _builtins.int
-    """Events in the log that the projection has not applied yet."""
+    """Events in the log that the projection has not applied yet (a partition:
+    that its checkpoint has not passed, its own or not).
+    """
     lag_seconds: _builtins.float
     """Age of the oldest event not applied yet, in seconds; 0 when caught up."""
     last_error: _builtins.str
@@ -139,6 +146,8 @@ class ProjectionStatus(_message.Message):
     """The generation of the projection's keys that queries read (0 until the
     first zero-downtime rebuild).
     """
+    parked_orders: _builtins.int
+    """Orders with parked events in that generation (see ListParkedOrders)."""
     @_builtins.property
     def rebuild(self) -> Global___RebuildProgress:
         """Set while the projection rebuilds."""
@@ -157,10 +166,11 @@ class ProjectionStatus(_message.Message):
         rebuild: Global___RebuildProgress | None = ...,
         applied_events: _builtins.int = ...,
         generation: _builtins.int = ...,
+        parked_orders: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["rebuild", b"rebuild"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_events", b"applied_events", "checkpoint", b"checkpoint", "generation", b"generation", "heartbeat_age_seconds", b"heartbeat_age_seconds", "lag_events", b"lag_events", "lag_seconds", b"lag_seconds", "last_error", b"last_error", "name", b"name", "rebuild", b"rebuild", "state", b"state", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_events", b"applied_events", "checkpoint", b"checkpoint", "generation", b"generation", "heartbeat_age_seconds", b"heartbeat_age_seconds", "lag_events", b"lag_events", "lag_seconds", b"lag_seconds", "last_error", b"last_error", "name", b"name", "parked_orders", b"parked_orders", "rebuild", b"rebuild", "state", b"state", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -192,7 +202,7 @@ class ListProjectionsResponse(_message.Message):
     PROJECTIONS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def projections(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProjectionStatus]:
-        """One entry per projection, in a fixed order."""
+        """One entry per projection (per partition of each), in a fixed order."""
 
     def __init__(
         self,
@@ -236,18 +246,26 @@ class PauseProjectionResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PROJECTION_FIELD_NUMBER: _builtins.int
+    PARTITIONS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def projection(self) -> Global___ProjectionStatus:
-        """Status of the projection."""
+        """Status of the projection (a name that covers several partitions: of the
+        first).
+        """
+
+    @_builtins.property
+    def partitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProjectionStatus]:
+        """Status of every partition the request named, in partition order."""
 
     def __init__(
         self,
         *,
         projection: Global___ProjectionStatus | None = ...,
+        partitions: _abc.Iterable[Global___ProjectionStatus] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["projection", b"projection"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["projection", b"projection"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["partitions", b"partitions", "projection", b"projection"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -282,18 +300,26 @@ class ResumeProjectionResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PROJECTION_FIELD_NUMBER: _builtins.int
+    PARTITIONS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def projection(self) -> Global___ProjectionStatus:
-        """Status of the projection."""
+        """Status of the projection (a name that covers several partitions: of the
+        first).
+        """
+
+    @_builtins.property
+    def partitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProjectionStatus]:
+        """Status of every partition the request named, in partition order."""
 
     def __init__(
         self,
         *,
         projection: Global___ProjectionStatus | None = ...,
+        partitions: _abc.Iterable[Global___ProjectionStatus] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["projection", b"projection"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["projection", b"projection"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["partitions", b"partitions", "projection", b"projection"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -334,18 +360,26 @@ class RebuildProjectionResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PROJECTION_FIELD_NUMBER: _builtins.int
+    PARTITIONS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def projection(self) -> Global___ProjectionStatus:
-        """Status of the projection."""
+        """Status of the projection (a name that covers several partitions: of the
+        first).
+        """
+
+    @_builtins.property
+    def partitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProjectionStatus]:
+        """Status of every partition the request named, in partition order."""
 
     def __init__(
         self,
         *,
         projection: Global___ProjectionStatus | None = ...,
+        partitions: _abc.Iterable[Global___ProjectionStatus] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["projection", b"projection"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["projection", b"projection"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["partitions", b"partitions", "projection", b"projection"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -382,10 +416,15 @@ class ParkedOrder(_message.Message):
     ORDER_ID_FIELD_NUMBER: _builtins.int
     POSITIONS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    PARTITION_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     """The order."""
     error: _builtins.str
     """The error that parked it (or that the last retry met)."""
+    partition: _builtins.str
+    """The partition that parked it, as ProjectionStatus.name names it
+    ("orders/2"; the projection's name when it has one partition).
+    """
     @_builtins.property
     def positions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Global positions of its parked events, in log order."""
@@ -396,10 +435,11 @@ class ParkedOrder(_message.Message):
         order_id: _builtins.str = ...,
         positions: _abc.Iterable[_builtins.int] | None = ...,
         error: _builtins.str = ...,
+        partition: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "order_id", b"order_id", "positions", b"positions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "order_id", b"order_id", "partition", b"partition", "positions", b"positions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -414,7 +454,7 @@ class ListParkedOrdersResponse(_message.Message):
     ORDERS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def orders(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParkedOrder]:
-        """Parked orders, by first parked position."""
+        """Parked orders, by first parked position (across the partitions named)."""
 
     def __init__(
         self,

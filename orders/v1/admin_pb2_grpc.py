@@ -31,6 +31,13 @@ class ProjectionAdminStub:
     by a sync worker started with --admin-address (ORDERS_ADMIN_ADDRESS); the
     `orders-admin` command line calls it.
 
+    Partitions: with ORDERS_PARTITIONS = P > 1 each projection is split into P
+    partitions by order id, each with its own checkpoint, worker, generation and
+    parked orders. A request's `name` is then either the projection ("orders":
+    every partition of it) or one partition ("orders/2", partitions counted from
+    0); statuses name partitions that way. With one partition the names are the
+    projections' and nothing else changes.
+
     Errors: every error the service returns itself carries a google.rpc.ErrorInfo
     (domain "orders.v1") whose reason is stable API; docs/errors.md lists them
     all. In short: INVALID_ARGUMENT (with google.rpc.BadRequest field
@@ -86,6 +93,13 @@ class ProjectionAdminServicer:
     by a sync worker started with --admin-address (ORDERS_ADMIN_ADDRESS); the
     `orders-admin` command line calls it.
 
+    Partitions: with ORDERS_PARTITIONS = P > 1 each projection is split into P
+    partitions by order id, each with its own checkpoint, worker, generation and
+    parked orders. A request's `name` is then either the projection ("orders":
+    every partition of it) or one partition ("orders/2", partitions counted from
+    0); statuses name partitions that way. With one partition the names are the
+    projections' and nothing else changes.
+
     Errors: every error the service returns itself carries a google.rpc.ErrorInfo
     (domain "orders.v1") whose reason is stable API; docs/errors.md lists them
     all. In short: INVALID_ARGUMENT (with google.rpc.BadRequest field
@@ -98,7 +112,8 @@ class ProjectionAdminServicer:
     """
 
     def ListProjections(self, request, context):
-        """Lists every projection with its checkpoint, lag, state and last error.
+        """Lists every projection (every partition of each) with its checkpoint, lag,
+        state and last error.
         Errors: INVALID_ARGUMENT (MALFORMED_REQUEST); UNAVAILABLE
         (STORE_UNAVAILABLE).
         """
@@ -160,8 +175,9 @@ class ProjectionAdminServicer:
         order; on success they leave the dead-letter list. Asynchronous: list the
         parked orders again to see the outcome.
         Errors: INVALID_ARGUMENT (MALFORMED_REQUEST, UNKNOWN_PROJECTION); NOT_FOUND
-        (ORDER_NOT_PARKED) when the order has no parked events in that projection;
-        UNAVAILABLE (STORE_UNAVAILABLE).
+        (ORDER_NOT_PARKED) when the order has no parked events in that projection
+        (or the name is a partition that does not hold the order: the retry goes to
+        the order's partition); UNAVAILABLE (STORE_UNAVAILABLE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -213,6 +229,13 @@ class ProjectionAdmin:
     the sync workers) has got, and pauses, resumes or rebuilds one. It is served
     by a sync worker started with --admin-address (ORDERS_ADMIN_ADDRESS); the
     `orders-admin` command line calls it.
+
+    Partitions: with ORDERS_PARTITIONS = P > 1 each projection is split into P
+    partitions by order id, each with its own checkpoint, worker, generation and
+    parked orders. A request's `name` is then either the projection ("orders":
+    every partition of it) or one partition ("orders/2", partitions counted from
+    0); statuses name partitions that way. With one partition the names are the
+    projections' and nothing else changes.
 
     Errors: every error the service returns itself carries a google.rpc.ErrorInfo
     (domain "orders.v1") whose reason is stable API; docs/errors.md lists them

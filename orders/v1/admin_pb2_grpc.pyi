@@ -32,6 +32,13 @@ class ProjectionAdminStub:
     by a sync worker started with --admin-address (ORDERS_ADMIN_ADDRESS); the
     `orders-admin` command line calls it.
 
+    Partitions: with ORDERS_PARTITIONS = P > 1 each projection is split into P
+    partitions by order id, each with its own checkpoint, worker, generation and
+    parked orders. A request's `name` is then either the projection ("orders":
+    every partition of it) or one partition ("orders/2", partitions counted from
+    0); statuses name partitions that way. With one partition the names are the
+    projections' and nothing else changes.
+
     Errors: every error the service returns itself carries a google.rpc.ErrorInfo
     (domain "orders.v1") whose reason is stable API; docs/errors.md lists them
     all. In short: INVALID_ARGUMENT (with google.rpc.BadRequest field
@@ -48,7 +55,8 @@ class ProjectionAdminStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ProjectionAdminAsyncStub: ...
     ListProjections: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListProjectionsRequest, _admin_pb2.ListProjectionsResponse]
-    """Lists every projection with its checkpoint, lag, state and last error.
+    """Lists every projection (every partition of each) with its checkpoint, lag,
+    state and last error.
     Errors: INVALID_ARGUMENT (MALFORMED_REQUEST); UNAVAILABLE
     (STORE_UNAVAILABLE).
     """
@@ -90,8 +98,9 @@ class ProjectionAdminStub:
     order; on success they leave the dead-letter list. Asynchronous: list the
     parked orders again to see the outcome.
     Errors: INVALID_ARGUMENT (MALFORMED_REQUEST, UNKNOWN_PROJECTION); NOT_FOUND
-    (ORDER_NOT_PARKED) when the order has no parked events in that projection;
-    UNAVAILABLE (STORE_UNAVAILABLE).
+    (ORDER_NOT_PARKED) when the order has no parked events in that projection
+    (or the name is a partition that does not hold the order: the retry goes to
+    the order's partition); UNAVAILABLE (STORE_UNAVAILABLE).
     """
 
 @_typing.type_check_only
@@ -100,6 +109,13 @@ class ProjectionAdminAsyncStub(ProjectionAdminStub):
     the sync workers) has got, and pauses, resumes or rebuilds one. It is served
     by a sync worker started with --admin-address (ORDERS_ADMIN_ADDRESS); the
     `orders-admin` command line calls it.
+
+    Partitions: with ORDERS_PARTITIONS = P > 1 each projection is split into P
+    partitions by order id, each with its own checkpoint, worker, generation and
+    parked orders. A request's `name` is then either the projection ("orders":
+    every partition of it) or one partition ("orders/2", partitions counted from
+    0); statuses name partitions that way. With one partition the names are the
+    projections' and nothing else changes.
 
     Errors: every error the service returns itself carries a google.rpc.ErrorInfo
     (domain "orders.v1") whose reason is stable API; docs/errors.md lists them
@@ -114,7 +130,8 @@ class ProjectionAdminAsyncStub(ProjectionAdminStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListProjections: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListProjectionsRequest, _admin_pb2.ListProjectionsResponse]  # type: ignore[assignment]
-    """Lists every projection with its checkpoint, lag, state and last error.
+    """Lists every projection (every partition of each) with its checkpoint, lag,
+    state and last error.
     Errors: INVALID_ARGUMENT (MALFORMED_REQUEST); UNAVAILABLE
     (STORE_UNAVAILABLE).
     """
@@ -156,8 +173,9 @@ class ProjectionAdminAsyncStub(ProjectionAdminStub):
     order; on success they leave the dead-letter list. Asynchronous: list the
     parked orders again to see the outcome.
     Errors: INVALID_ARGUMENT (MALFORMED_REQUEST, UNKNOWN_PROJECTION); NOT_FOUND
-    (ORDER_NOT_PARKED) when the order has no parked events in that projection;
-    UNAVAILABLE (STORE_UNAVAILABLE).
+    (ORDER_NOT_PARKED) when the order has no parked events in that projection
+    (or the name is a partition that does not hold the order: the retry goes to
+    the order's partition); UNAVAILABLE (STORE_UNAVAILABLE).
     """
 
 class ProjectionAdminServicer(metaclass=_abc_1.ABCMeta):
@@ -165,6 +183,13 @@ class ProjectionAdminServicer(metaclass=_abc_1.ABCMeta):
     the sync workers) has got, and pauses, resumes or rebuilds one. It is served
     by a sync worker started with --admin-address (ORDERS_ADMIN_ADDRESS); the
     `orders-admin` command line calls it.
+
+    Partitions: with ORDERS_PARTITIONS = P > 1 each projection is split into P
+    partitions by order id, each with its own checkpoint, worker, generation and
+    parked orders. A request's `name` is then either the projection ("orders":
+    every partition of it) or one partition ("orders/2", partitions counted from
+    0); statuses name partitions that way. With one partition the names are the
+    projections' and nothing else changes.
 
     Errors: every error the service returns itself carries a google.rpc.ErrorInfo
     (domain "orders.v1") whose reason is stable API; docs/errors.md lists them
@@ -183,7 +208,8 @@ class ProjectionAdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ListProjectionsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListProjectionsResponse, _abc.Awaitable[_admin_pb2.ListProjectionsResponse]]:
-        """Lists every projection with its checkpoint, lag, state and last error.
+        """Lists every projection (every partition of each) with its checkpoint, lag,
+        state and last error.
         Errors: INVALID_ARGUMENT (MALFORMED_REQUEST); UNAVAILABLE
         (STORE_UNAVAILABLE).
         """
@@ -255,8 +281,9 @@ class ProjectionAdminServicer(metaclass=_abc_1.ABCMeta):
         order; on success they leave the dead-letter list. Asynchronous: list the
         parked orders again to see the outcome.
         Errors: INVALID_ARGUMENT (MALFORMED_REQUEST, UNKNOWN_PROJECTION); NOT_FOUND
-        (ORDER_NOT_PARKED) when the order has no parked events in that projection;
-        UNAVAILABLE (STORE_UNAVAILABLE).
+        (ORDER_NOT_PARKED) when the order has no parked events in that projection
+        (or the name is a partition that does not hold the order: the retry goes to
+        the order's partition); UNAVAILABLE (STORE_UNAVAILABLE).
         """
 
 def add_ProjectionAdminServicer_to_server(servicer: ProjectionAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
