@@ -609,12 +609,13 @@ NO_MATPLOTLIB = "matplotlib is not installed (pip install 'orders-cqrs[bench]')"
 def draw_plots(results: Mapping[str, Any], directory: Path) -> str:
     """Draws the plots of a run's results into `directory`; one line that says what was drawn."""
     try:
-        from orders_bench import plots, soak_plots  # noqa: PLC0415 - matplotlib is optional: imported only to plot
+        from orders_bench import plots, scaling_plots, soak_plots  # noqa: PLC0415 - matplotlib is optional
     except ModuleNotFoundError as missing:
         if (missing.name or "").partition(".")[0] != "matplotlib":
             raise
         raise PlotsUnavailable(NO_MATPLOTLIB) from missing
-    write_plots = soak_plots.write_plots if results.get("kind") == "soak" else plots.write_plots
+    by_kind = {"soak": soak_plots.write_plots, "scaling": scaling_plots.write_plots}
+    write_plots = by_kind.get(str(results.get("kind")), plots.write_plots)
     written, lacking = write_plots(results, directory)
     line = f"plots: {', '.join(p.name for p in written) or 'none'} in {directory}"
     return f"{line} (no data for: {', '.join(lacking)})" if lacking else line

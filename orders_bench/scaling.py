@@ -81,6 +81,7 @@ POLL = 0.01  # seconds between checkpoint polls during the rebuild
 LAG_POLL = 0.02  # seconds between head and checkpoint samples during the live window
 IDLE_BEFORE_LIVE = 0.5  # seconds the caught-up workers sit idle before the live window
 REBUILD_TIMEOUT = 600.0
+ASSEMBLE_TIMEOUT = 60.0
 CUSTOMERS = 1000  # customers the live orders spread over
 METRICS_TIMEOUT = 5.0
 
@@ -200,6 +201,32 @@ class Views:
 
     async def applied(self) -> int:
         return sum(int(v or 0) for v in await self.redis.mget([k.applied for k in self.keys]))
+
+    async def pause(self) -> None:
+        """Pauses every partition, as `orders-admin pause` does: the workers start, share the
+        partitions and hold their leases, but apply nothing until `resume`."""
+        await self.redis.mset({k.paused: "1" for k in self.keys})
+
+    async def resume(self) -> None:
+        await self.redis.delete(*(k.paused for k in self.keys))
+
+    async def assembled(self, workers: int) -> bool:
+        """Whether all `workers` have registered and every partition is held, paused, by the worker
+        whose share it is (partition k of projection j: the (k + j) mod W-th registered id)."""
+        members: dict[str, list[str]] = {}
+        for keys in self.keys:
+            if keys.projection not in members:
+                members[keys.projection] = sorted(str(m) for m in await self.redis.zrange(keys.workers, 0, -1))
+        if any(len(found) != workers for found in members.values()):
+            return False
+        beats = await self.redis.mget([k.heartbeat for k in self.keys])
+        for keys, beat in zip(self.keys, beats, strict=True):
+            offset = PROJECTIONS.index(keys.projection)
+            owner = members[keys.projection][(keys.partition + offset) % workers]
+            found = json.loads(beat) if beat else {}
+            if found.get("worker") != owner or found.get("state") != "paused":
+                return False
+        return True
 
 
 async def redis_usec(redis: Redis | RedisCluster) -> float:
@@ -343,11 +370,13 @@ class Round:
 
 
 async def measure_round(r: Round, redis_url: str) -> Figures:
+    views = Views(r.redis, r.prefix, r.config[0])
+    await views.pause()
     workers = await start_workers(r, redis_url)
     try:
+        await assemble(r, workers, views)
         meter = CpuMeter({"bench": os.getpid(), **workers.pids}, r.marker)
         try:
-            views = Views(r.redis, r.prefix, r.config[0])
             await rebuild_phase(r, workers, views, meter)
             await asyncio.sleep(IDLE_BEFORE_LIVE)
             await live_phase(r, workers, views, meter)
@@ -358,8 +387,24 @@ async def measure_round(r: Round, redis_url: str) -> Figures:
     return r.figures
 
 
+async def assemble(r: Round, workers: Workers, views: Views) -> None:
+    """Waits until the workers, started with every partition paused, have shared the partitions out:
+    the rebuild then starts in all of them at once, not first in whichever process started first."""
+    started = time.perf_counter()
+    while not await views.assembled(len(workers.processes)):
+        workers.check_running()
+        if time.perf_counter() - started > ASSEMBLE_TIMEOUT:
+            raise RuntimeError(f"{config_name(r.config)}: the workers did not share the partitions out in time")
+        await asyncio.sleep(POLL)
+    r.figures["assemble_s"] = time.perf_counter() - started
+
+
 async def rebuild_phase(r: Round, workers: Workers, views: Views, meter: CpuMeter) -> None:
-    started, usec = time.perf_counter(), await redis_usec(r.redis)
+    """Resumes the paused partitions and times the replay, from the first applied batch (the loops
+    notice the resume within a fifth of the lease ttl) to every checkpoint at the head."""
+    usec = await redis_usec(r.redis)
+    await views.resume()
+    started = time.perf_counter()
     phase: Phase | None = None
     first: tuple[float, int] = (0.0, 0)
     while min(await views.checkpoints()) < r.target:
