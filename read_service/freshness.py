@@ -13,18 +13,19 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-import redis.exceptions
-from redis.asyncio import Redis
-
 from orders.domain.consistency import LogPosition
 from orders.server.tasks import BackgroundTask
-from orders.store.views import LiveReader, ViewKeys
+from orders.store.views import REDIS_ERRORS, LiveReader, RedisClient, ViewKeys
 
 log = logging.getLogger(__name__)
 
+SUBSCRIPTION_ERRORS: tuple[type[Exception], ...] = (*REDIS_ERRORS, OSError)  # a lost subscription
+
 
 class CheckpointWatcher:
-    def __init__(self, redis: Redis, keys: ViewKeys) -> None:
+    """The checkpoint of one partition of one projection (a query waits on the partitions it reads)."""
+
+    def __init__(self, redis: RedisClient, keys: ViewKeys) -> None:
         self._redis = redis
         self._keys = keys
         self._live = LiveReader(redis, keys)
@@ -81,14 +82,14 @@ class CheckpointWatcher:
 
     async def _checkpoint(self) -> str | None:
         """The live generation's checkpoint (a zero-downtime rebuild switches generations)."""
-        [raw] = await self._live.get(self._live.rel.checkpoint)
+        [raw] = await self._live.get(lambda keys: [keys.checkpoint])
         return raw
 
     async def _follow(self) -> None:
         while True:
             try:
                 await self._subscribe_and_listen()
-            except (redis.exceptions.RedisError, OSError) as error:
+            except SUBSCRIPTION_ERRORS as error:
                 log.warning("checkpoint subscription lost (%s); resubscribing in 1s", error)
                 await asyncio.sleep(1)
 

@@ -8,8 +8,6 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from redis.asyncio import Redis
-
 from orders import config
 from orders.server import settings as server_settings
 from orders.server.grpc_server import RunningServer, run, start_server, stop_on_signals
@@ -17,7 +15,7 @@ from orders.server.multiprocess import ONLY_PROCESS, ProcessSlot, serve_in_proce
 from orders.server.ops_server import start_ops_server
 from orders.server.readiness import Readiness
 from orders.server.security import ServerSecurity
-from orders.store.views import PROJECTIONS, ViewKeys, redis_client
+from orders.store.views import PROJECTIONS, RedisClient, ViewKeys, redis_client
 from orders.telemetry import tracing
 from orders.telemetry.logs import LogFormat, LogLevel
 from orders.telemetry.tracing import TracingMode
@@ -121,7 +119,7 @@ class ReadService:
 
 
 async def start_read_service(
-    redis: Redis,
+    redis: RedisClient,
     keys: ViewKeys,
     address: str,
     *,
@@ -135,9 +133,14 @@ async def start_read_service(
     page_token_key: str = "",
     read_cache_size: int = DEFAULT_CAPACITY,
 ) -> ReadService:
-    """Serves OrderQueries on `address`. Page tokens are signed with `page_token_key`, or when it is
-    empty with the key in Redis that every replica under the same prefix shares."""
-    watchers = {name: CheckpointWatcher(redis, keys.of(name)) for name in PROJECTIONS}
+    """Serves OrderQueries on `address` over the `keys.partitions` partitions of each projection under
+    `keys.prefix`. Page tokens are signed with `page_token_key`, or when it is empty with the key in
+    Redis that every replica under the same prefix shares."""
+    watchers = {  # each partition's checkpoint, by its name
+        partition.name: CheckpointWatcher(redis, partition)
+        for name in PROJECTIONS
+        for partition in keys.of(name).all_partitions()
+    }
     for watcher in watchers.values():
         watcher.start()
     # Watch streams count as RPCs in flight: at most half the slots, so that queries always find room.
@@ -158,7 +161,7 @@ async def start_read_service(
 async def serve(settings: ReadSettings, slot: ProcessSlot = ONLY_PROCESS) -> None:
     stop = stop_on_signals(exit_on_repeat=not slot.shared)  # one of several: the parent decides (SIGKILL)
     redis = redis_client(settings.redis_url)
-    keys = ViewKeys(settings.redis_prefix)
+    keys = ViewKeys(settings.redis_prefix, partitions=settings.partitions)
     readiness = Readiness()
     ops = await start_ops_server(settings.metrics_address, readiness) if settings.metrics_address else None
     service = await start_read_service(

@@ -25,10 +25,10 @@ import secrets
 from dataclasses import dataclass
 
 import redis.exceptions
-from redis.asyncio import Redis
 
 from orders.domain.errors import FieldViolation, InvalidQuery
 from orders.server.tasks import BackgroundTask
+from orders.store.views import REDIS_ERRORS, RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ START_TIMEOUT = 2.0  # seconds the start waits for the shared key before going o
 # Bound into every tag, so that a key used for something else one day cannot sign page tokens.
 _CONTEXT = b"orders.v1.ListOrders.page_token\x00"
 NOT_OURS = "not a token returned by ListOrders"
+READ_ERRORS: tuple[type[Exception], ...] = (*REDIS_ERRORS, OSError)  # the key could not be read
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ def configured_key(text: str) -> str:
     return text
 
 
-async def shared_key(client: Redis, name: str, *, create: bool = True) -> str | None:
+async def shared_key(client: RedisClient, name: str, *, create: bool = True) -> str | None:
     """The key at `name` in Redis; when there is none and `create`, a random one stored first (SET NX,
     so that of the replicas that start together, the first one's stays). None when there is none.
     Raises NoPermissionError when this Redis user may not create it (a read-only ACL user)."""
@@ -131,7 +132,7 @@ async def shared_key(client: Redis, name: str, *, create: bool = True) -> str | 
 class SharedKeyFollower:
     """Keeps a PageTokens signing with the key in Redis at `name`, read every REFRESH_INTERVAL."""
 
-    def __init__(self, client: Redis, name: str, tokens: PageTokens) -> None:
+    def __init__(self, client: RedisClient, name: str, tokens: PageTokens) -> None:
         self._redis = client
         self._name = name
         self._tokens = tokens
@@ -147,7 +148,7 @@ class SharedKeyFollower:
         except redis.exceptions.NoPermissionError:
             self._may_create = False  # do not try again: each refused SET is an entry in Redis's ACL LOG
             key = None
-        except (redis.exceptions.RedisError, OSError) as error:
+        except READ_ERRORS as error:
             log.debug("could not read the page token key %s: %s", self._name, error)
             self._answered = False
             return False
@@ -179,7 +180,7 @@ class SharedKeyFollower:
             await self.refresh()
 
 
-async def page_tokens(client: Redis, name: str, configured: str) -> tuple[PageTokens, SharedKeyFollower | None]:
+async def page_tokens(client: RedisClient, name: str, configured: str) -> tuple[PageTokens, SharedKeyFollower | None]:
     """The read service's PageTokens: under `configured` if set; else under the key in Redis at
     `name`, with the follower that keeps it current (started here; the caller stops it). A Redis that
     does not answer within START_TIMEOUT delays nothing: the process signs with a key of its own until

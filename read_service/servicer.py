@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import TypeVar, cast
 
 import grpc
 import redis.exceptions
 from google.protobuf.timestamp_pb2 import Timestamp
-from redis.asyncio import Redis
 
 from orders.domain.consistency import LogPosition
 from orders.domain.errors import (
@@ -33,15 +33,17 @@ from orders.store.views import (
     SUMMARY_PROJECTION,
     Arg,
     CustomerSummaryView,
+    Exists,
+    GenerationKeepsMoving,
     LiveReader,
     OrderView,
+    RedisClient,
     ViewKeys,
     execute,
     is_json_view,
-    lua_member_order_id,
     member_order_id,
     parse_generation,
-    run_script,
+    partition_of,
 )
 from orders.telemetry.metrics import READS_BEHIND, count_store_error
 from orders.v1 import queries_pb2 as pb
@@ -76,34 +78,41 @@ ERRORS: ErrorTable = {
     WatchLimit: (grpc.StatusCode.RESOURCE_EXHAUSTED, "WATCH_LIMIT"),
 }
 
-# One round trip, one consistent snapshot of the live generation: the checkpoint, the rebuild mark,
-# then (member, view, parked) triples of a page. KEYS[1]: the generation pointer. ARGV: the prefix,
-# then the index, checkpoint, rebuild mark and order-key names without it, the page start and size,
-# and the parked-mark key name without the order id.
+MAX_PAGE_TRIES = 4  # reads of one partition's page before it is given up as changing too fast
+
+# One partition's page of an index, every key declared (Redis Cluster routes a script by its keys):
+# the index's range from a start and, in the same atomic step, the checkpoint, the rebuild mark and
+# the views and parked marks of the members the caller declared. The caller cannot name the views
+# before it knows the members, so a page takes two steps (`_page`): the first declares none and
+# learns the members, the next declares theirs. When the range that step reads is the same members,
+# it read them and their views in one snapshot, at its checkpoint; otherwise the page changed in
+# between, and the next step declares the new members.
+# KEYS: the generation pointer, the index, the checkpoint, the rebuild mark, then (view, parked mark)
+# of each declared member. ARGV: the generation (GENERATION_PREFIX_LUA), the start, the limit.
+# Reply: the checkpoint, the rebuild mark, the number n of members, the n members, then (view, mark)
+# of each declared member.
 _PAGE_SCRIPT = (
     GENERATION_PREFIX_LUA
-    + f"""
-local members = redis.call('ZREVRANGEBYLEX', p .. ARGV[2], ARGV[6], '-', 'LIMIT', 0, tonumber(ARGV[7]))
-local result = {{redis.call('GET', p .. ARGV[3]), redis.call('GET', p .. ARGV[4])}}
-for _, member in ipairs(members) do
-  local id = {lua_member_order_id("member")}
-  result[#result + 1] = member
-  result[#result + 1] = redis.call('GET', p .. ARGV[5] .. id)
-  result[#result + 1] = redis.call('EXISTS', p .. ARGV[8] .. id)
-end
+    + """
+local members = redis.call('ZREVRANGEBYLEX', KEYS[2], ARGV[2], '-', 'LIMIT', 0, tonumber(ARGV[3]))
+local result = {redis.call('GET', KEYS[3]), redis.call('GET', KEYS[4]), #members}
+for _, member in ipairs(members) do result[#result + 1] = member end
+for i = 5, #KEYS do result[#result + 1] = redis.call('GET', KEYS[i]) end
 return result
 """
 )
 
+Entry = tuple[str, bytes | None, bool]  # index member, view (None: missing), whether the order has parked events
+
 
 @dataclass(frozen=True)
 class Page:
-    """A page of an index read in one snapshot: the checkpoint, the rebuild mark, and the entries
-    (index member, view or None, whether the order has parked events)."""
+    """A page of one partition's index read in one snapshot: the checkpoint, the rebuild mark, and
+    the entries."""
 
     checkpoint: bytes | None
     rebuild_target: bytes | None
-    entries: list[tuple[str, bytes | None, bool]]
+    entries: list[Entry]
 
     @property
     def any_parked(self) -> bool:
@@ -113,7 +122,85 @@ class Page:
         return [member_order_id(member) for member, _, _ in self.entries]
 
 
+def merged_entries(pages: Iterable[Page], limit: int) -> list[Entry]:
+    """The first `limit` entries of the partitions' pages, newest first. Members sort globally
+    (creation time, then order id), so this is the page one index of every order would give, and
+    its last member is a cursor for every partition."""
+    entries = [entry for page in pages for entry in page.entries]
+    entries.sort(key=lambda entry: entry[0], reverse=True)
+    return entries[:limit]
+
+
+def merged_consistency(parts: Sequence[pb.ReadConsistency]) -> pb.ReadConsistency:
+    """The consistency of an answer made of several partitions' reads: stale if any part is, its view
+    token the oldest part's checkpoint (what it includes for sure), the furthest rebuild mark."""
+    if len(parts) == 1:
+        return parts[0]
+    oldest = min(parts, key=lambda part: LogPosition.parse(part.view_token))
+    merged = pb.ReadConsistency(stale=any(part.stale for part in parts), view_token=oldest.view_token)
+    targets = [LogPosition.parse(part.rebuild_target) for part in parts if part.rebuild_target]
+    if targets:
+        merged.rebuild_target = max(targets).token()
+    return merged
+
+
+def added_up(parts: Sequence[CustomerSummaryView]) -> CustomerSummaryView:
+    """A customer's summary from the summaries of its orders in each partition."""
+    if len(parts) == 1:
+        return parts[0]
+    by_status: dict[str, int] = {}
+    spend: dict[str, int] = {}
+    for part in parts:
+        _add_counts(by_status, part.by_status)
+        _add_counts(spend, part.spend_minor)
+    firsts = [part.first_order_us for part in parts if part.first_order_us]
+    return CustomerSummaryView(
+        parts[0].customer_id,
+        sum(part.order_count for part in parts),
+        by_status,
+        spend,
+        min(firsts, default=0),
+        max(part.last_order_us for part in parts),
+    )
+
+
+def _add_counts(total: dict[str, int], counts: dict[str, int]) -> None:
+    for key, count in counts.items():
+        if sum_ := total.get(key, 0) + count:
+            total[key] = sum_
+        else:  # as the projection keeps them: no zero counts
+            total.pop(key, None)
+
+
+T = TypeVar("T")
+
+
+async def concurrently(reads: Sequence[Awaitable[T]]) -> list[T]:
+    """The results of `reads`, run together; the first failure raises, once every read has ended
+    (none is left running unobserved)."""
+    if len(reads) == 1:
+        return [await reads[0]]
+    results = await asyncio.gather(*reads, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return cast(list[T], results)
+
+
 OrderRead = tuple[bytes | None, bytes | None, bytes | None, bool]  # checkpoint, rebuild mark, view, parked
+IndexName = Callable[[ViewKeys], str]  # an index's key in the generation it is given
+
+# What makes a read UNAVAILABLE (retry): Redis not reachable or too slow, a cluster slot without a
+# serving master (during a failover) or in migration, a generation that kept moving.
+UNAVAILABLE_ERRORS = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ClusterError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.RedisClusterException,
+    GenerationKeepsMoving,
+    OSError,
+)
 
 
 @asynccontextmanager
@@ -125,7 +212,7 @@ async def bounded_redis_call(context: grpc.aio.ServicerContext) -> AsyncIterator
             yield
     except TimeoutError as error:
         raise DeadlineExceeded("Redis did not answer within the deadline") from error
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as error:
+    except UNAVAILABLE_ERRORS as error:
         count_store_error("redis", "query")
         raise Unavailable(f"Redis is unavailable: {error}") from error
 
@@ -184,9 +271,14 @@ def summary_message(view: CustomerSummaryView) -> pb.CustomerSummary:
 
 
 class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
+    """The queries over the partitions of the projections (`keys.partitions` of each; see
+    docs/design.md, "Partitions"): an order's own partition for GetOrder and WatchOrder, one round
+    trip; every partition, read concurrently and merged, for ListOrders, the customer summary and
+    WatchCustomerOrders."""
+
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         keys: ViewKeys,
         watchers: dict[str, CheckpointWatcher],
         max_wait: float,
@@ -197,30 +289,42 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
     ) -> None:
         self._redis = redis
         self._page_tokens = PageTokens.of_this_process() if page_tokens is None else page_tokens
-        self._keys = keys
-        self._summary_keys = keys.of(SUMMARY_PROJECTION)
-        self._watchers = watchers  # projection name -> its checkpoint
+        self._watchers = watchers  # each partition's checkpoint, by the partition's name (ViewKeys.name)
         self._max_wait = max_wait
         self._feed = feed  # changed orders, for the Watch streams
-        self._live_keys = keys  # the orders' keys in the generation last seen live (GetOrder's plain read)
-        self._orders = LiveReader(redis, keys)
-        self._summaries = LiveReader(redis, self._summary_keys)
+        # One reader per partition, each with the generation it last saw live (GetOrder's plain read).
+        self._orders = [LiveReader(redis, k) for k in keys.of(PROJECTION).all_partitions()]
+        self._summaries = [LiveReader(redis, k) for k in keys.of(SUMMARY_PROJECTION).all_partitions()]
         self._hot = HotViews() if hot is None else hot  # GetOrder's cache, kept current by the feed
         feed.on_changes, feed.on_reset = self._hot.forget, self._hot.clear
-        watchers[PROJECTION].on_views_lost = self._hot.clear
+        for reader in self._orders:
+            reader.on_move = self._generation_moved
+            watchers[reader.keys.name].on_views_lost = self._hot.clear
+
+    def _generation_moved(self, generation: int) -> None:
+        self._hot.clear()  # the hot views were read from the old generation
+
+    def _reader_of(self, order_id: str) -> LiveReader:
+        """The reader of the orders partition that holds `order_id`."""
+        return self._orders[partition_of(order_id, len(self._orders))]
+
+    def _watcher(self, reader: LiveReader) -> CheckpointWatcher:
+        return self._watchers[reader.keys.name]
 
     async def _await_token(
-        self, token: LogPosition | None, context: grpc.aio.ServicerContext, projection: str = PROJECTION
+        self, token: LogPosition | None, context: grpc.aio.ServicerContext, readers: Sequence[LiveReader]
     ) -> None:
+        """Waits until each partition of `readers` has reached `token` (or the wait ends): a token is
+        one position of the log, which every partition's checkpoint passes."""
         if token is None:
             return
         remaining = context.time_remaining()
         budget = self._max_wait if remaining is None else min(self._max_wait, remaining - DEADLINE_MARGIN)
-        await self._watchers[projection].wait_for(token, budget)
+        await concurrently([self._watcher(reader).wait_for(token, budget) for reader in readers])
 
-    def _seen(self, projection: str = PROJECTION) -> LogPosition | None:
-        """Taken before a read: the newest checkpoint the views were seen at (see `_consistency`)."""
-        return self._watchers[projection].high_water
+    def _seen(self, readers: Sequence[LiveReader]) -> list[LogPosition | None]:
+        """Taken before a read: the newest checkpoint each partition was seen at (see `_consistency`)."""
+        return [self._watcher(reader).high_water for reader in readers]
 
     def _consistency(
         self,
@@ -228,18 +332,18 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
         raw_checkpoint: str | bytes | None,
         raw_target: str | bytes | None,
         seen_before: LogPosition | None,
-        projection: str = PROJECTION,
+        reader: LiveReader,
     ) -> pb.ReadConsistency:
-        """What an answer read at `raw_checkpoint` says of itself. Stale when it is older than the
-        caller's token, or than the views were seen at before the read started (`seen_before`,
-        from `_seen`): a read that started later cannot see older views unless Redis lost them, so
-        an unflagged answer is never older than an earlier answer (monotonic reads)."""
+        """What a read of one partition at `raw_checkpoint` says of itself. Stale when it is older
+        than the caller's token, or than the partition was seen at before the read started
+        (`seen_before`, from `_seen`): a read that started later cannot see older views unless Redis
+        lost them, so an unflagged answer is never older than an earlier answer (monotonic reads)."""
         if raw_checkpoint is None:
             raise ViewsNotReady("the views are empty and being rebuilt; retry shortly")
         checkpoint = LogPosition.parse(raw_checkpoint)
-        behind = self._watchers[projection].behind(checkpoint, seen_before)
+        behind = self._watcher(reader).behind(checkpoint, seen_before)
         if behind:
-            READS_BEHIND.labels(projection).inc()
+            READS_BEHIND.labels(reader.keys.name).inc()
         consistency = pb.ReadConsistency(
             stale=behind or raw_target is not None or (token is not None and checkpoint < token),
             view_token=checkpoint.token(),
@@ -269,17 +373,18 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
     async def _read_order(
         self, order_id: str, token: LogPosition | None, context: grpc.aio.ServicerContext
     ) -> tuple[bytes, pb.ReadConsistency]:
-        """One order's view (a serialized Order) once the views reached `token` (or the wait ended),
-        or the reason why not: from the hot views when they hold it, else from Redis."""
+        """One order's view (a serialized Order) once its partition reached `token` (or the wait
+        ended), or the reason why not: from the hot views when they hold it, else from Redis."""
         hot = self._hot.get(order_id, token) if self._feed.subscribed.is_set() else None
         if hot is not None:
             return hot.raw, pb.ReadConsistency(view_token=hot.checkpoint.token())
-        await self._await_token(token, context)
-        seen_before, mark = self._seen(), self._hot.mark()
+        reader = self._reader_of(order_id)
+        await self._await_token(token, context, [reader])
+        [seen_before], mark = self._seen([reader]), self._hot.mark()
         async with bounded_redis_call(context):
-            read = await self._read_order_plain(order_id) or await self._read_order_scripted(order_id)
+            read = await self._read_order_plain(reader, order_id) or await self._read_order_scripted(reader, order_id)
         raw_checkpoint, raw_target, raw_view, parked = read
-        consistency = self._consistency(token, raw_checkpoint, raw_target, seen_before)
+        consistency = self._consistency(token, raw_checkpoint, raw_target, seen_before, reader)
         if parked:  # some of its events wait in the dead-letter list: the view is behind the checkpoint
             consistency.stale = True
         raw = None if raw_view is None else wire_view(raw_view)
@@ -295,23 +400,28 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
             raise OrderNotFound(order_id)
         return raw, consistency
 
-    async def _read_order_scripted(self, order_id: str) -> OrderRead:
+    @staticmethod
+    async def _read_order_scripted(reader: LiveReader, order_id: str) -> OrderRead:
         """The checkpoint, rebuild mark, view and parked flag of an order by the read script, which
-        resolves the live generation and asks whether the order's parked-events list exists."""
-        rel = self._orders.rel
-        raw_checkpoint, raw_target, raw_view, parked = await self._orders.get_raw(
-            rel.checkpoint, rel.rebuild_target, rel.order(order_id), "?" + rel.parked_events(order_id)
+        checks the live generation and asks whether the order's parked-events list exists."""
+        raw_checkpoint, raw_target, raw_view, parked = await reader.get_raw(
+            lambda keys: [
+                keys.checkpoint,
+                keys.rebuild_target,
+                keys.order(order_id),
+                Exists(keys.parked_events(order_id)),
+            ]
         )
         return raw_checkpoint, raw_target, raw_view, parked is not None
 
-    async def _read_order_plain(self, order_id: str) -> OrderRead | None:
+    async def _read_order_plain(self, reader: LiveReader, order_id: str) -> OrderRead | None:
         """The checkpoint, rebuild mark, view and parked flag of an order by one MGET, without a script:
         the generation pointer in the same MGET proves the keys read were the live generation's. None
         when that cannot answer and the read script must: the generation moved (remembered for the
         next read), or the view is missing or in the old JSON form, for which a parked mark is not
         proof (workers before the marks parked without them; a view in the wire form was written by
         a worker that writes them, and no earlier worker can write after it: they cannot read it)."""
-        keys = self._live_keys
+        keys = reader.live
         pointer, raw_checkpoint, raw_target, raw_view, mark = await execute(
             self._redis,
             "MGET",
@@ -323,8 +433,7 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
             raw=True,
         )
         if parse_generation(pointer) != keys.generation:
-            self._live_keys = keys.at(parse_generation(pointer))
-            self._hot.clear()  # they were read from the old generation
+            reader.saw(parse_generation(pointer))
             return None
         if raw_view is None or is_json_view(raw_view):
             return None
@@ -338,42 +447,65 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
         token = parse_token(request.consistency_token)
         filters = (request.customer_id, status)
         cursor = self._page_tokens.decode(request.page_token, *filters) if request.page_token else None
-        await self._await_token(token, context)
-        start, seen_before = f"({cursor.after}" if cursor else "+", self._seen()
-        page = await self._page(self._orders.rel.index(request.customer_id, status), start, size + 1, context)
-        consistency = self._page_consistency(token, page, seen_before)
-        orders, last_member = self._fill_page(page.entries, size)
+        await self._await_token(token, context, self._orders)
+        start, seen_before = f"({cursor.after}" if cursor else "+", self._seen(self._orders)
+        pages = await self._pages(lambda keys: keys.index(*filters), start, size + 1, context)
+        consistency = self._pages_consistency(token, pages, seen_before)
+        orders, last_member = self._fill_page(merged_entries(pages, size + 1), size)
         next_token = self._page_tokens.encode(PageCursor(*filters, last_member)) if last_member else ""
         return pb.ListOrdersResponse(orders=orders, next_page_token=next_token, consistency=consistency)
 
-    async def _page(self, index: str, start: str, limit: int, context: grpc.aio.ServicerContext) -> Page:
-        """The live generation's page of index `index` (a name from `self._orders.rel`) from `start`,
-        at most `limit` entries. Its orders leave the hot views: they may be newer than those."""
-        rel = self._orders.rel
-        keys: list[Arg] = [self._keys.generation_pointer]
-        args: list[Arg] = [
-            *(self._keys.pprefix, index, rel.checkpoint, rel.rebuild_target, rel.order("")),
-            *(start, limit, rel.parked_mark("")),
-        ]
+    async def _pages(self, index: IndexName, start: str, limit: int, context: grpc.aio.ServicerContext) -> list[Page]:
+        """Each partition's page of the index `index` names from `start`, at most `limit` entries,
+        read concurrently. Their orders leave the hot views: they may be newer than those."""
         async with bounded_redis_call(context):
-            reply = await run_script(self._redis, _PAGE_SCRIPT, keys, args, raw=True)
-        triples = zip(reply[2::3], reply[3::3], reply[4::3], strict=True)
-        page = Page(reply[0], reply[1], [(member.decode(), view, bool(parked)) for member, view, parked in triples])
-        self._hot.forget(page.order_ids())
-        return page
-
-    def _page_consistency(
-        self, token: LogPosition | None, page: Page, seen_before: LogPosition | None
-    ) -> pb.ReadConsistency:
-        """A page's consistency; refused while the views are rebuilt from scratch (a page could miss
-        orders), and stale when one of its orders has parked events (its view is behind)."""
-        consistency = self._consistency(token, page.checkpoint, page.rebuild_target, seen_before)
-        self._not_rebuilding(page.rebuild_target, consistency)
-        consistency.stale = consistency.stale or page.any_parked
-        return consistency
+            pages = await concurrently([self._page(reader, index, start, limit) for reader in self._orders])
+        for page in pages:
+            self._hot.forget(page.order_ids())
+        return pages
 
     @staticmethod
-    def _fill_page(entries: list[tuple[str, bytes | None, bool]], size: int) -> tuple[list[types_pb2.Order], str]:
+    async def _page(reader: LiveReader, index: IndexName, start: str, limit: int) -> Page:
+        """One partition's page in one snapshot (see _PAGE_SCRIPT): two round trips when the page
+        holds still between them, one more each time it changed. When it changes at every try (an
+        index written faster than it is read), UNAVAILABLE: a page mixed from two snapshots could
+        list an order under a status it has left, and 'stale' does not say that."""
+        members: list[str] = []  # declared: the members whose views the next step reads
+
+        def declared(keys: ViewKeys) -> tuple[list[str], list[Arg]]:
+            ids = [member_order_id(member) for member in members]
+            views = [key for i in ids for key in (keys.order(i), keys.parked_mark(i))]
+            return [index(keys), keys.checkpoint, keys.rebuild_target, *views], [start, limit]
+
+        for _ in range(MAX_PAGE_TRIES):
+            reply = await reader.run(_PAGE_SCRIPT, declared, raw=True)
+            count = reply[2]
+            read = [member.decode() for member in reply[3 : 3 + count]]
+            if read == members:
+                pairs = zip(reply[3 + count :: 2], reply[4 + count :: 2], strict=True)
+                entries = [
+                    (member, view, mark is not None) for member, (view, mark) in zip(members, pairs, strict=True)
+                ]
+                return Page(reply[0], reply[1], entries)
+            members = read
+        raise Unavailable(f"the page of {reader.keys.name} changed at each of {MAX_PAGE_TRIES} reads; retry")
+
+    def _pages_consistency(
+        self, token: LogPosition | None, pages: list[Page], seen_before: list[LogPosition | None]
+    ) -> pb.ReadConsistency:
+        """The consistency of a merged page; refused while a partition is rebuilt from scratch (a
+        page could miss orders), and stale when one of its orders has parked events (its view is
+        behind) or a partition's part is stale."""
+        parts = []
+        for reader, page, seen in zip(self._orders, pages, seen_before, strict=True):
+            consistency = self._consistency(token, page.checkpoint, page.rebuild_target, seen, reader)
+            self._not_rebuilding(page.rebuild_target, consistency)
+            consistency.stale = consistency.stale or page.any_parked
+            parts.append(consistency)
+        return merged_consistency(parts)
+
+    @staticmethod
+    def _fill_page(entries: list[Entry], size: int) -> tuple[list[types_pb2.Order], str]:
         """Up to `size` orders that fit in one response, and the member to continue after ("" at the end).
         The byte budget matters: 500 orders of 100 lines each would exceed the 4 MiB message limit."""
         pairs = [(member, raw) for member, raw, _ in entries]
@@ -394,21 +526,29 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
     ) -> pb.GetCustomerSummaryResponse:
         if not ID_PATTERN.fullmatch(request.customer_id):
             raise InvalidQuery([FieldViolation("customer_id", ID_RULE)])
-        token = parse_token(request.consistency_token)
-        await self._await_token(token, context, SUMMARY_PROJECTION)
-        rel, seen_before = self._summaries.rel, self._seen(SUMMARY_PROJECTION)
+        token, customer = parse_token(request.consistency_token), request.customer_id
+        await self._await_token(token, context, self._summaries)
+        seen_before = self._seen(self._summaries)
         async with bounded_redis_call(context):
-            raw_checkpoint, raw_target, raw = await self._summaries.get(
-                rel.checkpoint, rel.rebuild_target, rel.summary_customer(request.customer_id)
+            reads = await concurrently(
+                [
+                    reader.get(lambda keys: [keys.checkpoint, keys.rebuild_target, keys.summary_customer(customer)])
+                    for reader in self._summaries
+                ]
             )
-        consistency = self._consistency(token, raw_checkpoint, raw_target, seen_before, SUMMARY_PROJECTION)
-        if raw is None:
-            self._not_rebuilding(raw_target, consistency)
+        parts, summaries = [], []
+        for reader, (raw_checkpoint, raw_target, raw), seen in zip(self._summaries, reads, seen_before, strict=True):
+            parts.append(self._consistency(token, raw_checkpoint, raw_target, seen, reader))
+            if raw is not None:
+                summaries.append(CustomerSummaryView.from_json(raw))
+            else:  # a partition without the customer's orders: none, or (rebuilding) not there yet
+                self._not_rebuilding(raw_target, parts[-1])
+        consistency = merged_consistency(parts)
+        if not summaries:
             if consistency.stale:
                 raise ViewsNotReady("the summary had not reached the consistency token when the wait ended; retry")
-            raise CustomerNotFound(request.customer_id)
-        summary = summary_message(CustomerSummaryView.from_json(raw))
-        return pb.GetCustomerSummaryResponse(summary=summary, consistency=consistency)
+            raise CustomerNotFound(customer)
+        return pb.GetCustomerSummaryResponse(summary=summary_message(added_up(summaries)), consistency=consistency)
 
     @staticmethod
     def _validate_list(request: pb.ListOrdersRequest) -> tuple[int, str]:
@@ -466,14 +606,17 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
         try:
             if not ID_PATTERN.fullmatch(request.customer_id):
                 raise InvalidQuery([FieldViolation("customer_id", ID_RULE)])
-            token = parse_token(request.consistency_token)
-            index = self._orders.rel.index(request.customer_id)
+            token, customer = parse_token(request.consistency_token), request.customer_id
+
+            def index(keys: ViewKeys) -> str:
+                return keys.index(customer)
+
             with self._feed.customer(request.customer_id) as watch:  # before the first read, as in WatchOrder
-                await self._await_token(token, context)
-                seen_before = self._seen()
-                page = await self._page(index, "+", SNAPSHOT_ORDERS + 1, context)
-                consistency = self._page_consistency(token, page, seen_before)
-                orders, more = self._fill_page(page.entries, SNAPSHOT_ORDERS)
+                await self._await_token(token, context, self._orders)
+                seen_before = self._seen(self._orders)
+                pages = await self._pages(index, "+", SNAPSHOT_ORDERS + 1, context)
+                consistency = self._pages_consistency(token, pages, seen_before)
+                orders, more = self._fill_page(merged_entries(pages, SNAPSHOT_ORDERS + 1), SNAPSHOT_ORDERS)
                 sent = {order.order_id: order.version for order in orders}  # the version each order was sent at
                 yield pb.WatchCustomerOrdersResponse(
                     orders=orders, initial=True, truncated=bool(more), consistency=consistency
@@ -517,18 +660,43 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
     async def _current(
         self, order_ids: list[str], token: LogPosition | None, context: grpc.aio.ServicerContext
     ) -> list[tuple[types_pb2.Order, pb.ReadConsistency]]:
-        """The views of those of `order_ids` that exist, as they are now, in one snapshot with the
-        checkpoint, each with its consistency (stale when the order has parked events). None while
-        the views are flushed: their rebuild announces every order again. The orders leave the hot
-        views, which may be older than what is read here."""
-        rel, seen_before = self._orders.rel, self._seen()
-        names = [*(rel.order(i) for i in order_ids), *(rel.parked_mark(i) for i in order_ids)]
+        """The views of those of `order_ids` that exist, as they are now, each with its consistency
+        (stale when the order has parked events), in `order_ids`' order. Each partition's orders are
+        read in one snapshot with its checkpoint, the partitions concurrently; none of a partition
+        whose views are flushed (their rebuild announces every order again). The orders leave the
+        hot views, which may be older than what is read here."""
+        by_reader: dict[int, list[str]] = {}
+        for order_id in order_ids:
+            by_reader.setdefault(partition_of(order_id, len(self._orders)), []).append(order_id)
+        readers = [self._orders[partition] for partition in by_reader]
+        seen_before = self._seen(readers)
         async with bounded_redis_call(context):
-            raw_checkpoint, raw_target, *raws = await self._orders.get_raw(rel.checkpoint, rel.rebuild_target, *names)
+            reads = await concurrently(
+                [
+                    self._current_in(reader, ids, token, seen)
+                    for reader, ids, seen in zip(readers, by_reader.values(), seen_before, strict=True)
+                ]
+            )
         self._hot.forget(order_ids)
+        found = {view.order_id: (view, consistency) for read in reads for view, consistency in read}
+        return [found[order_id] for order_id in order_ids if order_id in found]
+
+    async def _current_in(
+        self, reader: LiveReader, order_ids: list[str], token: LogPosition | None, seen_before: LogPosition | None
+    ) -> list[tuple[types_pb2.Order, pb.ReadConsistency]]:
+        """`_current` of one partition's orders."""
+
+        def names(keys: ViewKeys) -> list[str]:
+            return [
+                *(keys.checkpoint, keys.rebuild_target),
+                *(keys.order(i) for i in order_ids),
+                *(keys.parked_mark(i) for i in order_ids),
+            ]
+
+        raw_checkpoint, raw_target, *raws = await reader.get_raw(names)
         if raw_checkpoint is None:
             return []
-        consistency = self._consistency(token, raw_checkpoint, raw_target, seen_before)
+        consistency = self._consistency(token, raw_checkpoint, raw_target, seen_before, reader)
         views, marks = raws[: len(order_ids)], raws[len(order_ids) :]
         return [
             (stored_order(raw), _flag_parked(consistency, mark is not None))
@@ -536,8 +704,9 @@ class OrderQueriesServicer(queries_pb2_grpc.OrderQueriesServicer):
             if raw is not None
         ]
 
-    async def _newest_order_ids(self, index: str, context: grpc.aio.ServicerContext) -> list[str]:
-        return (await self._page(index, "+", SNAPSHOT_ORDERS, context)).order_ids()
+    async def _newest_order_ids(self, index: IndexName, context: grpc.aio.ServicerContext) -> list[str]:
+        pages = await self._pages(index, "+", SNAPSHOT_ORDERS, context)
+        return [member_order_id(member) for member, _, _ in merged_entries(pages, SNAPSHOT_ORDERS)]
 
     @staticmethod
     async def _end_stream(method: str, error: OrdersError, context: grpc.aio.ServicerContext) -> None:

@@ -3,7 +3,8 @@ the open WatchOrder and WatchCustomerOrders streams.
 
 The orders projection publishes, inside each batch's atomic write, which orders the batch changed,
 with their customers and new versions (`changes:orders`, see orders.store.views). So no notification
-comes before its data. A notification only says "changed": a stream re-reads the view before it
+comes before its data. Each partition has its own channel; the feed subscribes to every one, in one
+subscription. A notification only says "changed": a stream re-reads the view before it
 sends it, so a late, repeated or merged notification does no harm.
 
 Flow control: the feed never waits for a stream. It marks the changed order as pending in each
@@ -19,8 +20,9 @@ subscription is confirmed (at start and after every reconnect), every watch catc
 re-reading all that it watches.
 
 Other notifications on the channel: an order whose events were parked (its view stays behind, so
-a stream flags it stale), and a generation switch after a zero-downtime rebuild (a JSON object,
-`{"generation": N}`): every stream then sends what it watches again, in the new generation's form.
+a stream flags it stale), and a generation switch of a partition after a zero-downtime rebuild (a
+JSON object, `{"generation": N}`): every stream then sends what it watches again, in the new
+generation's form.
 The feed also tells the hot views (read_service.hot_views) of every change, and to drop everything
 when notifications may have been lost.
 
@@ -37,14 +39,13 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import redis.exceptions
-from redis.asyncio import Redis
-
 from orders.domain.errors import OrdersError
 from orders.server.tasks import BackgroundTask
-from orders.store.views import ViewKeys
+from orders.store.views import PROJECTION, REDIS_ERRORS, RedisClient, ViewKeys
 
 log = logging.getLogger(__name__)
+
+SUBSCRIPTION_ERRORS: tuple[type[Exception], ...] = (*REDIS_ERRORS, OSError)  # a lost subscription
 
 MAX_PENDING = 1000  # changed orders a customer stream may have unsent before it is ended
 MAX_WATCHED_ORDERS = 10_000  # different orders one customer stream tracks (their last versions sent)
@@ -135,9 +136,11 @@ class Watch:
 class ChangeFeed:
     """The process's one subscription to the changes channel, and the watches it feeds."""
 
-    def __init__(self, redis: Redis, keys: ViewKeys, max_pending: int = MAX_PENDING, max_streams: int = 500) -> None:
+    def __init__(
+        self, redis: RedisClient, keys: ViewKeys, max_pending: int = MAX_PENDING, max_streams: int = 500
+    ) -> None:
         self._redis = redis
-        self._keys = keys
+        self._channels = [k.changes_channel for k in keys.of(PROJECTION).all_partitions()]  # one per partition
         self.max_pending = max_pending
         self.max_streams = max_streams
         self._by_order: dict[str, set[Watch]] = {}
@@ -231,7 +234,7 @@ class ChangeFeed:
         while True:
             try:
                 await self._subscribe_and_listen()
-            except (redis.exceptions.RedisError, OSError) as error:
+            except SUBSCRIPTION_ERRORS as error:
                 log.warning("change feed subscription lost (%s); resubscribing in %ss", error, self.resubscribe_delay)
             finally:
                 self.subscribed.clear()
@@ -240,12 +243,16 @@ class ChangeFeed:
 
     async def _subscribe_and_listen(self) -> None:
         async with self._redis.pubsub() as pubsub:
-            await pubsub.subscribe(self._keys.changes_channel)
+            await pubsub.subscribe(*self._channels)
+            confirmed: set[str | bytes] = set()
             while True:
                 message = await pubsub.get_message(timeout=1.0)
                 if message is None:
                     continue
                 if message["type"] == "subscribe":
+                    confirmed.add(message["channel"])
+                    if len(confirmed) < len(self._channels):
+                        continue
                     # Only from here on is nothing lost; whatever changed before, each watch re-reads.
                     self.on_reset()
                     self.subscribed.set()

@@ -59,6 +59,7 @@ import functools
 import hashlib
 import json
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -479,49 +480,114 @@ def parse_generation(raw: str | bytes | None) -> int:
     return 0 if raw is None else int(raw)
 
 
-# KEYS[1]: a projection's generation pointer. ARGV[1]: the key prefix; ARGV[2..]: key names without
-# the prefix. GETs those keys of the generation the pointer names, in one atomic step, so a reader
-# never mixes generations nor reads one that a switch has just retired. A name starting with "?"
-# asks whether that key exists instead ("1" or nil), for keys that are not strings.
-GENERATION_PREFIX_LUA = """
-local p = ARGV[1]
-local g = redis.call('GET', KEYS[1])
-if g and g ~= '0' then p = p .. 'g' .. g .. ':' end
+# Every script of the read path starts with this check: KEYS[1] is a partition's generation pointer,
+# ARGV[1] the generation the caller guessed (the pointer's value it last saw), and every other key
+# it declares is named in that generation. When the pointer names another generation the script
+# reads nothing and answers GENERATION_MOVED and the live generation; the caller renames its keys
+# and runs it again. So every key a script touches is declared (Redis Cluster routes a script by
+# its keys: one partition's keys share a hash tag, so one slot), and a reader never mixes
+# generations nor reads one that a switch has just retired; in the steady state it is one round trip.
+GENERATION_MOVED = "generation moved: "
+GENERATION_PREFIX_LUA = f"""
+local live = redis.call('GET', KEYS[1]) or '0'
+if live ~= ARGV[1] then return '{GENERATION_MOVED}' .. live end
 """
+# KEYS[2..]: the keys to read; ARGV[2]: one letter per key, 'g' for its value (GET), 'e' for whether
+# it exists ("1" or nil), for keys that are not strings.
 _READ_LIVE = (
     GENERATION_PREFIX_LUA
     + """
-local result = {}
-for i = 2, #ARGV do
-  local name = ARGV[i]
-  if string.sub(name, 1, 1) == '?' then
-    result[#result + 1] = redis.call('EXISTS', p .. string.sub(name, 2)) == 1 and '1' or false
+local result, modes = {}, ARGV[2]
+for i = 2, #KEYS do
+  if string.sub(modes, i - 1, i - 1) == 'e' then
+    result[#result + 1] = redis.call('EXISTS', KEYS[i]) == 1 and '1' or false
   else
-    result[#result + 1] = redis.call('GET', p .. name)
+    result[#result + 1] = redis.call('GET', KEYS[i])
   end
 end
 return result
 """
 )
+MAX_GENERATION_MOVES = 3  # a switch is rare (one per rebuild): more moves in a row than this is a fault
+
+
+class Exists(str):
+    """A key name whose existence `LiveReader.get` asks ("1" or None) instead of its value."""
+
+
+KeyNames = Callable[[ViewKeys], Sequence[str]]  # a read's keys, named in the generation it is given
+
+
+class GenerationKeepsMoving(RedisError):
+    """A partition's generation pointer moved at every try of a read (not seen in practice): a
+    RedisError, as the read failed."""
 
 
 class LiveReader:
-    """Reads a projection's keys in its live generation, resolved in the same round trip."""
+    """Reads one partition's keys in its live generation: the keys named in the generation last seen
+    live (`generation`), checked against the pointer in the same step (GENERATION_PREFIX_LUA)."""
 
-    def __init__(self, redis: Redis, keys: ViewKeys) -> None:
+    def __init__(self, redis: RedisClient, keys: ViewKeys) -> None:
         self._redis = redis
-        self._script = redis.register_script(_READ_LIVE)
-        self.keys = keys
-        self.rel = RelativeKeys(projection=keys.projection)  # names for the script, which adds the prefixes
+        self.keys = keys.at(0)
+        self.generation = 0  # the pointer's value last seen: the guess each read starts from
+        self.on_move: Callable[[int], None] = lambda generation: None  # a switch was seen
 
-    async def get(self, *names: str) -> list[str | None]:
-        """The values of `names` (from `self.rel`) in the live generation."""
-        return list(await self._script(keys=[self.keys.generation_pointer], args=[self.keys.pprefix, *names]))
+    @property
+    def live(self) -> ViewKeys:
+        """The keys of the generation last seen live."""
+        return self.keys.at(self.generation)
 
-    async def get_raw(self, *names: str) -> list[bytes | None]:
+    def saw(self, generation: int) -> None:
+        """Records the pointer's value, seen by a read of this reader or elsewhere (a plain MGET)."""
+        if generation != self.generation:
+            self.generation = generation
+            self.on_move(generation)
+
+    async def get(self, names: KeyNames) -> list[str | None]:
+        """The values of the keys `names` gives for the live generation (an `Exists` name: whether it
+        exists), read in one atomic step."""
+        return list(await self._get(names, raw=False))
+
+    async def get_raw(self, names: KeyNames) -> list[bytes | None]:
         """As `get`, as bytes: order views are binary (a decoding client would fail on them)."""
-        keys: list[Arg] = [self.keys.generation_pointer]
-        return list(await run_script(self._redis, _READ_LIVE, keys, [self.keys.pprefix, *names], raw=True))
+        return list(await self._get(names, raw=True))
+
+    async def _get(self, names: KeyNames, *, raw: bool) -> Any:
+        def declared(keys: ViewKeys) -> tuple[list[str], list[Arg]]:
+            wanted = list(names(keys))
+            return wanted, ["".join("e" if isinstance(name, Exists) else "g" for name in wanted)]
+
+        return await self.run(_READ_LIVE, declared, raw=raw)
+
+    async def run(
+        self, script: str, declared: Callable[[ViewKeys], tuple[list[str], list[Arg]]], *, raw: bool = False
+    ) -> Any:
+        """The reply of `script` (which starts with GENERATION_PREFIX_LUA) run on the keys and arguments
+        that `declared` gives for the live generation: KEYS = [pointer, *keys], ARGV = [generation,
+        *arguments]. Runs it again under the live generation when the guess was wrong."""
+        for _ in range(MAX_GENERATION_MOVES + 1):
+            keys = self.live
+            names, args = declared(keys)
+            reply = await run_script(
+                self._redis, script, [keys.generation_pointer, *names], [keys.generation, *args], raw=raw
+            )
+            moved = moved_to(reply)
+            if moved is None:
+                return reply
+            self.saw(moved)
+        raise GenerationKeepsMoving(
+            f"the generation of {self.keys.name} moved at each of {MAX_GENERATION_MOVES + 1} reads"
+        )
+
+
+def moved_to(reply: Any) -> int | None:
+    """The live generation a read script answered instead of reading (GENERATION_MOVED), else None."""
+    if isinstance(reply, bytes):
+        reply = reply.decode()
+    if isinstance(reply, str) and reply.startswith(GENERATION_MOVED):
+        return int(reply.removeprefix(GENERATION_MOVED))
+    return None
 
 
 Arg = str | bytes | int | float  # a Redis command's argument
