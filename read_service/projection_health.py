@@ -6,11 +6,16 @@ service reports:
     ""  and  orders.v1.OrderQueries   NOT_SERVING while Redis is unreachable or does not answer within
                                       CHECK_TIMEOUT (through the process's orders.server.readiness.Readiness,
                                       which /readyz of the ops endpoint reports as well)
-    orders.projection.NAME            NOT_SERVING while no worker of projection NAME has renewed
-                                      its heartbeat within the heartbeat timeout, or while that
-                                      projection is stopped on an error
+    orders.projection.NAME            NOT_SERVING while some partition of projection NAME has no
+                                      worker that renewed its heartbeat within the heartbeat
+                                      timeout, or while one is stopped on an error
     orders.projection                 SERVING only while every projection is
 Each status is also the `orders_health_serving{service=...}` gauge (orders.telemetry.metrics).
+With ORDERS_PARTITIONS = P each partition of a projection has its own heartbeat, and the projection
+serves only if every one of them has a live, healthy owner: a query may need any partition. The
+age of each partition's heartbeat is the gauge `orders_projection_owner_age_seconds{projection}`
+(label "orders", or "orders/2" with several partitions), which the "partition without an owner"
+alert reads.
 
 Start-up is quiet: a sync worker started together with this service (orders-local) needs a moment
 for its first heartbeat, and until then Redis may still hold the previous run's, long stale. So for
@@ -33,7 +38,7 @@ from orders.server.readiness import Readiness
 from orders.server.tasks import BackgroundTask
 from orders.store.heartbeat import read_heartbeat
 from orders.store.views import PROJECTIONS, ViewKeys
-from orders.telemetry.metrics import health_status
+from orders.telemetry.metrics import health_status, projection_owner_age
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +64,18 @@ class ProjectionHealth:
         timeout: float,
         *,
         start_grace: float | None = None,
+        partitions: int | None = None,
     ) -> None:
         """`timeout`: seconds without a heartbeat before a projection is NOT_SERVING. `start_grace`:
         seconds from now during which that is expected and logged at INFO; by default the timeout (a
-        new worker may wait that long for the lease of a previous one that died) plus WORKER_START_TIME."""
+        new worker may wait that long for the lease of a previous one that died) plus WORKER_START_TIME.
+        `partitions`: each projection's partition count (ORDERS_PARTITIONS), by default `keys`'."""
         self._redis = redis
         self._keys = keys
+        count = keys.partitions if partitions is None else partitions
+        self._partitions = {
+            name: ViewKeys(keys.prefix, name, partitions=count).all_partitions() for name in PROJECTIONS
+        }
         self._servicer = servicer
         self._readiness = readiness
         self._timeout = timeout
@@ -80,22 +91,45 @@ class ProjectionHealth:
         await self._task.stop()
 
     async def check(self) -> None:
-        """Reads the heartbeat once and updates the health statuses."""
+        """Reads every partition's heartbeat once and updates the health statuses and owner ages."""
         try:
-            beats = {name: await read_heartbeat(self._redis, self._keys.of(name)) for name in PROJECTIONS}
+            beats = {name: await self._read_beats(partitions) for name, partitions in self._partitions.items()}
         except (redis.exceptions.RedisError, OSError) as error:
             await self._unreachable(f"Redis unreachable: {type(error).__name__}: {error}")
             return
         await self._readiness.set("redis", "")
-        problems = {name: self._problem(beat, age) for name, (beat, age) in beats.items()}
+        problems = {name: self._problems(found) for name, found in beats.items()}
         starting = time.monotonic() < self._start_ends
-        quiet = {name for name, (_, age) in beats.items() if starting and age > self._timeout}
+        # Quiet while starting if every partition's trouble is only a missing heartbeat.
+        quiet = {name for name, found in beats.items() if starting and self._only_missing(found)}
         for name, problem in problems.items():
             status, why = (NOT_SERVING, problem) if problem else (SERVING, "alive")
             await self._set(f"{PROJECTION_SERVICE}.{name}", status, why, quiet=name in quiet)
         failing = {name: problem for name, problem in problems.items() if problem}
         status = NOT_SERVING if failing else SERVING
         await self._set(PROJECTION_SERVICE, status, str(failing or "all alive"), quiet=set(failing) <= quiet)
+
+    async def _read_beats(self, partitions: list[ViewKeys]) -> dict[str, tuple[dict[str, object] | None, float]]:
+        """Each partition's heartbeat and age (together: one round trip's time for P partitions),
+        recorded as its owner's age."""
+        found = await asyncio.gather(*(read_heartbeat(self._redis, keys) for keys in partitions))
+        for keys, (_, age) in zip(partitions, found, strict=True):
+            projection_owner_age(keys.name, age)
+        return {keys.name: beat for keys, beat in zip(partitions, found, strict=True)}
+
+    def _problems(self, found: dict[str, tuple[dict[str, object] | None, float]]) -> str:
+        """Why a projection is not healthy ("" when it is): with one partition, that partition's
+        problem; with several, each failing partition's, by name."""
+        failing = {name: problem for name, (beat, age) in found.items() if (problem := self._problem(beat, age))}
+        if len(found) == 1:
+            return next(iter(failing.values()), "")
+        return "; ".join(f"{name}: {problem}" for name, problem in failing.items())
+
+    def _only_missing(self, found: dict[str, tuple[dict[str, object] | None, float]]) -> bool:
+        """Whether some partition lacks a live heartbeat and none is stopped on an error."""
+        stale = any(age > self._timeout for _, age in found.values())
+        failed = any(age <= self._timeout and beat and beat.get("state") == "failed" for beat, age in found.values())
+        return stale and not failed
 
     def _problem(self, beat: dict[str, object] | None, age: float) -> str:
         """Why a projection is not healthy, or "" when it is."""

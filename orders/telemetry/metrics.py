@@ -134,6 +134,12 @@ HEALTH_SERVING = Gauge(
     "as /readyz; the read service also reports orders.projection and orders.projection.NAME)",
     ["service"],
 )
+PROJECTION_OWNER_AGE = Gauge(
+    "orders_projection_owner_age_seconds",
+    "Seconds since a projection partition's worker last wrote its heartbeat, by the Redis clock (+Inf when "
+    "none ever did), as the read service sees it; a few lease ttls means the partition has no owner",
+    ["projection"],
+)
 
 # ---------------------------------------------------------------------------- stores
 
@@ -188,6 +194,11 @@ def _health_child(service: str) -> Any:
 def health_status(service: str, serving: bool) -> None:
     """What the gRPC health service now answers for `service`: SERVING or NOT_SERVING."""
     _health_child(service).set(1 if serving else 0)
+
+
+def projection_owner_age(projection: str, seconds: float) -> None:
+    """How old the heartbeat of partition `projection` ("orders", "orders/2") is."""
+    PROJECTION_OWNER_AGE.labels(projection).set(seconds)
 
 
 class ProjectionMetrics:

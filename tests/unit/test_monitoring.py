@@ -40,6 +40,8 @@ REQUIRED_PANELS = {
     "Query latency by method": {"orders_grpc_server_handling_seconds_bucket"},
     "Projection lag (events)": {"orders_projection_lag_events"},
     "Projection lag (seconds)": {"orders_projection_lag_seconds"},
+    "Partition owner age": {"orders_projection_owner_age_seconds"},
+    "Partition lag (seconds)": {"orders_projection_lag_seconds"},
     "Horizon age": {"orders_projection_held_back_seconds"},
     "Batch sizes": {"orders_projection_batch_size_bucket", "orders_append_batch_size_bucket"},
     "Store errors": {"orders_store_errors_total"},
