@@ -27,7 +27,7 @@ class CheckpointWatcher:
 
     def __init__(self, redis: RedisClient, keys: ViewKeys) -> None:
         self._redis = redis
-        self._keys = keys
+        self.keys = keys  # the partition whose checkpoint this is
         self._live = LiveReader(redis, keys)
         self._changed = asyncio.Condition()
         self._task = BackgroundTask("checkpoint-watcher")
@@ -52,6 +52,11 @@ class CheckpointWatcher:
 
     async def stop(self) -> None:
         await self._task.stop()
+
+    @property
+    def waiting(self) -> int:
+        """Queries waiting now for this partition to reach their token."""
+        return self._waiting
 
     def reached(self, target: LogPosition) -> bool:
         return self.latest is not None and self.latest >= target
@@ -95,7 +100,7 @@ class CheckpointWatcher:
 
     async def _subscribe_and_listen(self) -> None:
         async with self._redis.pubsub() as pubsub:
-            await pubsub.subscribe(self._keys.checkpoint_channel)
+            await pubsub.subscribe(self.keys.checkpoint_channel)
             await self._set(await self._checkpoint())
             while True:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)

@@ -21,14 +21,14 @@ from orders.store.views import PROJECTIONS, ViewKeys, partition_of
 from orders.v1 import commands_pb2 as cmd
 from orders.v1 import queries_pb2 as qry
 from orders.v1 import queries_pb2_grpc, types_pb2
-from read_service.main import start_read_service
+from read_service.main import ReadService, start_read_service
 from sync_worker.main import build_workers
 from sync_worker.worker import WorkerSettings
 from tests.helpers import add_item_request, create_request, error_reason, eventually, expected_views
 from tests.integration.conftest import System
 
 PARTITIONS = 4
-MAX_WAIT = 1.0  # seconds a query waits for its token: short, for the test that makes one wait in vain
+MAX_WAIT = 3.0  # seconds a query waits for its token
 
 
 @dataclass
@@ -38,6 +38,16 @@ class Partitioned:
     system: System
     queries: queries_pb2_grpc.OrderQueriesStub
     keys: ViewKeys  # of the orders projection, with P partitions
+    read: ReadService
+
+    def waiting(self, partition: int) -> Callable[[], Awaitable[None]]:
+        """A check that a query waits for `partition` of each projection to reach its token."""
+
+        async def check() -> None:
+            names = {k.name for k in self.partitions() if k.partition == partition}
+            assert all(w.waiting for w in self.read.watchers if w.keys.name in names)
+
+        return check
 
     def partitions(self) -> list[ViewKeys]:
         """Every partition of both projections."""
@@ -75,7 +85,7 @@ async def partitioned(system: System) -> AsyncIterator[Partitioned]:
     keys = ViewKeys(system.keys.prefix, partitions=PARTITIONS)
     read = await start_read_service(system.redis, keys, "127.0.0.1:0", max_wait=MAX_WAIT)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{read.server.port}")
-    setup = Partitioned(system, queries_pb2_grpc.OrderQueriesStub(channel), keys)
+    setup = Partitioned(system, queries_pb2_grpc.OrderQueriesStub(channel), keys, read)
 
     async def every_partition_initialised() -> None:
         assert all(await asyncio.gather(*(system.redis.exists(k.checkpoint) for k in setup.partitions())))
@@ -216,9 +226,9 @@ async def test_summary_adds_up_the_partitions(partitioned: Partitioned) -> None:
 
 
 async def test_a_token_waits_for_every_partition_a_query_reads(partitioned: Partitioned) -> None:
-    """With the partition of a new order paused (others running past its token), queries with its
-    token do not pretend: GetOrder is not ready, a listing and the summary are flagged stale. Once the
-    partition runs again, the same queries see the order, fresh."""
+    """With the partition of a new order paused (the others running past its token), queries with its
+    token do not pretend: GetOrder is not ready, a listing and the summary are flagged stale. Queries
+    that wait for the token while that partition resumes see the order, fresh."""
     system, queries = partitioned.system, partitioned.queries
     before = await create_in_every_partition(system, "gus")  # the customer has a summary in every partition
     await queries.GetCustomerSummary(
@@ -237,20 +247,54 @@ async def test_a_token_waits_for_every_partition_a_query_reads(partitioned: Part
     listing = qry.ListOrdersRequest(customer_id="gus", page_size=100, consistency_token=token)
     summary = qry.GetCustomerSummaryRequest(customer_id="gus", consistency_token=token)
 
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await queries.GetOrder(get)
-    assert error_reason(raised.value) == "VIEWS_NOT_READY"
-    page = await queries.ListOrders(listing)
+    first: tuple[Any, ...] = await asyncio.gather(
+        queries.GetOrder(get), queries.ListOrders(listing), queries.GetCustomerSummary(summary), return_exceptions=True
+    )
+    refused, page, stale_summary = first
+    assert isinstance(refused, grpc.aio.AioRpcError)
+    assert error_reason(refused) == "VIEWS_NOT_READY"
+    assert isinstance(page, qry.ListOrdersResponse)
     assert page.consistency.stale
     assert order.order_id not in [o.order_id for o in page.orders]
-    assert (await queries.GetCustomerSummary(summary)).consistency.stale
+    assert isinstance(stale_summary, qry.GetCustomerSummaryResponse)
+    assert stale_summary.consistency.stale
 
+    answers = asyncio.gather(queries.GetOrder(get), queries.ListOrders(listing), queries.GetCustomerSummary(summary))
+    await eventually(partitioned.waiting(held))  # the queries wait for the held partition
     await partitioned.pause(held, paused=False)
+    got, fresh_page, reply = await answers
 
-    assert (await queries.GetOrder(get)).order.order_id == order.order_id
-    page = await queries.ListOrders(listing)
-    assert not page.consistency.stale
-    assert order.order_id in [o.order_id for o in page.orders]
-    reply = await queries.GetCustomerSummary(summary)
+    assert got.order.order_id == order.order_id
+    assert not got.consistency.stale
+    assert not fresh_page.consistency.stale
+    assert order.order_id in [o.order_id for o in fresh_page.orders]
     assert not reply.consistency.stale
     assert reply.summary.order_count == len(await newest_first(partitioned, customer_id="gus"))
+
+
+async def test_watch_customer_orders_follows_every_partition(partitioned: Partitioned) -> None:
+    """A customer's watch stream hears of new orders in every partition (one subscription to every
+    partition's change channel), and GetOrder's hot views of each partition follow their changes."""
+    call = partitioned.queries.WatchCustomerOrders(qry.WatchCustomerOrdersRequest(customer_id="hal"))
+    first = await call.read()
+    assert isinstance(first, qry.WatchCustomerOrdersResponse)
+    assert first.initial
+    created = await create_in_every_partition(partitioned.system, "hal")
+    heard: dict[str, int] = {}
+    async with asyncio.timeout(10):
+        while any(heard.get(c.order_id, 0) < c.version for c in created):
+            message = await call.read()
+            assert isinstance(message, qry.WatchCustomerOrdersResponse)
+            heard |= {order.order_id: order.version for order in message.orders}
+    call.cancel()
+
+    for result in created:  # read once (cached), changed, read again without a token: the change shows
+        await partitioned.queries.GetOrder(qry.GetOrderRequest(order_id=result.order_id))
+        cancel = cmd.CancelOrderRequest(order_id=result.order_id, reason="changed my mind")
+        cancelled = await partitioned.system.commands.CancelOrder(cancel)
+
+        async def shows_change(order_id: str = result.order_id, version: int = cancelled.result.version) -> None:
+            reply = await partitioned.queries.GetOrder(qry.GetOrderRequest(order_id=order_id))
+            assert reply.order.version == version
+
+        await eventually(shows_change)
