@@ -516,6 +516,7 @@ class Exists(str):
 
 
 KeyNames = Callable[[ViewKeys], Sequence[str]]  # a read's keys, named in the generation it is given
+Declared = Callable[[ViewKeys], "tuple[list[str], list[Arg]]"]  # a script's keys and arguments, likewise
 
 
 class GenerationKeepsMoving(RedisError):
@@ -560,9 +561,7 @@ class LiveReader:
 
         return await self.run(_READ_LIVE, declared, raw=raw)
 
-    async def run(
-        self, script: str, declared: Callable[[ViewKeys], tuple[list[str], list[Arg]]], *, raw: bool = False
-    ) -> Any:
+    async def run(self, script: str, declared: Declared, *, raw: bool = False) -> Any:
         """The reply of `script` (which starts with GENERATION_PREFIX_LUA) run on the keys and arguments
         that `declared` gives for the live generation: KEYS = [pointer, *keys], ARGV = [generation,
         *arguments]. Runs it again under the live generation when the guess was wrong."""

@@ -16,15 +16,34 @@ import grpc
 import pytest
 from redis.asyncio import Redis
 
+from orders.domain.errors import Unavailable
 from orders.domain.status import SPENDING
-from orders.store.views import PROJECTIONS, ViewKeys, partition_of
+from orders.store.views import (
+    PROJECTIONS,
+    Declared,
+    Exists,
+    LiveReader,
+    RedisClient,
+    ViewKeys,
+    index_member,
+    partition_of,
+)
 from orders.v1 import commands_pb2 as cmd
 from orders.v1 import queries_pb2 as qry
 from orders.v1 import queries_pb2_grpc, types_pb2
 from read_service.main import ReadService, start_read_service
+from read_service.servicer import MAX_PAGE_TRIES, OrderQueriesServicer
 from sync_worker.main import build_workers
 from sync_worker.worker import WorkerSettings
-from tests.helpers import add_item_request, create_request, error_reason, eventually, expected_views
+from tests.conftest import Servers
+from tests.helpers import (
+    add_item_request,
+    create_request,
+    error_reason,
+    eventually,
+    expected_views,
+    round_trip_counting_redis,
+)
 from tests.integration.conftest import System
 
 PARTITIONS = 4
@@ -298,3 +317,79 @@ async def test_watch_customer_orders_follows_every_partition(partitioned: Partit
             assert reply.order.version == version
 
         await eventually(shows_change)
+
+
+# --- declared keys: a guessed generation, checked by the script (one round trip in the steady state)
+
+
+async def test_live_reader_guesses_the_generation_and_follows_a_switch(servers: Servers, keys: ViewKeys) -> None:
+    partition = ViewKeys(keys.prefix, partition=1, partitions=PARTITIONS)
+    counting, sends = round_trip_counting_redis(servers.redis_url)
+    await counting.mset({partition.checkpoint: "1-1", partition.at(2).checkpoint: "2-2"})
+    await counting.set(partition.generation_pointer, "2")
+    reader, moves = LiveReader(counting, partition), list[int]()
+    reader.on_move = moves.append
+    try:
+        sends[0] = 0
+        assert await reader.get(lambda k: [k.checkpoint]) == ["2-2"]
+        assert (sends[0], reader.generation, moves) == (2, 2, [2])  # the guess (0) was wrong: once more
+
+        sends[0] = 0
+        assert await reader.get(lambda k: [k.checkpoint, Exists(k.checkpoint), k.rebuild_target]) == ["2-2", "1", None]
+        assert sends[0] == 1  # the steady state
+
+        await counting.delete(partition.generation_pointer)  # absent: generation 0
+        assert await reader.get(lambda k: [k.checkpoint]) == ["1-1"]
+        assert moves == [2, 0]
+    finally:
+        await counting.aclose()
+
+
+class WritingReader(LiveReader):
+    """A reader after whose first `writes` reads a new order enters the index, as a worker's batch
+    would between the steps of a page."""
+
+    def __init__(self, redis: Redis, keys: ViewKeys, writes: int) -> None:
+        super().__init__(redis, keys)
+        self.writes, self.reads = writes, 0
+
+    async def run(self, script: str, declared: Declared, *, raw: bool = False) -> Any:
+        reply = await super().run(script, declared, raw=raw)
+        self.reads += 1
+        if self.reads <= self.writes:
+            await an_order(self._redis, self.keys, f"new-{self.reads}", 2_000_000_000_000_000 + self.reads)
+        return reply
+
+
+async def an_order(redis: RedisClient, keys: ViewKeys, order_id: str, created_us: int = 1) -> None:
+    """An order in `keys`' index of all orders, with a stand-in view."""
+    await redis.zadd(keys.index(), {index_member(created_us, order_id): 0})
+    await redis.set(keys.order(order_id), b"view")
+
+
+@pytest.mark.parametrize("writes", [0, 1, MAX_PAGE_TRIES - 2])
+async def test_a_page_is_read_again_until_it_holds_still(redis: Redis, keys: ViewKeys, writes: int) -> None:
+    """The first step learns the members, the next reads their views and the range again; a page that
+    changed in between is read again, and the answer is one snapshot: the newest members, each with
+    its view."""
+    partition = ViewKeys(keys.prefix, partitions=PARTITIONS)
+    await redis.set(partition.checkpoint, "7-7")
+    await an_order(redis, partition, "old")
+    reader = WritingReader(redis, partition, writes)
+
+    page = await OrderQueriesServicer._page(reader, lambda k: k.index(), "+", 10)
+
+    assert reader.reads == writes + 2
+    assert page.order_ids() == [f"new-{n}" for n in range(writes, 0, -1)] + ["old"]
+    assert all(view == b"view" for _, view, _ in page.entries)
+    assert page.checkpoint == b"7-7"
+
+
+async def test_a_page_that_changes_at_every_read_is_unavailable(redis: Redis, keys: ViewKeys) -> None:
+    partition = ViewKeys(keys.prefix, partitions=PARTITIONS)
+    await an_order(redis, partition, "old")
+    reader = WritingReader(redis, partition, writes=MAX_PAGE_TRIES)
+
+    with pytest.raises(Unavailable):
+        await OrderQueriesServicer._page(reader, lambda k: k.index(), "+", 10)
+    assert reader.reads == MAX_PAGE_TRIES
