@@ -86,6 +86,7 @@ examples:
   orders-bench --soak 900 --postgres-url postgresql://postgres@127.0.0.1:5432/postgres --redis-url redis://127.0.0.1:6379/0
   orders-bench --scaling                     # P 1,2,4 x W 1,2,4, 3 rounds, on embedded servers (~10 minutes)
   orders-bench --scaling --quick --partitions 1,2 --workers 1,2
+  orders-bench --scaling --live-rate 15000     # live apply at a fixed offered rate: does the lag stay bounded?
 """
 
 
@@ -235,6 +236,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="--scaling: worker process counts, comma-separated (default 1,2,4)")  # fmt: skip
     add("--writers", type=config.positive_int, default=scaling.DEFAULT_WRITERS,
         help="--scaling: connections appending during the live window (default 4)")  # fmt: skip
+    add("--live-rate", type=config.positive_float, metavar="EVENTS",
+        help="--scaling: events/s the writers offer in the live window (default: as fast as they go)")  # fmt: skip
     config.add_setting(
         parser, "postgres-url", "PostgreSQL server to use (empty: embedded)", default="", parse=_optional_postgres
     )

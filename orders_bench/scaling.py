@@ -12,7 +12,8 @@ round on a fresh database (a copy of the template) and a fresh Redis prefix:
   LEASE_TTL seconds) replay the log into empty views; timed from the first applied batch until
   every partition of both projections has its checkpoint at the log head. Log events per second.
 - live: the workers, caught up and idle, then see `writers` connections append valid orders
-  (COPY of CHUNK_EVENTS rows and a NOTIFY per transaction, as fast as they go) for `live_seconds`.
+  (COPY of CHUNK_EVENTS rows and a NOTIFY per transaction, as fast as they go, or at `offered_rate`
+  events/s in all when set) for `live_seconds`.
   Applied events/s: events at or before each partition's checkpoint at the window's end, averaged
   over the partitions, per second; the lag: how long after an event was seen at the head every
   checkpoint had passed it (sampled every LAG_POLL seconds, so ±LAG_POLL); the backlog at the end;
@@ -97,6 +98,7 @@ class ScalingSettings:
     events: int  # in the log each rebuild replays
     live_seconds: float
     writers: int
+    offered_rate: float = 0.0  # events/s offered in the live window; 0: as fast as the writers go
 
     @property
     def configs(self) -> list[Config]:
@@ -125,6 +127,7 @@ def settings_from(args: Any) -> ScalingSettings:
         events=args.rebuild_events or int(defaults["events"]),
         live_seconds=args.duration or float(defaults["live_seconds"]),
         writers=args.writers,
+        offered_rate=args.live_rate or 0.0,
     )
 
 
@@ -229,10 +232,23 @@ class Views:
         return True
 
 
-async def redis_usec(redis: Redis | RedisCluster) -> float:
-    """Microseconds Redis has spent in commands so far, but for INFO (the benchmark's own)."""
+async def redis_work(redis: Redis | RedisCluster) -> tuple[float, float]:
+    """Microseconds Redis has spent in commands so far, but for INFO (the benchmark's own), and
+    the bytes it has received from its clients."""
     stats = await redis.info("commandstats")
-    return sum(float(s["usec"]) for name, s in stats.items() if name != "cmdstat_info")
+    usec = sum(float(s["usec"]) for name, s in stats.items() if name != "cmdstat_info")
+    return usec, float((await redis.info("stats"))["total_net_input_bytes"])
+
+
+async def redis_figures(
+    redis: Redis | RedisCluster, before: tuple[float, float], batches: float, events: float, phase: str
+) -> Figures:
+    """Redis' command time per batch and the bytes it received per log event since `before`."""
+    usec, received = await redis_work(redis)
+    return {
+        f"{phase}_redis_us_per_batch": (usec - before[0]) / max(1.0, batches),
+        f"{phase}_redis_in_bytes_per_event": (received - before[1]) / max(1.0, events),
+    }
 
 
 # ------------------------------------------------------------------------------ CPU by phase
@@ -270,10 +286,12 @@ class Phase:
 
 class Appender:
     """Valid orders (created, two items, confirmed: the history's) appended by raw COPY, with the
-    event store's NOTIFY, from `writers` connections as fast as they go until stopped."""
+    event store's NOTIFY, from `writers` connections as fast as they go (or at `rate` events/s in
+    all) until stopped."""
 
-    def __init__(self, database: str, writers: int, tag: str) -> None:
+    def __init__(self, database: str, writers: int, tag: str, rate: float = 0.0) -> None:
         self.database, self.writers, self.tag = database, writers, tag
+        self.interval = writers * CHUNK_EVENTS / rate if rate > 0 else 0.0  # seconds between one writer's chunks
         self.appended = 0
         self.stop = asyncio.Event()
         self.payloads = [[json.dumps(to_payload(e)) for e in order_events(c * 10)] for c in range(CUSTOMERS)]
@@ -299,8 +317,11 @@ class Appender:
             await asyncio.gather(*(conn.close() for conn in connections))
 
     async def _write(self, conn: asyncpg.Connection, writer: int) -> None:
-        chunks = self.rows(writer)
+        chunks, due = self.rows(writer), time.perf_counter() + self.interval * writer / self.writers
         while not self.stop.is_set():
+            if self.interval:  # paced: a chunk every interval, late chunks sent at once to catch up
+                await asyncio.sleep(max(0.0, due - time.perf_counter()))
+                due += self.interval
             chunk = next(chunks)
             async with conn.transaction():
                 await conn.copy_records_to_table("events", records=chunk, columns=COLUMNS)
@@ -402,7 +423,7 @@ async def assemble(r: Round, workers: Workers, views: Views) -> None:
 async def rebuild_phase(r: Round, workers: Workers, views: Views, meter: CpuMeter) -> None:
     """Resumes the paused partitions and times the replay, from the first applied batch (the loops
     notice the resume within a fifth of the lease ttl) to every checkpoint at the head."""
-    usec = await redis_usec(r.redis)
+    redis_before = await redis_work(r.redis)
     await views.resume()
     started = time.perf_counter()
     phase: Phase | None = None
@@ -422,19 +443,20 @@ async def rebuild_phase(r: Round, workers: Workers, views: Views, meter: CpuMete
         "rebuild_s": ended - started,
         "rebuild_batches": batches,
         "rebuild_events_per_batch": events * len(PROJECTIONS) / max(1.0, batches),
-        "rebuild_redis_us_per_batch": (await redis_usec(r.redis) - usec) / max(1.0, batches),
     }
+    r.figures |= await redis_figures(r.redis, redis_before, batches, events, "rebuild")
     if phase is not None:
         r.figures |= phase.end("rebuild", timed)
 
 
 async def live_phase(r: Round, workers: Workers, views: Views, meter: CpuMeter) -> None:
     conn = await open_connection(r.database)
-    appender = Appender(r.database, r.settings.writers, f"{r.run_id}{config_name(r.config)}")
+    tag = f"{r.run_id}{config_name(r.config)}"
+    appender = Appender(r.database, r.settings.writers, tag, r.settings.offered_rate)
     probe = LagProbe(conn, views)
     try:
         base = await count_through(conn, r.target)
-        batches_before, usec = await workers.batches(), await redis_usec(r.redis)
+        batches_before, redis_before = await workers.batches(), await redis_work(r.redis)
         phase, started = Phase(meter), time.perf_counter()
         writing = asyncio.create_task(appender.run())
         await probe.run(started + r.settings.live_seconds)
@@ -453,8 +475,8 @@ async def live_phase(r: Round, workers: Workers, views: Views, meter: CpuMeter) 
             "live_backlog_events": appender.appended - min(applied),
             "live_batches": batches,
             "live_events_per_batch": mean_applied * len(PROJECTIONS) / max(1.0, batches),
-            "live_redis_us_per_batch": (await redis_usec(r.redis) - usec) / max(1.0, batches),
         }
+        r.figures |= await redis_figures(r.redis, redis_before, batches, mean_applied, "live")
         await drain(r, probe, conn)
     finally:
         appender.stop.set()
@@ -497,12 +519,22 @@ async def measure_log_read(url: str, marker: str, batch_size: int = READ_BATCH) 
         await conn.close()
     [median] = percentiles(times, [50])
     return {
+        "bytes_per_event": float(await _row_bytes(url)),
         "batch_size": float(batch_size),
         "ms_per_batch": 1000 * median,
         "events_per_s": events / elapsed,
         "postgres_us_per_event": 1e6 * cpu.get("cpu_postgres_pct", 0.0) / 100 * elapsed / max(1, events),
         "reader_us_per_event": 1e6 * cpu.get("cpu_bench_pct", 0.0) / 100 * elapsed / max(1, events),
     }
+
+
+async def _row_bytes(url: str) -> float:
+    """The events' mean stored row size: what every reader of the log pulls per event."""
+    conn = await asyncpg.connect(url)
+    try:
+        return float(await conn.fetchval("SELECT avg(pg_column_size(e.*))::float8 FROM events e"))
+    finally:
+        await conn.close()
 
 
 async def copy_database(admin_url: str, name: str, template: str) -> str:
@@ -607,7 +639,8 @@ def render(results: dict[str, Any]) -> str:
     summaries = summaries_of(results)
     header = (
         f"orders-bench --scaling: P in {s['partitions']}, W in {s['workers']}, {s['rounds']} rounds, "
-        f"{s['events']:,} events per rebuild, live windows of {s['live_seconds']:g}s with {s['writers']} writers, "
+        f"{s['events']:,} events per rebuild, live windows of {s['live_seconds']:g}s with {s['writers']} writers"
+        f" ({_offered(s.get('offered_rate', 0.0))}), "
         f"{results['machine'].get('cpu_count')} CPUs, {results['elapsed_seconds']:.0f}s in all"
     )
     return "\n\n".join(
@@ -618,6 +651,10 @@ def render(results: dict[str, Any]) -> str:
             scaling_stats.render_live(summaries, s["rounds"]),
         ]
     )
+
+
+def _offered(rate: float) -> str:
+    return f"{rate:,.0f} events/s offered" if rate else "as fast as they go"
 
 
 def write_json(results: dict[str, Any], json_out: Path | None) -> Path:

@@ -74,7 +74,7 @@ def _cpu(figures: Mapping[str, Spread], phase: str) -> str:
 
 def render_rebuild(summaries: Mapping[Config, Mapping[str, Spread]], rounds: int) -> str:
     header = ["P", "W", f"rebuild events/s (min–max of {rounds})", "vs P1 W1", "worker µs/event"]
-    header += ["Redis µs/batch", "events/batch", "CPU % " + "/".join(CPU_OWNERS)]
+    header += ["Redis µs/batch", "Redis in B/event", "events/batch", "CPU % " + "/".join(CPU_OWNERS)]
     lines = [header]
     for config, figures in summaries.items():
         lines.append(
@@ -85,6 +85,7 @@ def render_rebuild(summaries: Mapping[Config, Mapping[str, Spread]], rounds: int
                 _ratio(summaries, config, "rebuild_rate"),
                 _median(figures, "rebuild_worker_us_per_event", 1),
                 _median(figures, "rebuild_redis_us_per_batch"),
+                _median(figures, "rebuild_redis_in_bytes_per_event"),
                 _median(figures, "rebuild_events_per_batch"),
                 _cpu(figures, "rebuild"),
             ]
@@ -122,6 +123,7 @@ def render_log_read(log_read: Mapping[str, float]) -> str:
         f"log read (one reader, batches of {log_read['batch_size']:.0f}): {log_read['ms_per_batch']:.2f} ms per batch,"
         f" {log_read['events_per_s']:,.0f} events/s, PostgreSQL {log_read['postgres_us_per_event']:.1f} µs"
         f" and reader {log_read['reader_us_per_event']:.1f} µs of CPU per event"
+        + (f", {log_read['bytes_per_event']:.0f} bytes per row" if "bytes_per_event" in log_read else "")
     )
 
 
