@@ -181,6 +181,7 @@ async def start_admin(
     redis: Redis,
     prefix: str,
     security: ServerSecurity | None = None,
+    *,
     partitions: int = 1,
 ) -> RunningServer:
     servicer = ProjectionAdminServicer(pool, redis, prefix, partitions=partitions)
@@ -215,7 +216,12 @@ async def serve(settings: SyncSettings) -> None:
     await health.check()
     admin = (
         await start_admin(
-            settings.admin_address, pool, redis, settings.redis_prefix, settings.security, settings.partitions
+            settings.admin_address,
+            pool,
+            redis,
+            settings.redis_prefix,
+            settings.security,
+            partitions=settings.partitions,
         )
         if settings.admin_address
         else None

@@ -203,7 +203,8 @@ class Projector(ABC):
 
     @property
     def name(self) -> str:
-        return self.keys.projection
+        """The partition's name in logs, metrics and health ("orders", or "orders/2" of several)."""
+        return self.keys.name
 
     async def checkpoint(self) -> LogPosition | None:
         """The position of the last applied event; None when the views are empty (new or flushed)."""
@@ -232,6 +233,7 @@ class Projector(ABC):
         live: bool = True,
     ) -> LogPosition:
         """Applies `events`, which follow checkpoint `after`, atomically; returns the new checkpoint.
+        Of a partition, applies only its own orders' events, and moves its checkpoint past the rest.
 
         With `holder`, applies only while that worker holds the projection's lease (LeaseLost otherwise).
         Of an order in `park` (order id -> the event it cannot apply), that event and the order's later
@@ -243,6 +245,8 @@ class Projector(ABC):
         names the one before it and the rebuild request names it); nothing is announced.
         """
         new_checkpoint = max(LogPosition(e.tx_id, e.position) for e in events)
+        if self.keys.partitions > 1:  # the others' events only move this partition's checkpoint past them
+            events = [e for e in events if self.keys.owns(e.stream_id)]
         keys, park = self.keys, park or {}
         guards = [keys.checkpoint, keys.lease, keys.rebuild_target, keys.generation_pointer, keys.next_generation]
         ids = sorted({e.stream_id for e in events} - set(park))

@@ -170,6 +170,12 @@ class SyncWorker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Tails until `stop` is set, reconnecting after failures."""
+        log.info(
+            "projection %s: tailing the event log into %s as %s",
+            self.projection,
+            self._generations.projector.keys.pprefix,
+            self.worker_id,
+        )
         failures = 0
         while not stop.is_set():
             try:
@@ -191,19 +197,34 @@ class SyncWorker:
             await self._lease.release()
 
     async def _tail(self, stop: asyncio.Event) -> None:
+        """Stands by until this loop may apply, then applies until `stop` or until the partition
+        becomes another worker's."""
+        stopping = asyncio.ensure_future(self._wake_on(stop))  # one waiter for the loop, not one per idle
+        try:
+            if await self._until_active(stop):
+                await self._apply_while_active(stop)
+        finally:
+            stopping.cancel()
+
+    async def _until_active(self, stop: asyncio.Event) -> bool:
+        """Waits, without a PostgreSQL connection, until this loop may step; False if stopped first.
+        A worker holds one connection per partition it applies, not one per partition it runs."""
+        while not stop.is_set():
+            self._wake.clear()
+            if await self._may_step():
+                return True
+            await self._idle(self._lease.renew_every)
+        return False
+
+    async def _apply_while_active(self, stop: asyncio.Event) -> None:
         conn = await open_connection(self._settings.postgres_url)
-        stopping = asyncio.ensure_future(self._wake_on(stop))  # one waiter for the connection, not one per idle
         try:
             await conn.add_listener(NOTIFY_CHANNEL, self._notified)
-            log.info(
-                "projection %s: tailing the event log into %s as %s",
-                self.projection,
-                self._generations.projector.keys.pprefix,
-                self.worker_id,
-            )
             while not stop.is_set():
                 self._wake.clear()  # before reading, so a notification during the read is kept
                 if not await self._may_step():
+                    if self.state == "standby":
+                        return  # another worker's now: give the connection back
                     await self._idle(self._lease.renew_every)
                     continue
                 try:
@@ -219,7 +240,6 @@ class SyncWorker:
                     await self._idle(0.02 if batch.held_back else self._idle_timeout)
                     await self._gather(stop)
         finally:
-            stopping.cancel()
             with contextlib.suppress(*RETRYABLE):  # the connection may be the thing that broke
                 await conn.close(timeout=5)
 

@@ -50,7 +50,9 @@ async def admin(system: System) -> AsyncIterator[tuple[admin_pb2_grpc.Projection
     """ProjectionAdmin at PARTITIONS partitions (beside the system's own one-partition worker, whose
     keys it never touches: the count is in every key's tag)."""
     pool = await connect(system.database_url, max_size=2)
-    server: RunningServer = await start_admin("127.0.0.1:0", pool, system.redis, system.keys.prefix, None, PARTITIONS)
+    server: RunningServer = await start_admin(
+        "127.0.0.1:0", pool, system.redis, system.keys.prefix, partitions=PARTITIONS
+    )
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     yield admin_pb2_grpc.ProjectionAdminStub(channel), server.port
     await channel.close()
