@@ -47,6 +47,11 @@ in 7.0 `@write` holds FUNCTION FLUSH/DELETE/LOAD, which act on the whole server)
 the caller's rights: every `redis.call` inside EVAL/EVALSHA is checked against the user, so granting
 EVAL and SCRIPT LOAD adds no command. `resetchannels` is spelled out because Redis 6.2's `reset`
 grants all channels (acl-pubsub-default). Passwords are sent as SHA-256 hashes (`#...`).
+
+On a Redis Cluster (a redis+cluster:// admin URL) the users are set on every node, replicas too:
+ACL users are not replicated, and a replica that a failover promotes must know them. They also get
+what redis-py's cluster client sends to learn the cluster (REDIS_CLUSTER_COMMANDS: CLUSTER SLOTS for
+the slot map, COMMAND for where each command's keys are); ACL SAVE runs on every node with an aclfile.
 """
 
 from __future__ import annotations
@@ -66,11 +71,11 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import asyncpg
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import ResponseError
 
 from orders import config
-from orders.store.views import redis_client
+from orders.store.views import RedisClient, redis_client
 
 DEFAULT_WRITER_ROLE = "orders_writer"
 DEFAULT_WORKER_ROLE = "orders_worker"
@@ -111,8 +116,9 @@ REDIS_WORKER_COMMANDS = (
     # index sorted sets and the dead-letter keys
     *("zadd", "zrem", "zrange", "zscore", "zmscore", "rpush", "lpop", "lrange", "hset", "hget", "hdel"),
     *("sadd", "srem", "srandmember"),  # retired generations
+    "zremrangebyscore",  # expired worker registrations (sync_worker/membership.py)
+    "zcard",  # ProjectionAdmin's count of parked orders
     "scan",  # deleting a generation's views (MATCH under the prefix)
-    *("watch", "unwatch", "multi", "exec", "discard"),  # switching generations, releasing parked orders
     "publish",  # checkpoints and changes, inside the batch's write script
     "time",  # the Redis clock for heartbeats and rebuild progress
     *_SCRIPTS,
@@ -126,6 +132,8 @@ REDIS_READER_COMMANDS = (
     *_SCRIPTS,
     *_CONNECTION,
 )
+# What redis-py's cluster client sends to learn the cluster: the slot map and the commands' key positions.
+REDIS_CLUSTER_COMMANDS = ("cluster|slots", "command")
 
 
 @dataclass(frozen=True)
@@ -327,7 +335,7 @@ def _check_user(name: str) -> str:
     return name
 
 
-async def setup_redis(redis: Redis, settings: AccessSettings) -> list[str]:
+async def setup_redis(redis: RedisClient, settings: AccessSettings) -> list[str]:
     """Creates or resets the worker's and the reader's ACL users; returns report lines."""
     if not settings.redis_prefix:
         raise AccessError("an empty Redis prefix would grant every key")
@@ -337,26 +345,60 @@ async def setup_redis(redis: Redis, settings: AccessSettings) -> list[str]:
     ]
     if _check_user(settings.redis_worker_user) == _check_user(settings.redis_reader_user):
         raise AccessError("the sync worker and the read service need Redis users of their own")
-    lines = ["Redis:"]
+    nodes = await _nodes(redis, settings.redis_url)
+    try:
+        return await _set_users(nodes, users, settings.redis_prefix, isinstance(redis, RedisCluster))
+    finally:
+        if isinstance(redis, RedisCluster):
+            for node in nodes:
+                await node.aclose()
+
+
+async def _set_users(
+    nodes: list[Redis], users: list[tuple[str, str, tuple[str, ...], str]], prefix: str, cluster: bool
+) -> list[str]:
+    lines = ["Redis:" if not cluster else f"Redis Cluster ({len(nodes)} nodes, users set on each):"]
     for user, password, commands, who in users:
         if not password:
             raise AccessError(f"Redis user {user!r} needs a password")
-        existed = await _acl(redis, "GETUSER", user) is not None
-        granted = await _set_user(redis, user, settings.redis_prefix, commands, password)
-        shown = " ".join(acl_rules(settings.redis_prefix, granted, None))
-        lines.append(f"  user {user} ({who}): {'updated' if existed else 'created'}: {shown}")
-    lines.append("  " + await _persist_acl(redis))
+        wanted = (*commands, *REDIS_CLUSTER_COMMANDS) if cluster else commands
+        existed = [await _acl(node, "GETUSER", user) is not None for node in nodes]
+        # Every node runs the same version, so each grants the same commands: show the first's.
+        granted = [await _set_user(node, user, prefix, wanted, password) for node in nodes]
+        shown = " ".join(acl_rules(prefix, granted[0], None))
+        lines.append(f"  user {user} ({who}): {'updated' if any(existed) else 'created'}: {shown}")
+    lines += ["  " + line for line in sorted({await _persist_acl(node) for node in nodes})]
     return lines
 
 
-async def _set_user(redis: Redis, user: str, prefix: str, commands: Sequence[str], password: str) -> tuple[str, ...]:
+async def _nodes(redis: RedisClient, url: str) -> list[Redis]:
+    """Every server the users must be on: the one Redis, or a client of each node of a cluster that
+    CLUSTER NODES lists as reachable, replicas too (ACL users are not replicated; the cluster client
+    itself only knows the masters)."""
+    if not isinstance(redis, RedisCluster):
+        return [redis]
+    listed: dict[str, dict[str, Any]] = await redis.execute_command("CLUSTER NODES")
+    unusable = {"fail", "noaddr", "handshake"}
+    addresses = [address for address, node in listed.items() if not unusable & set(node["flags"].split(","))]
+    first, _ = config.cluster_startup_urls(url)
+    parts = urlsplit(first)
+    credentials = parts.netloc.rpartition("@")[0]
+    nodes = []
+    for address in sorted(addresses):
+        node = redis_client(urlunsplit(parts._replace(netloc=f"{credentials}@{address}" if credentials else address)))
+        assert isinstance(node, Redis)
+        nodes.append(node)
+    return nodes
+
+
+async def _set_user(node: Redis, user: str, prefix: str, commands: Sequence[str], password: str) -> tuple[str, ...]:
     """ACL SETUSER with `commands` and those of REDIS_HANDSHAKE_COMMANDS the server accepts in a rule
     (Redis 7 refuses unknown subcommands; 6.2 takes any); returns the commands granted."""
     handshake = list(REDIS_HANDSHAKE_COMMANDS)
     while True:
         granted = (*commands, *handshake)
         try:
-            await _acl(redis, "SETUSER", user, *acl_rules(prefix, granted, password))
+            await _acl(node, "SETUSER", user, *acl_rules(prefix, granted, password))
         except ResponseError as error:
             unknown = [command for command in handshake if f"'+{command}'" in str(error)]
             if not unknown:
@@ -366,19 +408,19 @@ async def _set_user(redis: Redis, user: str, prefix: str, commands: Sequence[str
             return granted
 
 
-async def _acl(redis: Redis, *args: str) -> Any:
+async def _acl(node: Redis, *args: str) -> Any:
     """An ACL subcommand as written (redis-py's acl_setuser reorders rules)."""
-    return await redis.execute_command("ACL", *args)  # type: ignore[no-untyped-call]
+    return await node.execute_command("ACL", *args)  # type: ignore[no-untyped-call]
 
 
-async def _persist_acl(redis: Redis) -> str:
+async def _persist_acl(node: Redis) -> str:
     try:
-        aclfile = (await redis.config_get("aclfile")).get("aclfile")
+        aclfile = (await node.config_get("aclfile")).get("aclfile")
     except ResponseError:
         return "could not read the server's aclfile setting: make sure these users survive a restart"
     if not aclfile:
         return "not saved: the server has no aclfile, so these users last until it restarts (rerun this then)"
-    await _acl(redis, "SAVE")
+    await _acl(node, "SAVE")
     return f"saved to {aclfile} (ACL SAVE)"
 
 

@@ -120,6 +120,12 @@ class LocalCluster:
     def url(self) -> str:
         return self.urls[0]
 
+    @property
+    def cluster_url(self) -> str:
+        """The services' ORDERS_REDIS_URL for this cluster: every node, so a client finds it whichever
+        of them is down (orders.store.views.redis_client)."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
+
     def live_nodes(self) -> list[ClusterNode]:
         return [node for node in self.nodes if node.alive()]
 

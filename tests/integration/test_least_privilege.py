@@ -443,6 +443,10 @@ async def test_the_worker_role_can_only_read_events(access: Access) -> None:
     }
 
 
+@pytest.mark.single_redis(
+    "checks each refusal on one server (with a cross-slot MGET and server-wide commands);"
+    " tests/cluster/test_cluster_access.py checks the users on every node of a cluster"
+)
 async def test_the_read_services_redis_user_can_only_read_under_the_prefix(access: Access, keys: ViewKeys) -> None:
     """The read service's Redis user reads view keys and nothing else: writes fail with NOPERM, also
     inside a script (scripts run with the caller's rights), and so does anything outside the prefix."""
@@ -496,6 +500,10 @@ async def test_the_read_services_redis_user_can_only_read_under_the_prefix(acces
     await access.admin_redis.delete(outside)
 
 
+@pytest.mark.single_redis(
+    "checks each refusal on one server (with a cross-slot MGET and server-wide commands);"
+    " tests/cluster/test_cluster_access.py checks the users on every node of a cluster"
+)
 async def test_the_workers_redis_user_is_confined_to_the_prefix(access: Access, keys: ViewKeys) -> None:
     """The sync worker's Redis user writes and publishes under the prefix only, and has no server-wide
     command: no FLUSHDB, KEYS, CONFIG or ACL."""
@@ -653,6 +661,7 @@ async def test_the_grants_are_exactly_these(access: Access) -> None:
     )
 
 
+@pytest.mark.single_redis("tampers with the users on one server and compares them there")
 async def test_setting_up_again_converges_and_changes_passwords(access: Access) -> None:
     """A second run undoes every right added by hand since (tables, columns, sequences, schema,
     database, role attributes and memberships, ACL rules) and sets the new passwords."""
@@ -781,9 +790,12 @@ def test_every_command_in_a_script_is_granted() -> None:
     assert worker - set(REDIS_WORKER_COMMANDS) == set()
     assert (reader, worker) == (
         {"get", "exists", "zrevrangebylex", "time"},
-        # mget, zmscore: the projector's batch read; incrby to hset: what its batch write may run
+        # mget, zmscore: the projector's batch read; incrby to sadd: what its batch write may run, and
+        # lrange its guard on a parked list; exists, srandmember: a step's state; zrange,
+        # zremrangebyscore: the workers' registrations
         {"get", "mget", "zmscore", "set", "exists", "del", "time"}
-        | {"incrby", "publish", "zadd", "zrem", "rpush", "hset"},
+        | {"incrby", "publish", "zadd", "zrem", "rpush", "hset", "hdel", "sadd", "lrange"}
+        | {"srandmember", "zrange", "zremrangebyscore"},
     )
 
 
