@@ -32,12 +32,11 @@ import time
 
 import redis.exceptions
 from grpc_health.v1 import health, health_pb2
-from redis.asyncio import Redis
 
 from orders.server.readiness import Readiness
 from orders.server.tasks import BackgroundTask
 from orders.store.heartbeat import read_heartbeat
-from orders.store.views import PROJECTIONS, ViewKeys
+from orders.store.views import PROJECTIONS, RedisClient, ViewKeys
 from orders.telemetry.metrics import health_status, projection_owner_age
 
 log = logging.getLogger(__name__)
@@ -57,7 +56,7 @@ def projection_services() -> list[str]:
 class ProjectionHealth:
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         keys: ViewKeys,
         servicer: health.aio.HealthServicer,
         readiness: Readiness,

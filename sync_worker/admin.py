@@ -23,13 +23,12 @@ from contextlib import asynccontextmanager
 import asyncpg
 import grpc
 import redis.exceptions
-from redis.asyncio import Redis
 
 from orders.domain.consistency import START, LogPosition
 from orders.domain.errors import FieldViolation, InvalidQuery, OrderNotParked, Unavailable
 from orders.server.rpc_errors import ErrorTable, translate_errors
 from orders.store.heartbeat import read_heartbeat
-from orders.store.views import PROJECTIONS, ViewKeys, parse_generation
+from orders.store.views import PROJECTIONS, RedisClient, ViewKeys, parse_generation
 from orders.telemetry.metrics import count_store_error
 from orders.v1 import admin_pb2 as pb
 from orders.v1 import admin_pb2_grpc
@@ -52,7 +51,7 @@ class ProjectionAdminServicer(admin_pb2_grpc.ProjectionAdminServicer):
     def __init__(
         self,
         pool: asyncpg.Pool,
-        redis: Redis,
+        redis: RedisClient,
         prefix: str,
         heartbeat_timeout: float = 5.0,
         *,

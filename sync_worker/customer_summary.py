@@ -13,12 +13,10 @@ in a second round trip.
 
 from __future__ import annotations
 
-from redis.asyncio import Redis
-
 from orders.domain.errors import PoisonEvent
 from orders.domain.events import OrderCreated, RecordedEvent
 from orders.domain.status import SPENDING
-from orders.store.views import CustomerSummaryView, OrderView, ViewKeys
+from orders.store.views import CustomerSummaryView, OrderView, RedisClient, ViewKeys
 from sync_worker.projector import BatchWrites, Projector, Values, fold_new, order_ids, order_views
 
 CUSTOMER_HINTS = 50_000  # orders whose customer the projector remembers (about 10 MB)
@@ -52,7 +50,7 @@ def summarize(summary: CustomerSummaryView, before: OrderView | None, after: Ord
 
 
 class CustomerSummaryProjector(Projector):
-    def __init__(self, redis: Redis, keys: ViewKeys) -> None:
+    def __init__(self, redis: RedisClient, keys: ViewKeys) -> None:
         super().__init__(redis, keys)
         self._customer_of: dict[str, str] = {}  # order id -> customer id, oldest first
 

@@ -22,10 +22,10 @@ import time
 from collections.abc import Sequence
 
 import asyncpg
-from redis.asyncio import Redis
 
 from orders.server.readiness import CHECK_EVERY, Readiness, StoreProbe, postgres_probe
 from orders.server.tasks import BackgroundTask
+from orders.store.views import RedisClient
 from sync_worker.worker import SyncWorker
 
 WORKER_SERVICE = "orders.sync_worker"
@@ -50,7 +50,7 @@ class WorkerHealth:
         self,
         readiness: Readiness,
         workers: Sequence[SyncWorker],
-        redis: Redis,
+        redis: RedisClient,
         pool: asyncpg.Pool,
         stuck_after: float = DEFAULT_STUCK_AFTER,
     ) -> None:

@@ -25,9 +25,7 @@ import json
 import time
 from typing import Any
 
-from redis.asyncio import Redis
-
-from orders.store.views import ViewKeys
+from orders.store.views import RedisClient, ViewKeys
 
 # KEYS: lease, heartbeat, paused flag. ARGV: worker id, ttl ms, heartbeat JSON without its time.
 # Returns 0 when another worker holds the lease, 1 when held, 2 when held but paused by an operator.
@@ -54,7 +52,7 @@ return 0
 
 
 class Lease:
-    def __init__(self, redis: Redis, keys: ViewKeys, worker_id: str, ttl: float) -> None:
+    def __init__(self, redis: RedisClient, keys: ViewKeys, worker_id: str, ttl: float) -> None:
         self._keys = keys
         self.worker_id = worker_id
         self.ttl = ttl

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import asyncpg
-from redis.asyncio import Redis
 
 from orders import config
 from orders.server import settings as server_settings
@@ -18,7 +17,7 @@ from orders.server.ops_server import start_ops_server
 from orders.server.readiness import Readiness
 from orders.server.security import ServerSecurity
 from orders.store.event_store import connect
-from orders.store.views import PROJECTION, SUMMARY_PROJECTION, ViewKeys, redis_client
+from orders.store.views import PROJECTION, SUMMARY_PROJECTION, RedisClient, ViewKeys, redis_client
 from orders.telemetry import tracing
 from orders.telemetry.logs import LogFormat, LogLevel
 from orders.telemetry.tracing import TracingMode
@@ -156,7 +155,7 @@ def projection_list(text: str) -> list[str]:
 
 def build_workers(
     settings: WorkerSettings,
-    redis: Redis,
+    redis: RedisClient,
     prefix: str,
     names: list[str],
     worker_id: str | None = None,
@@ -178,7 +177,7 @@ def build_workers(
 async def start_admin(
     address: str,
     pool: asyncpg.Pool,
-    redis: Redis,
+    redis: RedisClient,
     prefix: str,
     security: ServerSecurity | None = None,
     *,

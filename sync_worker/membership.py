@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import time
 
-from redis.asyncio import Redis
-
-from orders.store.views import PROJECTIONS, ViewKeys
+from orders.store.views import PROJECTIONS, RedisClient, ViewKeys
 
 # KEYS[1]: the members set. ARGV: worker id, ttl ms. Registers (or renews) the worker, drops the
 # registrations that expired, and returns the live members' ids, sorted.
@@ -47,7 +45,7 @@ class Membership:
     """This worker's registration among the workers of one projection (at one partition count),
     and its share of the partitions. Shared by the process's loops of that projection."""
 
-    def __init__(self, redis: Redis, keys: ViewKeys, worker_id: str, ttl: float) -> None:
+    def __init__(self, redis: RedisClient, keys: ViewKeys, worker_id: str, ttl: float) -> None:
         self._redis = redis
         self._key = keys.workers
         self._offset = PROJECTIONS.index(keys.projection) if keys.projection in PROJECTIONS else 0

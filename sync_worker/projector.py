@@ -33,12 +33,11 @@ from dataclasses import dataclass
 from typing import cast
 
 import msgpack
-from redis.asyncio import Redis
 
 from orders.domain.consistency import LogPosition
 from orders.domain.errors import PoisonEvent
 from orders.domain.events import RecordedEvent
-from orders.store.views import OrderView, ViewKeys, parse_generation, run_script
+from orders.store.views import OrderView, RedisClient, ViewKeys, parse_generation, run_script
 from sync_worker.projection import project
 
 Arg = str | bytes | int | float
@@ -197,7 +196,7 @@ class LeaseLost(Exception):
 
 
 class Projector(ABC):
-    def __init__(self, redis: Redis, keys: ViewKeys) -> None:
+    def __init__(self, redis: RedisClient, keys: ViewKeys) -> None:
         self.redis = redis
         self.keys = keys
 
@@ -495,7 +494,7 @@ def fold_new(before: dict[str, OrderView | None], events: list[RecordedEvent]) -
     return views
 
 
-async def delete_views(redis: Redis, keys: ViewKeys, limit: int | None = None) -> int:
+async def delete_views(redis: RedisClient, keys: ViewKeys, limit: int | None = None) -> int:
     """Deletes the view keys (not the checkpoint) of `keys`' generation, 1000 at a time; with
     `limit`, stops after about that many. Returns how many it deleted."""
     deleted = 0

@@ -14,10 +14,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
-
 from orders.store.heartbeat import read_heartbeat
-from orders.store.views import PROJECTIONS, ViewKeys
+from orders.store.views import PROJECTIONS, RedisClient, ViewKeys
 
 DELETE_BATCH = 1000
 
@@ -42,7 +40,7 @@ def glob_escape(text: str) -> str:
     return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
 
-async def live_workers(redis: Redis, prefix: str, partitions: int, stale_after: float) -> list[str]:
+async def live_workers(redis: RedisClient, prefix: str, partitions: int, stale_after: float) -> list[str]:
     """The partitions of this count whose worker has beaten within `stale_after` seconds."""
     live = []
     for keys in partition_keys(prefix, partitions):
@@ -53,7 +51,7 @@ async def live_workers(redis: Redis, prefix: str, partitions: int, stale_after: 
 
 
 async def drop_partitioning(
-    redis: Redis, prefix: str, partitions: int, *, stale_after: float = 30.0, dry_run: bool = False
+    redis: RedisClient, prefix: str, partitions: int, *, stale_after: float = 30.0, dry_run: bool = False
 ) -> Dropped:
     """Deletes (or with `dry_run` counts) every key of partition count `partitions` under `prefix`:
     one SCAN per projection over the whole keyspace (every node of a cluster), keys grouped by

@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from redis.asyncio import Redis
-
-from orders.store.views import ViewKeys
+from orders.store.views import RedisClient, ViewKeys
 
 # KEYS: heartbeat. Returns the heartbeat and the server's time in ms.
 _READ_HEARTBEAT = """
@@ -21,7 +19,7 @@ return {redis.call('GET', KEYS[1]), tostring(now[1] * 1000 + math.floor(now[2] /
 """
 
 
-async def read_heartbeat(redis: Redis, keys: ViewKeys) -> tuple[dict[str, Any] | None, float]:
+async def read_heartbeat(redis: RedisClient, keys: ViewKeys) -> tuple[dict[str, Any] | None, float]:
     """The active worker's last heartbeat and its age in seconds by the Redis clock (inf if none)."""
     raw, now_ms = await redis.register_script(_READ_HEARTBEAT)(keys=[keys.heartbeat])
     if raw is None:

@@ -11,9 +11,7 @@ import signal
 import time
 from collections import Counter
 
-from redis.asyncio import Redis
-
-from orders.store.views import PROJECTION, PROJECTIONS, ViewKeys
+from orders.store.views import PROJECTION, PROJECTIONS, RedisClient, ViewKeys
 from tests.faults.conftest import Cluster, Load, run_load_while
 from tests.faults.test_worker_restart import log_head
 from tests.helpers import all_events, assert_views_match_events, eventually
@@ -23,11 +21,14 @@ LEASE_TTL = 2.0
 
 
 def every_partition(cluster: Cluster) -> list[ViewKeys]:
-    return [k for name in PROJECTIONS for k in ViewKeys(cluster.keys.prefix, name, partitions=PARTITIONS).all_partitions()]
+    return [
+        k for name in PROJECTIONS for k in ViewKeys(cluster.keys.prefix, name, partitions=PARTITIONS).all_partitions()
+    ]
 
 
-async def holders(redis: Redis, cluster: Cluster) -> Counter[str | None]:
-    return Counter(await redis.mget([keys.lease for keys in every_partition(cluster)]))
+async def holders(redis: RedisClient, cluster: Cluster) -> Counter[bytes | str | None]:
+    leases = await redis.mget([keys.lease for keys in every_partition(cluster)])
+    return Counter(leases)
 
 
 async def test_a_killed_workers_partitions_are_taken_over_within_the_lease_ttl(cluster: Cluster) -> None:

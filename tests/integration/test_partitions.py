@@ -9,11 +9,10 @@ from collections import Counter
 from collections.abc import AsyncIterator
 
 import pytest
-from redis.asyncio import Redis
 
 from orders.domain.consistency import LogPosition
 from orders.store.event_store import head, open_connection
-from orders.store.views import PROJECTION, PROJECTIONS, ViewKeys
+from orders.store.views import PROJECTION, PROJECTIONS, RedisClient, ViewKeys
 from sync_worker.main import build_workers
 from sync_worker.worker import SyncWorker, WorkerSettings
 from tests.helpers import add_item_request, all_events, assert_views_match_events, create_request, eventually
@@ -28,7 +27,7 @@ class Workers:
 
     def __init__(self, system: System) -> None:
         self._system = system
-        self._running: dict[str, tuple[asyncio.Event, asyncio.Task[list[None]], list[SyncWorker]]] = {}
+        self._running: dict[str, tuple[asyncio.Event, asyncio.Future[list[None]], list[SyncWorker]]] = {}
 
     def start(self, worker_id: str) -> list[SyncWorker]:
         settings = WorkerSettings(self._system.database_url, poll_interval=0.2, lease_ttl=LEASE_TTL)
@@ -68,7 +67,7 @@ def partition_keys(system: System) -> list[ViewKeys]:
     return keys
 
 
-async def lease_holders(redis: Redis, system: System) -> Counter[str | None]:
+async def lease_holders(redis: RedisClient, system: System) -> Counter[bytes | str | None]:
     """How many partitions (of both projections) each worker holds the lease of."""
     holders = await redis.mget([keys.lease for keys in partition_keys(system)])
     return Counter(holders)
@@ -105,7 +104,9 @@ async def assert_applied_once(system: System) -> None:
         partitions = ViewKeys(system.keys.prefix, name, partitions=PARTITIONS).all_partitions()
         applied = await system.redis.mget([keys.applied for keys in partitions])
         assert sum(int(count or 0) for count in applied) == events, name
-    await assert_views_match_events(system.database_url, system.redis, ViewKeys(system.keys.prefix, partitions=PARTITIONS))
+    await assert_views_match_events(
+        system.database_url, system.redis, ViewKeys(system.keys.prefix, partitions=PARTITIONS)
+    )
 
 
 async def test_two_workers_share_the_partitions_and_apply_each_event_once(system: System, workers: Workers) -> None:
@@ -139,7 +140,9 @@ async def test_partitions_rebalance_when_a_worker_joins_and_when_it_stops(system
     await assert_applied_once(system)
 
 
-async def test_a_partition_of_one_order_moves_nothing_but_its_checkpoint_elsewhere(system: System, workers: Workers) -> None:
+async def test_a_partition_of_one_order_moves_nothing_but_its_checkpoint_elsewhere(
+    system: System, workers: Workers
+) -> None:
     """A batch of one order's events changes that order's partition only: the other partitions'
     checkpoints pass it, with no view and nothing applied."""
     workers.start("worker-a")

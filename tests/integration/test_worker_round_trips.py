@@ -20,7 +20,7 @@ from orders.domain.consistency import LogPosition
 from orders.domain.errors import PoisonEvent
 from orders.domain.events import RecordedEvent
 from orders.store.event_store import open_connection, read_batch
-from orders.store.views import PROJECTION, SUMMARY_PROJECTION, CustomerSummaryView, ViewKeys
+from orders.store.views import PROJECTION, SUMMARY_PROJECTION, CustomerSummaryView, RedisClient, ViewKeys
 from orders.v1 import commands_pb2 as cmd
 from sync_worker import projector as projector_module
 from sync_worker import reads as reads_module
@@ -181,7 +181,7 @@ class Interfering(OrdersProjector):
     `times` times it stages a batch; once that batch has failed, puts the value back (so that the
     batch can be applied again)."""
 
-    def __init__(self, redis: Redis, keys: ViewKeys, other: Redis, guard: str, times: int = 1) -> None:
+    def __init__(self, redis: RedisClient, keys: ViewKeys, other: RedisClient, guard: str, times: int = 1) -> None:
         super().__init__(redis, keys)
         self.other, self.guard, self.times = other, guard, times
         self.moved: list[tuple[str, str | bytes | None]] = []  # key, value to put back
