@@ -48,9 +48,9 @@ Channels (per partition):
 
 Index members all have score 0 and sort lexicographically as
 `{created_at in µs, 16 digits}:{order_id}`: newest first is a reverse range,
-and a member is an exact, stable cursor for paging. `index_member` writes one,
-`member_order_id` reads the order id back, and `lua_member_order_id` does the
-same inside the read scripts: all three follow MEMBER_TIME_DIGITS.
+and a member is an exact, stable cursor for paging, also across partitions (a merge of their
+pages by member is a page of them all). `index_member` writes one and `member_order_id` reads the
+order id back: both follow MEMBER_TIME_DIGITS.
 """
 
 from __future__ import annotations
@@ -92,12 +92,6 @@ def index_member(created_at_us: int, order_id: str) -> str:
 def member_order_id(member: str) -> str:
     """The order id of an index member (the inverse of `index_member` for the id)."""
     return member[MEMBER_ORDER_ID_OFFSET:]
-
-
-def lua_member_order_id(variable: str) -> str:
-    """A Lua expression for the order id of the index member in Lua variable `variable`, for the read
-    scripts. Lua strings count from 1, so the id starts one position later than in Python."""
-    return f"string.sub({variable}, {MEMBER_ORDER_ID_OFFSET + 1})"
 
 
 @dataclass(frozen=True)
@@ -459,18 +453,6 @@ class ViewKeys:
         return [self.checkpoint, self.rebuild_target, self.applied]
 
 
-@dataclass(frozen=True)
-class RelativeKeys(ViewKeys):
-    """Key names after a partition's prefix and generation, for the scripts that add those themselves
-    (they resolve the live generation in the same step)."""
-
-    prefix: str = ""
-
-    @property
-    def pprefix(self) -> str:
-        return ""
-
-
 def generation_prefix(prefix: str, generation: int) -> str:
     return prefix if generation == 0 else f"{prefix}g{generation}:"
 
@@ -621,8 +603,9 @@ def _sha1(script: str) -> str:
     return hashlib.sha1(script.encode()).hexdigest()
 
 
-def redis_client(url: str) -> RedisClient:
+def redis_client(url: str, **overrides: Any) -> RedisClient:
     """A client with explicit timeouts: a hung Redis must fail a call, not stall it forever.
+    `overrides` change or add redis-py's options (client_name=...).
 
     `redis://`, `rediss://` or `unix://`: one Redis. `redis+cluster://[user:password@]host:port[,host:port...]`
     (`rediss+cluster://` with TLS): a Redis Cluster, found from any of the nodes listed."""
@@ -632,9 +615,17 @@ def redis_client(url: str) -> RedisClient:
         "socket_connect_timeout": 5,
         "health_check_interval": 30,
         "max_connections": 200,  # on a cluster: per node
-    }
+    } | overrides
     if is_cluster_url(url):
         first, others = cluster_startup_urls(url)
         nodes = [ClusterNode(host, port) for host, port in others]
         return RedisCluster.from_url(first, startup_nodes=nodes, **options)
     return Redis.from_url(url, **options)
+
+
+async def get_many(redis: RedisClient, keys: list[str]) -> list[Any]:
+    """The values of string `keys` that may be in different slots (several partitions' checkpoints,
+    leases): one MGET on one Redis; on a cluster, one per slot (not atomic across them)."""
+    if isinstance(redis, RedisCluster):
+        return list(await redis.mget_nonatomic(keys))
+    return list(await redis.mget(keys))

@@ -8,9 +8,7 @@ from typing import Any
 
 import grpc
 import pytest
-from redis.asyncio import Redis
 
-from orders.store.views import index_member, lua_member_order_id, member_order_id
 from orders.v1 import commands_pb2 as cmd
 from orders.v1 import queries_pb2 as qry
 from orders.v1 import types_pb2
@@ -43,16 +41,6 @@ async def list_all(system: System, page_size: int, **filters: Any) -> list[types
         token = page.next_page_token
         if not token:
             return orders
-
-
-async def test_redis_lua_reads_the_order_id_of_a_member_as_python_does(redis: Redis) -> None:
-    """The read scripts' Lua fragment, run by a real Redis, takes the order id that the Python parser
-    takes from a member the writer built."""
-    member = index_member(1_700_000_000_123_456, "order-42")
-
-    in_lua = await redis.eval(f"return {lua_member_order_id('ARGV[1]')}", 0, member)
-
-    assert in_lua == member_order_id(member) == "order-42"
 
 
 async def test_unknown_order_is_not_found(system: System) -> None:

@@ -3,8 +3,6 @@ the Lua fragment of the read scripts all follow it."""
 
 from __future__ import annotations
 
-import re
-
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -12,17 +10,11 @@ from orders.store.views import (
     MEMBER_ORDER_ID_OFFSET,
     MEMBER_TIME_DIGITS,
     index_member,
-    lua_member_order_id,
     member_order_id,
 )
 
 ORDER_IDS = st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True)
 TIMES = st.integers(0, 10**MEMBER_TIME_DIGITS - 1)
-
-
-def lua_sub_from(text: str, start: int) -> str:
-    """What Lua's `string.sub(text, start)` returns for a positive `start` (positions count from 1)."""
-    return text[start - 1 :]
 
 
 @given(TIMES, ORDER_IDS)
@@ -31,17 +23,6 @@ def test_a_written_member_parses_back_to_its_order_id(created_at_us: int, order_
     member = index_member(created_at_us, order_id)
 
     assert member_order_id(member) == order_id
-
-
-@given(TIMES, ORDER_IDS)
-def test_the_lua_fragment_starts_where_the_python_parser_does(created_at_us: int, order_id: str) -> None:
-    """The read scripts' `string.sub(member, N)` takes the same order id as the Python parser."""
-    fragment = lua_member_order_id("member")
-    match = re.fullmatch(r"string\.sub\(member, (\d+)\)", fragment)
-    assert match is not None, fragment
-    member = index_member(created_at_us, order_id)
-
-    assert lua_sub_from(member, int(match[1])) == member_order_id(member) == order_id
 
 
 def test_the_order_id_starts_after_the_padded_time_and_a_colon() -> None:
