@@ -4,11 +4,17 @@ the three services as real processes, a retrying client load, and the final cons
 Every fault test ends with `assert_consistent`: every command acknowledged to a client is in
 the event table with the acknowledged result, each command id has exactly one set of events,
 and the Redis views equal a fold of every event in PostgreSQL.
+
+Against a Redis Cluster (ORDERS_TEST_REDIS_CLUSTER=1, tests/conftest.py) each test's own Redis is a
+local cluster of its own (orders.tools.cluster); a fault that stops, restarts or empties one Redis
+server is skipped there, saying so. A test may also ask for a cluster whatever the session runs on
+(the `cluster_world` fixture).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import shutil
 import uuid
@@ -22,15 +28,16 @@ import asyncpg
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from redis.asyncio import Redis
 
 from orders.store.event_store import head, open_connection
 from orders.store.migrations import migrate_url
-from orders.store.views import ViewKeys, redis_client
+from orders.store.views import RedisClient, ViewKeys, redis_client
+from orders.tools.cluster import LocalCluster, start_cluster
 from orders.tools.embedded import EmbeddedServer, free_port, start_postgres, start_redis
 from orders.tools.processes import ServiceProcess, child_environment, start_service
 from orders.v1 import commands_pb2 as cmd
 from orders.v1 import commands_pb2_grpc, queries_pb2_grpc
+from tests.conftest import redis_cluster_wanted
 from tests.helpers import add_item_request, an_address, assert_views_match_events, create_request, eventually
 
 pytestmark = [pytest.mark.embedded, pytest.mark.slow]
@@ -45,8 +52,10 @@ class OwnServers:
     root: Path
     pg_port: int = field(default_factory=free_port)
     redis_port: int = field(default_factory=free_port)
+    on_cluster: bool = field(default_factory=redis_cluster_wanted)  # a Redis Cluster instead of one Redis
     _pg: EmbeddedServer | None = None
     _redis: EmbeddedServer | None = None
+    redis_cluster: LocalCluster | None = None
 
     @property
     def postgres_url(self) -> str:
@@ -54,6 +63,8 @@ class OwnServers:
 
     @property
     def redis_url(self) -> str:
+        if self.redis_cluster is not None:
+            return self.redis_cluster.cluster_url
         return f"redis://127.0.0.1:{self.redis_port}/0"
 
     async def start_postgres(self) -> None:
@@ -65,19 +76,31 @@ class OwnServers:
         self._pg = None
 
     async def start_redis(self, *, empty: bool = True) -> None:
+        if self.on_cluster:
+            if self.redis_cluster is not None:
+                pytest.skip(SINGLE_SERVER_FAULT)
+            self.redis_cluster = await asyncio.to_thread(start_cluster, self.root / "redis-cluster")
+            return
         if empty:
             shutil.rmtree(self.root / "redis", ignore_errors=True)
         self._redis = await asyncio.to_thread(start_redis, self.root / "redis", self.redis_port, False)
 
     async def stop_redis(self) -> None:
+        if self.on_cluster:
+            pytest.skip(SINGLE_SERVER_FAULT)
         assert self._redis is not None
         await asyncio.to_thread(self._redis.stop)
         self._redis = None
 
     async def stop_all(self) -> None:
-        for server in (self._pg, self._redis):
+        for server in (self._pg, self._redis, self.redis_cluster):
             if server is not None:
                 await asyncio.to_thread(server.stop)
+
+
+# Why a fault test stops short on a Redis Cluster: it stops or restarts one Redis server, and a cluster
+# loses a node differently (tests/faults/test_cluster_failover.py kills a master instead).
+SINGLE_SERVER_FAULT = "not on a Redis Cluster: the fault stops or restarts one Redis server"
 
 
 class Service(ServiceProcess):
@@ -163,7 +186,7 @@ class Cluster:
         reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
         return int(reply.status)
 
-    def redis(self) -> Redis:
+    def redis(self) -> RedisClient:
         return redis_client(self.servers.redis_url)
 
     async def close(self) -> None:
@@ -176,18 +199,32 @@ class Cluster:
 @pytest.fixture
 async def cluster(tmp_path: Path, server_dir: Path) -> AsyncIterator[Cluster]:
     """Own servers (started), a migrated database, and no services yet."""
-    servers = OwnServers(server_dir)
-    await servers.start_postgres()
-    await servers.start_redis()
-    admin = await asyncpg.connect(servers.postgres_url.replace("/orders", "/postgres"))
-    await admin.execute("CREATE DATABASE orders")
-    await admin.close()
-    await migrate_url(servers.postgres_url)
-    world = Cluster(servers, tmp_path, keys=ViewKeys(f"fault:{uuid.uuid4().hex[:8]}:"))
-    try:
+    async with own_world(tmp_path, OwnServers(server_dir)) as world:
         yield world
+
+
+@pytest.fixture
+async def cluster_world(tmp_path: Path, server_dir: Path) -> AsyncIterator[Cluster]:
+    """As `cluster`, on a local Redis Cluster of its own whatever the session runs on."""
+    async with own_world(tmp_path, OwnServers(server_dir, on_cluster=True)) as world:
+        yield world
+
+
+@contextlib.asynccontextmanager
+async def own_world(tmp_path: Path, servers: OwnServers) -> AsyncIterator[Cluster]:
+    try:
+        await servers.start_postgres()
+        await servers.start_redis()
+        admin = await asyncpg.connect(servers.postgres_url.replace("/orders", "/postgres"))
+        await admin.execute("CREATE DATABASE orders")
+        await admin.close()
+        await migrate_url(servers.postgres_url)
+        world = Cluster(servers, tmp_path, keys=ViewKeys(f"fault:{uuid.uuid4().hex[:8]}:"))
+        try:
+            yield world
+        finally:
+            await world.close()
     finally:
-        await world.close()
         await servers.stop_all()
 
 
