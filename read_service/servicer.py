@@ -27,6 +27,7 @@ from orders.domain.errors import (
 from orders.domain.rules import ID_PATTERN, ID_RULE
 from orders.domain.status import OrderStatus
 from orders.server.rpc_errors import ErrorTable, to_status, translate_errors
+from orders.store.partitions import partition_of
 from orders.store.views import (
     GENERATION_PREFIX_LUA,
     PROJECTION,
@@ -43,7 +44,6 @@ from orders.store.views import (
     is_json_view,
     member_order_id,
     parse_generation,
-    partition_of,
 )
 from orders.telemetry.metrics import READS_BEHIND, count_store_error
 from orders.v1 import queries_pb2 as pb

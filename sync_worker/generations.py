@@ -31,7 +31,12 @@ class ApplyBatch(Protocol):
     """How the loop applies a batch (the poison policy, logging, tracing), for catch-up batches too."""
 
     async def __call__(
-        self, projector: Projector, checkpoint: LogPosition | None, events: list[RecordedEvent], live: bool = True
+        self,
+        projector: Projector,
+        checkpoint: LogPosition | None,
+        events: list[RecordedEvent],
+        live: bool = True,
+        through: LogPosition | None = None,
     ) -> LogPosition: ...
 
 
@@ -86,10 +91,13 @@ class Generations:
                 live.keys.generation,
             )
             return True
-        batch = await read_batch(conn, checkpoint or START, self._batch_size)
+        after = checkpoint or START
+        batch = await read_batch(conn, after, self._batch_size, self.projector.keys.log_partition)
         events = [e for e in batch.events if LogPosition(e.tx_id, e.position) <= live_checkpoint]
-        if events:
-            await self._apply(target, checkpoint, events, live=False)
+        # Never past the live generation: the switch needs both at the same checkpoint.
+        through = None if batch.through is None else min(batch.through, live_checkpoint)
+        if events or (through is not None and through > after):
+            await self._apply(target, checkpoint, events, live=False, through=through)
             return True
         if checkpoint is None and live_checkpoint == START:
             await target.mark_empty_log()  # an empty log: the new generation is complete at once

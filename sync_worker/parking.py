@@ -42,7 +42,12 @@ class ParkedOrders:
         self._policy = policy
 
     async def apply(
-        self, projector: Projector, checkpoint: LogPosition | None, events: list[RecordedEvent], live: bool
+        self,
+        projector: Projector,
+        checkpoint: LogPosition | None,
+        events: list[RecordedEvent],
+        live: bool,
+        through: LogPosition | None = None,
     ) -> tuple[LogPosition, dict[str, PoisonEvent]]:
         """Applies a batch; under the park policy, parks each order from its event that fails and tries
         again. Returns the new checkpoint and the orders parked by this batch (order id -> the event
@@ -50,7 +55,9 @@ class ParkedOrders:
         park: dict[str, PoisonEvent] = {}
         while True:
             try:
-                applied = await projector.apply(checkpoint, events, holder=self._worker_id, park=park, live=live)
+                applied = await projector.apply(
+                    checkpoint, events, holder=self._worker_id, park=park, live=live, through=through
+                )
             except PoisonEvent as poison:
                 known = park.get(poison.stream_id)
                 # An earlier event of an order parked here may fail in turn (a view that cannot be

@@ -230,9 +230,13 @@ class Projector(ABC):
         holder: str | None = None,
         park: Mapping[str, PoisonEvent] | None = None,
         live: bool = True,
+        *,
+        through: LogPosition | None = None,
     ) -> LogPosition:
-        """Applies `events`, which follow checkpoint `after`, atomically; returns the new checkpoint.
-        Of a partition, applies only its own orders' events, and moves its checkpoint past the rest.
+        """Applies `events`, which follow checkpoint `after` in log order, atomically; returns the new
+        checkpoint: `through` if given (a partition's batch covers the log up to there, see
+        event_store.Batch; `events` may then be empty), else the last event's position. Of a
+        partition, applies only its own orders' events.
 
         With `holder`, applies only while that worker holds the projection's lease (LeaseLost otherwise).
         Of an order in `park` (order id -> the event it cannot apply), that event and the order's later
@@ -243,7 +247,7 @@ class Projector(ABC):
         announced to them. Otherwise it is the generation a zero-downtime rebuild builds (the pointer
         names the one before it and the rebuild request names it); nothing is announced.
         """
-        new_checkpoint = max(LogPosition(e.tx_id, e.position) for e in events)
+        new_checkpoint = through or LogPosition(events[-1].tx_id, events[-1].position)
         if self.keys.partitions > 1:  # the others' events only move this partition's checkpoint past them
             events = [e for e in events if self.keys.owns(e.stream_id)]
         keys, park = self.keys, park or {}

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from orders.domain.consistency import LogPosition
 from orders.store.event_store import Batch, Connection, read_batch
+from orders.store.partitions import Partition
 from orders.store.views import parse_generation, run_script
 from sync_worker.generations import Generations
 from sync_worker.projector import Projector
@@ -127,24 +128,37 @@ class SharedReads:
     query, not one each. An empty read is shared only while in flight."""
 
     def __init__(self) -> None:
-        self._last: _SharedBatch | None = None
+        self._last: dict[Partition, _SharedBatch] = {}  # the last read of each partition's events
 
     async def read(
-        self, conn: Connection, after: LogPosition, limit: int, reader: str, notified_at: float = -float("inf")
+        self,
+        conn: Connection,
+        after: LogPosition,
+        limit: int,
+        partition: Partition,
+        reader: str,
+        *,
+        notified_at: float = -float("inf"),
     ) -> Batch:
-        """Up to `limit` events after `after` for projection `reader`, whose loop last received a
-        NOTIFY at `notified_at` (monotonic seconds)."""
-        key, started, last = (after, limit), time.monotonic(), self._last
+        """Up to `limit` events of `partition` after `after` for projection `reader`, whose loop last
+        received a NOTIFY at `notified_at` (monotonic seconds). The loops of one partition of each
+        projection share reads; other partitions read other rows."""
+        key, started, last = (after, limit), time.monotonic(), self._last.get(partition)
         if last is not None and last.takes(key, reader, notified_at, started):
             last.takers.add(reader)
             taken = await asyncio.shield(last.batch)  # a taker's cancellation leaves the read to its reader
-            return taken if taken is not None else await read_batch(conn, after, limit)
-        shared = self._last = _SharedBatch(key, started, asyncio.get_running_loop().create_future(), {reader})
+            return taken if taken is not None else await read_batch(conn, after, limit, partition)
+        shared = _SharedBatch(key, started, asyncio.get_running_loop().create_future(), {reader})
+        self._last[partition] = shared
         batch = None
         try:
-            batch = await read_batch(conn, after, limit)
+            batch = await read_batch(conn, after, limit, partition)
         finally:
             shared.batch.set_result(batch)
-            if self._last is shared and (batch is None or not batch.events):
-                self._last = last  # an empty read is cheap, and only a newer one may tell that it is over
+            if self._last.get(partition) is shared and (batch is None or not batch.events):
+                # An empty read is cheap, and only a newer one may tell that it is over.
+                if last is None:
+                    del self._last[partition]
+                else:
+                    self._last[partition] = last
         return batch

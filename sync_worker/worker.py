@@ -126,7 +126,7 @@ class SyncWorker:
         self._lease = Lease(projector.redis, projector.keys, worker_id, settings.lease_ttl)
         # Shared with the process's loops of the other partitions of this projection.
         self._membership = membership or Membership(projector.redis, projector.keys, worker_id, settings.lease_ttl)
-        self._partition = projector.keys.partition
+        self._partition = projector.keys.log_partition
         self._metrics = ProjectionMetrics(projector.name)
         self._progress = Progress(projector.name, settings.batch_size, self._metrics)
         self._parked = ParkedOrders(projector.name, self.worker_id, settings.poison_policy)
@@ -248,10 +248,12 @@ class SyncWorker:
         (the lease is handed over) or another worker holds it, while an operator has paused the
         projection, or while it waits to retry the event it stopped on."""
         await self._membership.refresh()
-        if not self._membership.is_mine(self._partition):
+        if not self._membership.is_mine(self._partition.index):
             if self._lease.held:
                 log.info(
-                    "projection %s: handing over to worker %s", self.projection, self._membership.owner(self._partition)
+                    "projection %s: handing over to worker %s",
+                    self.projection,
+                    self._membership.owner(self._partition.index),
                 )
                 await self._lease.release()
             self._set_state("standby")
@@ -283,12 +285,15 @@ class SyncWorker:
         if checkpoint is None:
             await self._generations.start_from_scratch(conn, live)
         after, size = checkpoint or START, self._settings.batch_size
-        batch = await self._reads.read(conn, after, size, self.projection, self._window.last_notified)
+        notified_at = self._window.last_notified
+        batch = await self._reads.read(conn, after, size, self._partition, self.projection, notified_at=notified_at)
         await self._progress.track_held_back(conn, batch)
         if batch.events:
-            checkpoint = await self._apply(live, checkpoint, batch.events)
+            checkpoint = await self._apply(live, checkpoint, batch.events, through=batch.through)
             self._progress.applied(len(batch.events))
             self._window.stepped(started)
+        elif batch.through is not None and batch.through > after:  # only other partitions' events
+            checkpoint = await self._apply(live, checkpoint, [], through=batch.through)
         elif checkpoint is None and not batch.held_back:
             await live.mark_empty_log()
         await self._progress.measure_lag(conn, batch, checkpoint)
@@ -303,13 +308,20 @@ class SyncWorker:
         return StepOutcome(batch, bool(batch.events) or follow_up, full or follow_up)
 
     async def _apply(
-        self, projector: Projector, checkpoint: LogPosition | None, events: list[RecordedEvent], live: bool = True
+        self,
+        projector: Projector,
+        checkpoint: LogPosition | None,
+        events: list[RecordedEvent],
+        live: bool = True,
+        through: LogPosition | None = None,
     ) -> LogPosition:
-        """Applies a batch under the poison policy, then logs and traces it."""
+        """Applies a batch (that covers the log `through` there, if given) under the poison policy,
+        then logs and traces it."""
         started_ns = time.time_ns()
-        applied, parked = await self._parked.apply(projector, checkpoint, events, live)
-        self._progress.log_batch(projector.keys.generation, events, parked, live)
-        tracing.record_projection(self.projection, events, started_ns, live)
+        applied, parked = await self._parked.apply(projector, checkpoint, events, live, through)
+        if events:
+            self._progress.log_batch(projector.keys.generation, events, parked, live)
+            tracing.record_projection(self.projection, events, started_ns, live)
         return applied
 
     def _stop_on(self, poison: PoisonEvent) -> None:

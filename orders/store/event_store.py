@@ -36,6 +36,7 @@ from orders.domain.consistency import LogPosition
 from orders.domain.errors import CommandIdReused, DeadlineExceeded, PoisonEvent, Unavailable
 from orders.domain.events import Event, RecordedEvent, event_type, from_payload, to_payload
 from orders.store.group_commit import DEFAULT_MAX_BATCH, DEFAULT_MAX_IN_FLIGHT, GroupCommit, Outcome
+from orders.store.partitions import WHOLE, Partition, partition_sql
 from orders.telemetry.metrics import count_events_appended, count_store_error, observe_append_batch
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,10 @@ class VersionTaken(Exception):
 class Batch:
     events: list[RecordedEvent]
     held_back: bool  # newer rows exist but wait for an older transaction to end
+    # How far the batch covers the log for its reader: no row of the reader's partition up to here
+    # is missing from `events`, and none can ever appear. The last event's position, or, for a
+    # partition's short batch, the log's last readable position (other partitions' events).
+    through: LogPosition | None = None
 
 
 def _json_text(value: Any) -> str:
@@ -435,9 +440,11 @@ ORDER BY c.i
 """
 
 
-async def read_batch(conn: Connection, after: LogPosition, limit: int) -> Batch:
+async def read_batch(conn: Connection, after: LogPosition, limit: int, partition: Partition = WHOLE) -> Batch:
     """Up to `limit` events after `after` in (tx_id, position) order, none of which can
-    ever be preceded by a row that is not visible yet."""
+    ever be preceded by a row that is not visible yet; of one `partition`'s orders only."""
+    if partition.count > 1:
+        return await _read_partition(conn, after, limit, partition)
     rows = await conn.fetch(
         f"SELECT {_COLUMNS}, pg_snapshot_xmin(pg_current_snapshot()) AS horizon FROM events"
         " WHERE (tx_id, position) > ($1::xid8, $2::bigint) ORDER BY tx_id, position LIMIT $3",
@@ -446,7 +453,46 @@ async def read_batch(conn: Connection, after: LogPosition, limit: int) -> Batch:
         limit,
     )
     safe = [r for r in rows if r["tx_id"] < r["horizon"]]
-    return Batch([_decoded(r) for r in safe], held_back=len(safe) < len(rows))
+    events = [_decoded(r) for r in safe]
+    return Batch(events, held_back=len(safe) < len(rows), through=_last(events))
+
+
+# One partition's rows (PostgreSQL skips the others', so no worker decodes events it does not
+# apply), and, from the same snapshot, the log's last row that no transaction can precede any more
+# (the horizon rule): where a short batch leaves the partition's reader, so that its checkpoint
+# passes the other partitions' events as it would have by reading them.
+_READ_PARTITION = f"""
+WITH horizon AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin),
+last_safe AS (
+    SELECT tx_id, position FROM events, horizon WHERE tx_id < horizon.xmin
+    ORDER BY tx_id DESC, position DESC LIMIT 1
+),
+batch AS (
+    SELECT {_COLUMNS} FROM events
+    WHERE (tx_id, position) > ($1::xid8, $2::bigint) AND {partition_sql("stream_id", "$4", "$5")}
+    ORDER BY tx_id, position LIMIT $3
+)
+SELECT batch.*, horizon.xmin AS horizon, last_safe.tx_id AS safe_tx_id, last_safe.position AS safe_position
+FROM horizon LEFT JOIN last_safe ON true LEFT JOIN batch ON true
+ORDER BY batch.tx_id, batch.position
+"""
+
+
+async def _read_partition(conn: Connection, after: LogPosition, limit: int, partition: Partition) -> Batch:
+    rows = await conn.fetch(_READ_PARTITION, after.tx_id, after.position, limit, partition.count, partition.index)
+    found = [r for r in rows if r["position"] is not None]
+    safe = [r for r in found if r["tx_id"] < r["horizon"]]
+    events = [_decoded(r) for r in safe]
+    held_back = len(safe) < len(found)
+    through = _last(events)
+    if not held_back and len(found) < limit and rows[0]["safe_position"] is not None:
+        # Short and nothing held back: every row of this partition up to the last safe row is read.
+        through = LogPosition(rows[0]["safe_tx_id"], rows[0]["safe_position"])
+    return Batch(events, held_back, through)
+
+
+def _last(events: list[RecordedEvent]) -> LogPosition | None:
+    return LogPosition(events[-1].tx_id, events[-1].position) if events else None
 
 
 def _decoded(row: asyncpg.Record) -> RecordedEvent:

@@ -8,7 +8,7 @@ Keys, under a configurable prefix (default "orders:") and then a partition's has
 {t} = "{projection:partition/partitions}" (`orders:{orders:0/1}:order:42`): every key of one
 partition of one projection lands in one Redis Cluster slot, so each batch script and each read
 touches one slot. A projection is split into `partitions` partitions by a hash of the order id
-(`partition_of`); one partition (0/1) is the whole projection. Partition counts differ in the tag,
+(orders.store.partitions); one partition (0/1) is the whole projection. Partition counts differ in the tag,
 so a deployment can build a new count beside the one that serves (docs/design.md, "Partitions").
     {p}{t}:order:{order_id}                 the order view, as the read API's serialized orders.v1.Order
                                             (older deployments wrote JSON; both are read, see `OrderView.from_stored`)
@@ -58,7 +58,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -73,6 +72,7 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from orders.config import cluster_startup_urls, is_cluster_url
 from orders.domain.events import Address
 from orders.domain.status import OrderStatus
+from orders.store.partitions import Partition, partition_of
 from orders.v1 import types_pb2
 
 PROJECTION = "orders"
@@ -265,12 +265,6 @@ class CustomerSummaryView:
         return cls(**json.loads(text))
 
 
-def partition_of(order_id: str, partitions: int) -> int:
-    """The partition that holds an order's views and events: CRC-32 (zlib's, IEEE) of the id's UTF-8
-    bytes, modulo the partition count. Stable across processes and languages, unlike hash()."""
-    return 0 if partitions == 1 else zlib.crc32(order_id.encode()) % partitions
-
-
 @dataclass(frozen=True)
 class ViewKeys:
     """Names of every key and channel of one partition of one projection, under one prefix (tests
@@ -322,6 +316,11 @@ class ViewKeys:
     def for_order(self, order_id: str) -> ViewKeys:
         """The keys of the partition of this projection that holds `order_id` (generation 0)."""
         return ViewKeys(self.prefix, self.projection, 0, partition_of(order_id, self.partitions), self.partitions)
+
+    @property
+    def log_partition(self) -> Partition:
+        """Which orders' events this partition reads from the log."""
+        return Partition(self.partition, self.partitions)
 
     def owns(self, order_id: str) -> bool:
         """Whether this partition holds `order_id`'s views (and applies its events)."""

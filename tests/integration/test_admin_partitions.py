@@ -14,7 +14,8 @@ import pytest
 
 from orders.server.grpc_server import RunningServer
 from orders.store.event_store import connect
-from orders.store.views import PROJECTION, PROJECTIONS, ViewKeys, partition_of
+from orders.store.partitions import partition_of
+from orders.store.views import PROJECTION, PROJECTIONS, ViewKeys
 from orders.tools.processes import child_environment, script_command
 from orders.v1 import admin_pb2 as pb
 from orders.v1 import admin_pb2_grpc

@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 
 from orders.domain.errors import Unavailable
 from orders.domain.status import SPENDING
+from orders.store.partitions import partition_of
 from orders.store.views import (
     PROJECTIONS,
     Declared,
@@ -26,7 +27,6 @@ from orders.store.views import (
     RedisClient,
     ViewKeys,
     index_member,
-    partition_of,
 )
 from orders.v1 import commands_pb2 as cmd
 from orders.v1 import queries_pb2 as qry

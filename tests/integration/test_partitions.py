@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from collections import Counter
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 
 from orders.domain.consistency import LogPosition
@@ -15,8 +17,16 @@ from orders.store.event_store import head, open_connection
 from orders.store.views import PROJECTION, PROJECTIONS, RedisClient, ViewKeys
 from sync_worker.main import build_workers
 from sync_worker.worker import SyncWorker, WorkerSettings
-from tests.helpers import add_item_request, all_events, assert_views_match_events, create_request, eventually
+from tests.helpers import (
+    add_item_request,
+    all_events,
+    assert_views_match_events,
+    create_request,
+    eventually,
+    views_in_partitions,
+)
 from tests.integration.conftest import System
+from tests.integration.test_no_skip import NaiveReader, insert_created, writer
 
 PARTITIONS = 4
 LEASE_TTL = 1.0  # short, so that hand-overs and takeovers happen within the test's patience
@@ -29,8 +39,8 @@ class Workers:
         self._system = system
         self._running: dict[str, tuple[asyncio.Event, asyncio.Future[list[None]], list[SyncWorker]]] = {}
 
-    def start(self, worker_id: str) -> list[SyncWorker]:
-        settings = WorkerSettings(self._system.database_url, poll_interval=0.2, lease_ttl=LEASE_TTL)
+    def start(self, worker_id: str, batch_size: int = 500) -> list[SyncWorker]:
+        settings = WorkerSettings(self._system.database_url, batch_size, poll_interval=0.05, lease_ttl=LEASE_TTL)
         loops = build_workers(
             settings, self._system.redis, self._system.keys.prefix, list(PROJECTIONS), worker_id, partitions=PARTITIONS
         )
@@ -158,3 +168,62 @@ async def test_a_partition_of_one_order_moves_nothing_but_its_checkpoint_elsewhe
 
 async def _expect(holders: object, expected: dict[str, int]) -> None:
     assert await holders == Counter(expected)  # type: ignore[misc]
+
+
+async def test_no_event_is_skipped_by_partitions_under_slow_commits_and_rollbacks(
+    system: System, workers: Workers
+) -> None:
+    """Each partition reads only its own orders' rows from PostgreSQL, and a short batch moves its
+    checkpoint to the log's last row no transaction can precede any more. Under writers that commit
+    out of position order and roll back, every partition still ends at the head with exactly the
+    committed orders it owns (the control: a naive reader skips some)."""
+    workers.start("worker-a", batch_size=7)
+    workers.start("worker-b", batch_size=7)
+    rng = random.Random(20261204)
+    committed: list[str] = []
+    naive = NaiveReader()
+    control = await asyncpg.connect(system.database_url)
+    writers = [
+        asyncio.ensure_future(writer(system.database_url, random.Random(rng.random()), 30, committed)) for _ in range(6)
+    ]
+    try:
+        while not all(w.done() for w in writers):
+            await naive.poll(control)
+            await asyncio.sleep(0.002)
+        await asyncio.gather(*writers)
+        await naive.poll(control)
+        skipped_by_naive = {r["position"] for r in await control.fetch("SELECT position FROM events")} - naive.seen
+    finally:
+        await control.close()
+
+    await caught_up(system)
+    assert skipped_by_naive, "control: the load should make the naive reader skip events"
+    views = await views_in_partitions(system.redis, ViewKeys(system.keys.prefix, partitions=PARTITIONS))
+    assert set(views) == set(committed)
+    await assert_applied_once(system)
+
+
+async def test_a_held_open_transaction_holds_back_every_partition(system: System, workers: Workers) -> None:
+    """A transaction that took an earlier position and has not committed holds back the checkpoints
+    of every partition, its own and the others (which would otherwise pass its row while reading
+    only theirs); once it commits, its order's partition applies it and all reach the head."""
+    workers.start("worker-a")
+    await eventually(lambda: _expect(lease_holders(system.redis, system), {"worker-a": 8}), timeout=10)
+    slow = await asyncpg.connect(system.database_url)
+    try:
+        transaction = slow.transaction()
+        await transaction.start()
+        slow_position = await insert_created(slow, "slow-order")
+        fast = (await system.commands.CreateOrder(create_request("fast"))).result
+        assert fast.position > slow_position
+        await asyncio.sleep(0.5)  # the worker is woken by the fast commit and steps meanwhile
+        checkpoints = await system.redis.mget([keys.checkpoint for keys in partition_keys(system)])
+        await transaction.commit()
+    finally:
+        await slow.close()
+
+    assert all(LogPosition.parse(c).position < slow_position for c in checkpoints if c is not None)
+    await caught_up(system)
+    owner = ViewKeys(system.keys.prefix, PROJECTION, partitions=PARTITIONS).for_order("slow-order")
+    assert await system.redis.exists(owner.order("slow-order"))
+    await assert_applied_once(system)

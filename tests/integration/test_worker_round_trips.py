@@ -206,9 +206,11 @@ class Interfering(OrdersProjector):
         holder: str | None = None,
         park: Mapping[str, PoisonEvent] | None = None,
         live: bool = True,
+        *,
+        through: LogPosition | None = None,
     ) -> LogPosition:
         try:
-            return await super().apply(after, events, holder, park, live)
+            return await super().apply(after, events, holder, park, live, through=through)
         finally:
             for key, raw in self.moved:
                 await (self.other.delete(key) if raw is None else self.other.set(key, raw, keepttl=True))
