@@ -102,6 +102,7 @@ async def fresh_heartbeats(redis: Redis, keys: ViewKeys) -> None:
         await redis.set(keys.of(name).heartbeat, json.dumps(heartbeat))
 
 
+@pytest.mark.single_redis("cuts the read service off its one Redis server through a proxy")
 async def test_the_health_gauge_follows_a_read_service_whose_redis_goes_away_and_comes_back(
     redis: Redis, keys: ViewKeys, proxy: UnpluggableProxy
 ) -> None:

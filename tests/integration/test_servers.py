@@ -21,12 +21,12 @@ import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from orders.server.grpc_server import RunningServer
 from orders.server.readiness import Readiness
 from orders.store.event_store import connect
-from orders.store.views import PROJECTIONS, ViewKeys, redis_client
+from orders.store.views import PROJECTIONS, RedisClient, ViewKeys, redis_client
 from orders.tools.embedded import free_port
 from orders.tools.processes import PIPE, child_environment, script_command, start_service
 from orders.v1 import commands_pb2_grpc, queries_pb2, queries_pb2_grpc
@@ -447,16 +447,24 @@ async def wait_serving(child: Child, port: int, service: str) -> None:
     assert reply.status == SERVING
 
 
-async def watcher_settled(redis: Redis, keys: ViewKeys) -> None:
+async def watcher_settled(redis: RedisClient, keys: ViewKeys) -> None:
     """Waits until the read service's checkpoint watcher has subscribed and read the checkpoint,
     after which it only waits for publications (see test_read_service_signalled_while_starting_still_exits)."""
 
     async def subscribed() -> None:
-        [(_, count)] = await redis.pubsub_numsub(keys.checkpoint_channel)
-        assert count >= 1
+        assert await subscribers(redis, keys.checkpoint_channel) >= 1
 
     await eventually(subscribed)
     await asyncio.sleep(0.3)  # the GET of the checkpoint that follows the SUBSCRIBE
+
+
+async def subscribers(redis: RedisClient, channel: str) -> int:
+    """Subscribers of `channel`: on a cluster, of every master (a client subscribes on one node)."""
+    if not isinstance(redis, RedisCluster):
+        [(_, count)] = await redis.pubsub_numsub(channel)
+        return int(count)
+    counts = [await redis.execute_command("PUBSUB NUMSUB", channel, target_nodes=node) for node in redis.get_nodes()]
+    return sum(int(reply[0][1]) for reply in counts)
 
 
 async def blocked_on_lock(database_url: str) -> None:

@@ -16,9 +16,8 @@ from typing import Any
 
 import grpc
 import pytest
-from redis.asyncio import Redis
 
-from orders.store.views import OrderView, execute
+from orders.store.views import OrderView, RedisClient, execute, redis_client
 from orders.v1 import commands_pb2 as cmd
 from orders.v1 import queries_pb2 as qry
 from orders.v1 import queries_pb2_grpc, types_pb2
@@ -39,7 +38,7 @@ class Watched:
     service: ReadService
     queries: queries_pb2_grpc.OrderQueriesStub
     port: int
-    redis: Redis
+    redis: RedisClient
 
     @property
     def feed(self) -> ChangeFeed:
@@ -58,10 +57,10 @@ StartWatched = Callable[..., Awaitable[Watched]]
 async def start_watched(system: System) -> AsyncIterator[StartWatched]:
     """Starts read services (with their own Redis client, named so that a test can find and cut its
     connections); all are stopped at the end."""
-    started: list[tuple[ReadService, grpc.aio.Channel, Redis]] = []
+    started: list[tuple[ReadService, grpc.aio.Channel, RedisClient]] = []
 
     async def start(**settings: Any) -> Watched:
-        redis = Redis.from_url(system.redis_url, decode_responses=True, client_name=f"watch-{uuid.uuid4().hex[:12]}")
+        redis = redis_client(system.redis_url, client_name=f"watch-{uuid.uuid4().hex[:12]}")
         service = await start_read_service(redis, system.keys, "127.0.0.1:0", **settings)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.server.port}")
         started.append((service, channel, redis))
@@ -425,6 +424,7 @@ async def test_customer_stream_of_a_client_too_slow_ends_with_resource_exhausted
 # ------------------------------------------------------------------ lost notifications
 
 
+@pytest.mark.single_redis("cuts the feed's subscription by CLIENT LIST and CLIENT KILL on its one server")
 async def test_changes_made_while_the_feed_was_disconnected_are_caught_up(system: System, watched: Watched) -> None:
     """Notifications published while the feed's subscription is down are lost to it. Once it has
     resubscribed, every open stream re-reads what it watches and sends what changed meanwhile."""
