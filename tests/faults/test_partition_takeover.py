@@ -11,7 +11,7 @@ import signal
 import time
 from collections import Counter
 
-from orders.store.views import PROJECTION, PROJECTIONS, RedisClient, ViewKeys
+from orders.store.views import PROJECTION, PROJECTIONS, RedisClient, ViewKeys, get_many
 from tests.faults.conftest import Cluster, Load, run_load_while
 from tests.faults.test_worker_restart import log_head
 from tests.helpers import all_events, assert_views_match_events, eventually
@@ -27,7 +27,7 @@ def every_partition(cluster: Cluster) -> list[ViewKeys]:
 
 
 async def holders(redis: RedisClient, cluster: Cluster) -> Counter[bytes | str | None]:
-    leases = await redis.mget([keys.lease for keys in every_partition(cluster)])
+    leases = await get_many(redis, [keys.lease for keys in every_partition(cluster)])
     return Counter(leases)
 
 
@@ -63,7 +63,7 @@ async def test_a_killed_workers_partitions_are_taken_over_within_the_lease_ttl(c
         token = await log_head(cluster)
 
         async def caught_up() -> None:
-            checkpoints = await redis.mget([keys.checkpoint for keys in every_partition(cluster)])
+            checkpoints = await get_many(redis, [keys.checkpoint for keys in every_partition(cluster)])
             assert checkpoints == [token] * len(checkpoints)
 
         await eventually(caught_up, timeout=30)
@@ -71,7 +71,7 @@ async def test_a_killed_workers_partitions_are_taken_over_within_the_lease_ttl(c
         assert {e.metadata.get("command_id") for e in events} >= set(load.acked), "an acknowledged command is lost"
         for name in PROJECTIONS:
             partitions = ViewKeys(cluster.keys.prefix, name, partitions=PARTITIONS).all_partitions()
-            applied = await redis.mget([keys.applied for keys in partitions])
+            applied = await get_many(redis, [keys.applied for keys in partitions])
             assert sum(int(n or 0) for n in applied) == len(events), f"{name}: events applied twice or skipped"
         partitioned = ViewKeys(cluster.keys.prefix, PROJECTION, partitions=PARTITIONS)
         await assert_views_match_events(cluster.servers.postgres_url, redis, partitioned)

@@ -8,24 +8,25 @@ from __future__ import annotations
 
 import signal
 
-from redis.asyncio import Redis
-
 from orders.store.event_store import head, open_connection
 from orders.store.heartbeat import read_heartbeat
-from orders.store.views import ViewKeys
+from orders.store.views import RedisClient, ViewKeys
 from tests.faults.conftest import Cluster, Service, assert_consistent
 from tests.helpers import create_request, eventually
 
+# KEYS[1]: a lease. Its holder, its ttl (ms) and the server's time, in one step (a script, which a
+# cluster client sends to the lease's node, unlike a pipeline with TIME).
+_LEASE_NOW = """
+local now = redis.call('TIME')
+return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1]), now[1], now[2]}
+"""
 
-async def lease_now(redis: Redis, keys: ViewKeys) -> tuple[str | None, int, int]:
+
+async def lease_now(redis: RedisClient, keys: ViewKeys) -> tuple[str | None, int, int]:
     """The lease's holder, when it expires and the time now (ms, Redis clock), read in one step."""
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.get(keys.lease)
-        pipe.pttl(keys.lease)
-        pipe.time()
-        holder, ttl_ms, (seconds, micros) = await pipe.execute()
-    now_ms = seconds * 1000 + micros // 1000
-    return holder, now_ms + ttl_ms, now_ms
+    holder, ttl_ms, seconds, micros = await redis.eval(_LEASE_NOW, 1, keys.lease)
+    now_ms = int(seconds) * 1000 + int(micros) // 1000
+    return holder, now_ms + int(ttl_ms), now_ms
 
 
 async def log_head(cluster: Cluster) -> str:
@@ -38,7 +39,7 @@ async def log_head(cluster: Cluster) -> str:
     return last.token()
 
 
-async def write_and_wait(cluster: Cluster, redis: Redis, order_id: str) -> None:
+async def write_and_wait(cluster: Cluster, redis: RedisClient, order_id: str) -> None:
     """Creates an order and waits until the views have it."""
     await cluster.commands.CreateOrder(create_request(order_id=order_id))
     token = await log_head(cluster)

@@ -14,7 +14,7 @@ import pytest
 
 from orders.domain.consistency import LogPosition
 from orders.store.event_store import head, open_connection
-from orders.store.views import PROJECTION, PROJECTIONS, RedisClient, ViewKeys
+from orders.store.views import PROJECTION, PROJECTIONS, RedisClient, ViewKeys, get_many
 from sync_worker.main import build_workers
 from sync_worker.worker import SyncWorker, WorkerSettings
 from tests.helpers import (
@@ -79,7 +79,7 @@ def partition_keys(system: System) -> list[ViewKeys]:
 
 async def lease_holders(redis: RedisClient, system: System) -> Counter[bytes | str | None]:
     """How many partitions (of both projections) each worker holds the lease of."""
-    holders = await redis.mget([keys.lease for keys in partition_keys(system)])
+    holders = await get_many(redis, [keys.lease for keys in partition_keys(system)])
     return Counter(holders)
 
 
@@ -99,7 +99,7 @@ async def caught_up(system: System) -> LogPosition:
     assert last is not None
 
     async def all_there() -> None:
-        checkpoints = await system.redis.mget([keys.checkpoint for keys in partition_keys(system)])
+        checkpoints = await get_many(system.redis, [keys.checkpoint for keys in partition_keys(system)])
         assert checkpoints == [last.token()] * len(checkpoints)
 
     await eventually(all_there, timeout=20)
@@ -112,7 +112,7 @@ async def assert_applied_once(system: System) -> None:
     events = len(await all_events(system.database_url))
     for name in PROJECTIONS:
         partitions = ViewKeys(system.keys.prefix, name, partitions=PARTITIONS).all_partitions()
-        applied = await system.redis.mget([keys.applied for keys in partitions])
+        applied = await get_many(system.redis, [keys.applied for keys in partitions])
         assert sum(int(count or 0) for count in applied) == events, name
     await assert_views_match_events(
         system.database_url, system.redis, ViewKeys(system.keys.prefix, partitions=PARTITIONS)
@@ -217,7 +217,7 @@ async def test_a_held_open_transaction_holds_back_every_partition(system: System
         fast = (await system.commands.CreateOrder(create_request("fast"))).result
         assert fast.position > slow_position
         await asyncio.sleep(0.5)  # the worker is woken by the fast commit and steps meanwhile
-        checkpoints = await system.redis.mget([keys.checkpoint for keys in partition_keys(system)])
+        checkpoints = await get_many(system.redis, [keys.checkpoint for keys in partition_keys(system)])
         await transaction.commit()
     finally:
         await slow.close()
