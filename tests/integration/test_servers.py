@@ -463,6 +463,7 @@ async def subscribers(redis: RedisClient, channel: str) -> int:
     if not isinstance(redis, RedisCluster):
         [(_, count)] = await redis.pubsub_numsub(channel)
         return int(count)
+    await redis.initialize()  # until its first command, a cluster client knows no nodes (get_nodes() is empty)
     counts = [await redis.execute_command("PUBSUB NUMSUB", channel, target_nodes=node) for node in redis.get_nodes()]
     return sum(int(reply[0][1]) for reply in counts)
 
