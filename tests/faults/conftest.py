@@ -31,7 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orders.store.event_store import head, open_connection
 from orders.store.migrations import migrate_url
-from orders.store.views import RedisClient, ViewKeys, redis_client
+from orders.store.views import PROJECTIONS, RedisClient, ViewKeys, get_many, redis_client
 from orders.tools.cluster import LocalCluster, start_cluster
 from orders.tools.embedded import EmbeddedServer, free_port, start_postgres, start_redis
 from orders.tools.processes import ServiceProcess, child_environment, start_service
@@ -134,6 +134,7 @@ class Cluster:
                 "ORDERS_POSTGRES_URL": self.servers.postgres_url,
                 "ORDERS_REDIS_URL": self.servers.redis_url,
                 "ORDERS_REDIS_PREFIX": self.keys.prefix,
+                "ORDERS_PARTITIONS": str(self.keys.partitions),
                 "ORDERS_WRITE_ADDRESS": f"127.0.0.1:{self.write_port}",
                 "ORDERS_READ_ADDRESS": f"127.0.0.1:{self.read_port}",
                 "ORDERS_SHUTDOWN_GRACE": "2",
@@ -210,8 +211,16 @@ async def cluster_world(tmp_path: Path, server_dir: Path) -> AsyncIterator[Clust
         yield world
 
 
+@pytest.fixture
+async def partitioned_cluster_world(tmp_path: Path, server_dir: Path) -> AsyncIterator[Cluster]:
+    """As `cluster_world`, its projections split into 3 partitions (ORDERS_PARTITIONS for every
+    service): the partitions' hash tags spread over the cluster's three masters."""
+    async with own_world(tmp_path, OwnServers(server_dir, on_cluster=True), partitions=3) as world:
+        yield world
+
+
 @contextlib.asynccontextmanager
-async def own_world(tmp_path: Path, servers: OwnServers) -> AsyncIterator[Cluster]:
+async def own_world(tmp_path: Path, servers: OwnServers, partitions: int = 1) -> AsyncIterator[Cluster]:
     try:
         await servers.start_postgres()
         await servers.start_redis()
@@ -219,7 +228,7 @@ async def own_world(tmp_path: Path, servers: OwnServers) -> AsyncIterator[Cluste
         await admin.execute("CREATE DATABASE orders")
         await admin.close()
         await migrate_url(servers.postgres_url)
-        world = Cluster(servers, tmp_path, keys=ViewKeys(f"fault:{uuid.uuid4().hex[:8]}:"))
+        world = Cluster(servers, tmp_path, keys=ViewKeys(f"fault:{uuid.uuid4().hex[:8]}:", partitions=partitions))
         try:
             yield world
         finally:
@@ -342,7 +351,8 @@ async def assert_consistent(cluster: Cluster, load: Load | None = None, timeout:
 
         async def caught_up() -> None:
             assert last is not None
-            assert await redis.get(cluster.keys.checkpoint) == last.token()
+            partitions = [keys for name in PROJECTIONS for keys in cluster.keys.of(name).all_partitions()]
+            assert await get_many(redis, [keys.checkpoint for keys in partitions]) == [last.token()] * len(partitions)
 
         await eventually(caught_up, timeout=timeout)
         await assert_views_match_events(cluster.servers.postgres_url, redis, cluster.keys)
