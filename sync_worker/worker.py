@@ -304,8 +304,7 @@ class SyncWorker:
             follow_up = await self._generations.retire_step(state.retired) or follow_up
         if state.quiet and checkpoint is not None:
             self._states.keep(read_at, checkpoint)
-        full = len(batch.events) >= self._settings.batch_size
-        return StepOutcome(batch, bool(batch.events) or follow_up, full or follow_up)
+        return StepOutcome(batch, bool(batch.events) or follow_up, batch.more or follow_up)
 
     async def _apply(
         self,

@@ -111,8 +111,9 @@ class Batch:
     held_back: bool  # newer rows exist but wait for an older transaction to end
     # How far the batch covers the log for its reader: no row of the reader's partition up to here
     # is missing from `events`, and none can ever appear. The last event's position, or, for a
-    # partition's short batch, the log's last readable position (other partitions' events).
+    # partition, the last row it looked at that no transaction can precede (others' rows too).
     through: LogPosition | None = None
+    more: bool = False  # the read was full and nothing held back: more rows may be waiting already
 
 
 def _json_text(value: Any) -> str:
@@ -454,41 +455,45 @@ async def read_batch(conn: Connection, after: LogPosition, limit: int, partition
     )
     safe = [r for r in rows if r["tx_id"] < r["horizon"]]
     events = [_decoded(r) for r in safe]
-    return Batch(events, held_back=len(safe) < len(rows), through=_last(events))
+    return Batch(events, held_back=len(safe) < len(rows), through=_last(events), more=len(events) >= limit)
 
 
-# One partition's rows (PostgreSQL skips the others', so no worker decodes events it does not
-# apply), and, from the same snapshot, the log's last row that no transaction can precede any more
-# (the horizon rule): where a short batch leaves the partition's reader, so that its checkpoint
-# passes the other partitions' events as it would have by reading them.
+# One partition's rows from a window of the whole log's next rows, in log order: the others' rows
+# stay in PostgreSQL (no worker decodes an event it does not apply). With them, from the same
+# snapshot, the window's last row that no transaction can precede any more (the horizon rule):
+# the partition's checkpoint passes the other partitions' rows up to there, as it would have by
+# reading them. A window, not a LIMIT on the partition's own rows: the planner cannot tell how
+# many rows the hash condition keeps, and chose to sort the whole table for such a LIMIT.
 _READ_PARTITION = f"""
 WITH horizon AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin),
-last_safe AS (
-    SELECT tx_id, position FROM events, horizon WHERE tx_id < horizon.xmin
-    ORDER BY tx_id DESC, position DESC LIMIT 1
+scanned AS MATERIALIZED (
+    SELECT {_COLUMNS}, {partition_sql("stream_id", "$4", "$5")} AS own FROM events
+    WHERE (tx_id, position) > ($1::xid8, $2::bigint) ORDER BY tx_id, position LIMIT $3
 ),
-batch AS (
-    SELECT {_COLUMNS} FROM events
-    WHERE (tx_id, position) > ($1::xid8, $2::bigint) AND {partition_sql("stream_id", "$4", "$5")}
-    ORDER BY tx_id, position LIMIT $3
-)
-SELECT batch.*, horizon.xmin AS horizon, last_safe.tx_id AS safe_tx_id, last_safe.position AS safe_position
-FROM horizon LEFT JOIN last_safe ON true LEFT JOIN batch ON true
-ORDER BY batch.tx_id, batch.position
+totals AS (
+    SELECT count(*) AS scanned, count(*) FILTER (WHERE scanned.tx_id >= horizon.xmin) AS held
+    FROM scanned, horizon
+),
+last_safe AS (
+    SELECT scanned.tx_id, scanned.position FROM scanned, horizon WHERE scanned.tx_id < horizon.xmin
+    ORDER BY scanned.tx_id DESC, scanned.position DESC LIMIT 1
+),
+own_rows AS (SELECT scanned.* FROM scanned, horizon WHERE scanned.own AND scanned.tx_id < horizon.xmin)
+SELECT own_rows.*, totals.scanned, totals.held, last_safe.tx_id AS safe_tx_id, last_safe.position AS safe_position
+FROM totals LEFT JOIN last_safe ON true LEFT JOIN own_rows ON true
+ORDER BY own_rows.tx_id, own_rows.position
 """
+WINDOW_PARTITIONS = 16  # a partition's read scans up to this many batches' worth of the log's rows
 
 
 async def _read_partition(conn: Connection, after: LogPosition, limit: int, partition: Partition) -> Batch:
-    rows = await conn.fetch(_READ_PARTITION, after.tx_id, after.position, limit, partition.count, partition.index)
-    found = [r for r in rows if r["position"] is not None]
-    safe = [r for r in found if r["tx_id"] < r["horizon"]]
-    events = [_decoded(r) for r in safe]
-    held_back = len(safe) < len(found)
-    through = _last(events)
-    if not held_back and len(found) < limit and rows[0]["safe_position"] is not None:
-        # Short and nothing held back: every row of this partition up to the last safe row is read.
-        through = LogPosition(rows[0]["safe_tx_id"], rows[0]["safe_position"])
-    return Batch(events, held_back, through)
+    window = limit * min(partition.count, WINDOW_PARTITIONS)  # about `limit` own rows, when the log has them
+    rows = await conn.fetch(_READ_PARTITION, after.tx_id, after.position, window, partition.count, partition.index)
+    totals = rows[0]
+    events = [_decoded(r) for r in rows if r["position"] is not None]
+    through = None if totals["safe_position"] is None else LogPosition(totals["safe_tx_id"], totals["safe_position"])
+    held_back = totals["held"] > 0
+    return Batch(events, held_back, through, more=not held_back and totals["scanned"] >= window)
 
 
 def _last(events: list[RecordedEvent]) -> LogPosition | None:
