@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -56,10 +57,27 @@ class _PortInUse(RuntimeError):
 
 
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that is free right now (another process may still take it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """Return a TCP port on 127.0.0.1 that is free right now (another process may still take it).
+    Chosen below the kernel's range for the local ports of outgoing connections: a port from that
+    range (what binding port 0 gives) is soon taken by some client's connection, and the server
+    meant to listen on it then fails with "address already in use"."""
+    low = _outgoing_ports_start()
+    for _ in range(100):
+        port = random.randrange(low - 10_000, low) if low > 11_024 else 0
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    raise OSError("no free TCP port found on 127.0.0.1")
+
+
+def _outgoing_ports_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 # ---------------------------------------------------------------- PostgreSQL
