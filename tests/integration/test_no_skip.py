@@ -97,27 +97,33 @@ async def writer(url: str, rng: random.Random, rounds: int, committed: list[str]
         await conn.close()
 
 
+async def write_out_of_order(url: str, seed: int, writers: int, rounds: int) -> tuple[list[str], set[int]]:
+    """Runs `writers` concurrent `writer`s while a naive reader polls beside them; returns the
+    committed order ids and the positions the naive reader skipped (the control)."""
+    rng = random.Random(seed)
+    committed: list[str] = []
+    naive = NaiveReader()
+    control = await asyncpg.connect(url)
+    tasks = [asyncio.ensure_future(writer(url, random.Random(rng.random()), rounds, committed)) for _ in range(writers)]
+    try:
+        while not all(task.done() for task in tasks):
+            await naive.poll(control)
+            await asyncio.sleep(0.002)
+        await asyncio.gather(*tasks)
+        await naive.poll(control)
+        positions = {row["position"] for row in await control.fetch("SELECT position FROM events")}
+    finally:
+        await control.close()
+    return committed, positions - naive.seen
+
+
 async def test_many_concurrent_writers_with_slow_commits_and_rollbacks(system: System) -> None:
     """Under concurrent writers that commit out of order and roll back, views hold exactly the committed events."""
     await system.stop_worker()
     system.start_worker(batch_size=7, poll_interval=0.05)
-    rng = random.Random(20261126)
-    committed: list[str] = []
-    naive = NaiveReader()
-    control_conn = await asyncpg.connect(system.database_url)
-    writers = [
-        asyncio.create_task(writer(system.database_url, random.Random(rng.random()), 40, committed)) for _ in range(8)
-    ]
-    try:
-        while not all(w.done() for w in writers):
-            await naive.poll(control_conn)
-            await asyncio.sleep(0.002)
-        await asyncio.gather(*writers)
-        await naive.poll(control_conn)
-        last = await head(control_conn)
-    finally:
-        await control_conn.close()
-
+    committed, skipped_by_naive = await write_out_of_order(system.database_url, 20261126, writers=8, rounds=40)
+    async with system.pool.acquire() as conn:
+        last = await head(conn)
     assert last is not None
 
     async def caught_up() -> None:
@@ -125,8 +131,6 @@ async def test_many_concurrent_writers_with_slow_commits_and_rollbacks(system: S
 
     await eventually(caught_up, timeout=30)
     views = await views_in_redis(system.redis, system.keys)
-    committed_positions = await system.pool.fetch("SELECT position FROM events")
-    skipped_by_naive = {r["position"] for r in committed_positions} - naive.seen
     assert skipped_by_naive, "control: the load should make the naive reader skip events"
     assert set(views) == set(committed)
     assert {v.version for v in views.values()} == {1}

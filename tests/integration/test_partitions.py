@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 from collections import Counter
 from collections.abc import AsyncIterator
 
@@ -26,7 +25,7 @@ from tests.helpers import (
     views_in_partitions,
 )
 from tests.integration.conftest import System
-from tests.integration.test_no_skip import NaiveReader, insert_created, writer
+from tests.integration.test_no_skip import insert_created, write_out_of_order
 
 PARTITIONS = 4
 LEASE_TTL = 1.0  # short, so that hand-overs and takeovers happen within the test's patience
@@ -179,23 +178,7 @@ async def test_no_event_is_skipped_by_partitions_under_slow_commits_and_rollback
     committed orders it owns (the control: a naive reader skips some)."""
     workers.start("worker-a", batch_size=7)
     workers.start("worker-b", batch_size=7)
-    rng = random.Random(20261204)
-    committed: list[str] = []
-    naive = NaiveReader()
-    control = await asyncpg.connect(system.database_url)
-    writers = [
-        asyncio.ensure_future(writer(system.database_url, random.Random(rng.random()), 30, committed)) for _ in range(6)
-    ]
-    try:
-        while not all(w.done() for w in writers):
-            await naive.poll(control)
-            await asyncio.sleep(0.002)
-        await asyncio.gather(*writers)
-        await naive.poll(control)
-        skipped_by_naive = {r["position"] for r in await control.fetch("SELECT position FROM events")} - naive.seen
-    finally:
-        await control.close()
-
+    committed, skipped_by_naive = await write_out_of_order(system.database_url, 20261204, writers=6, rounds=30)
     await caught_up(system)
     assert skipped_by_naive, "control: the load should make the naive reader skip events"
     views = await views_in_partitions(system.redis, ViewKeys(system.keys.prefix, partitions=PARTITIONS))
