@@ -6,10 +6,13 @@ every lease and keep it. So the workers also register, per projection and partit
 sorted set of worker ids scored by when their registration expires (Redis clock), and every loop
 asks its process's Membership whether its partition is this worker's share:
 
-    partition k of projection number j goes to worker (k + j) mod N of the N registered, by id
+    partition k (of every projection) goes to worker k mod N of the N registered, sorted by id
 
-The offset j spreads the projections' partition 0s over different workers. A loop holds its lease
-only while its partition is this worker's share, and releases it as soon as it is not. So:
+Every projection's partition k goes to the same worker: their loops then share each read of the
+partition's rows from the log (sync_worker.reads.SharedReads), which halves what PostgreSQL scans
+and the worker decodes. (Spreading the projections' partitions over different workers instead
+made every partition read the log once per projection.) A loop holds its lease only while its
+partition is this worker's share, and releases it as soon as it is not. So:
 
 - a worker that joins registers, the shares move, the workers that lost one release it at their
   next step and the new worker takes it at its next look (a fifth of the lease ttl);
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import time
 
-from orders.store.views import PROJECTIONS, RedisClient, ViewKeys
+from orders.store.views import RedisClient, ViewKeys
 
 # KEYS[1]: the members set. ARGV: worker id, ttl ms. Registers (or renews) the worker, drops the
 # registrations that expired, and returns the live members' ids, sorted.
@@ -48,7 +51,6 @@ class Membership:
     def __init__(self, redis: RedisClient, keys: ViewKeys, worker_id: str, ttl: float) -> None:
         self._redis = redis
         self._key = keys.workers
-        self._offset = PROJECTIONS.index(keys.projection) if keys.projection in PROJECTIONS else 0
         self.worker_id = worker_id
         self.ttl = ttl
         self._register = redis.register_script(_REGISTER)
@@ -65,7 +67,7 @@ class Membership:
 
     def owner(self, partition: int) -> str:
         """The worker whose share `partition` is, as far as this worker knows the members."""
-        return self.members[(partition + self._offset) % len(self.members)]
+        return self.members[partition % len(self.members)]
 
     def is_mine(self, partition: int) -> bool:
         return self.owner(partition) == self.worker_id
