@@ -62,8 +62,9 @@ async def known_orders(cluster: Cluster) -> list[str]:
             last = (await cluster.commands.AddItem(add_item_request(created.order_id, f"S{item}"))).result
         order_ids.append(created.order_id)
     assert last is not None
-    reached = qry.GetOrderRequest(order_id=last.order_id, consistency_token=last.consistency_token)
-    assert not (await cluster.queries.GetOrder(reached, timeout=10)).consistency.stale
+    for order_id in order_ids:  # each with the last token: every partition holding one has reached it
+        reached = qry.GetOrderRequest(order_id=order_id, consistency_token=last.consistency_token)
+        assert not (await cluster.queries.GetOrder(reached, timeout=10)).consistency.stale
     return order_ids
 
 
