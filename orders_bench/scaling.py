@@ -69,6 +69,7 @@ from orders_bench.system import (
     spent,
     stop_process,
 )
+from sync_worker.membership import share_of
 
 DEFAULT_PARTITIONS = (1, 2, 4)
 DEFAULT_WORKERS = (1, 2, 4)
@@ -215,7 +216,7 @@ class Views:
 
     async def assembled(self, workers: int) -> bool:
         """Whether all `workers` have registered and every partition is held, paused, by the worker
-        whose share it is (partition k of projection j: the (k + j) mod W-th registered id)."""
+        whose share it is (sync_worker.membership.share_of)."""
         members: dict[str, list[str]] = {}
         for keys in self.keys:
             if keys.projection not in members:
@@ -224,8 +225,7 @@ class Views:
             return False
         beats = await self.redis.mget([k.heartbeat for k in self.keys])
         for keys, beat in zip(self.keys, beats, strict=True):
-            offset = PROJECTIONS.index(keys.projection)
-            owner = members[keys.projection][(keys.partition + offset) % workers]
+            owner = share_of(keys.partition, members[keys.projection])
             found = json.loads(beat) if beat else {}
             if found.get("worker") != owner or found.get("state") != "paused":
                 return False

@@ -44,6 +44,11 @@ return members
 """
 
 
+def share_of(partition: int, members: list[str]) -> str:
+    """The worker whose share `partition` is, of the registered `members` sorted by id."""
+    return members[partition % len(members)]
+
+
 class Membership:
     """This worker's registration among the workers of one projection (at one partition count),
     and its share of the partitions. Shared by the process's loops of that projection."""
@@ -67,7 +72,7 @@ class Membership:
 
     def owner(self, partition: int) -> str:
         """The worker whose share `partition` is, as far as this worker knows the members."""
-        return self.members[partition % len(self.members)]
+        return share_of(partition, self.members)
 
     def is_mine(self, partition: int) -> bool:
         return self.owner(partition) == self.worker_id
