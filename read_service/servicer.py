@@ -40,6 +40,7 @@ from orders.store.views import (
     OrderView,
     RedisClient,
     ViewKeys,
+    add_count,
     execute,
     is_json_view,
     member_order_id,
@@ -151,8 +152,10 @@ def added_up(parts: Sequence[CustomerSummaryView]) -> CustomerSummaryView:
     by_status: dict[str, int] = {}
     spend: dict[str, int] = {}
     for part in parts:
-        _add_counts(by_status, part.by_status)
-        _add_counts(spend, part.spend_minor)
+        for status, count in part.by_status.items():
+            add_count(by_status, status, count)
+        for currency, amount in part.spend_minor.items():
+            add_count(spend, currency, amount)
     firsts = [part.first_order_us for part in parts if part.first_order_us]
     return CustomerSummaryView(
         parts[0].customer_id,
@@ -162,14 +165,6 @@ def added_up(parts: Sequence[CustomerSummaryView]) -> CustomerSummaryView:
         min(firsts, default=0),
         max(part.last_order_us for part in parts),
     )
-
-
-def _add_counts(total: dict[str, int], counts: dict[str, int]) -> None:
-    for key, count in counts.items():
-        if sum_ := total.get(key, 0) + count:
-            total[key] = sum_
-        else:  # as the projection keeps them: no zero counts
-            total.pop(key, None)
 
 
 T = TypeVar("T")

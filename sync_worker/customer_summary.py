@@ -16,19 +16,10 @@ from __future__ import annotations
 from orders.domain.errors import PoisonEvent
 from orders.domain.events import OrderCreated, RecordedEvent
 from orders.domain.status import SPENDING
-from orders.store.views import CustomerSummaryView, OrderView, RedisClient, ViewKeys
+from orders.store.views import CustomerSummaryView, OrderView, RedisClient, ViewKeys, add_count
 from sync_worker.projector import BatchWrites, Projector, Values, fold_new, order_ids, order_views
 
 CUSTOMER_HINTS = 50_000  # orders whose customer the projector remembers (about 10 MB)
-
-
-def _add(counts: dict[str, int], key: str, amount: int) -> None:
-    """Adds `amount` to `counts[key]` in place; a count that reaches 0 goes."""
-    total = counts.get(key, 0) + amount
-    if total:
-        counts[key] = total
-    else:
-        counts.pop(key, None)
 
 
 def summarize(summary: CustomerSummaryView, before: OrderView | None, after: OrderView) -> CustomerSummaryView:
@@ -39,12 +30,12 @@ def summarize(summary: CustomerSummaryView, before: OrderView | None, after: Ord
         created = after.created_at_us
         count, first, last = count + 1, min(first or created, created), max(last, created)
     else:
-        _add(by_status, before.status, -1)
+        add_count(by_status, before.status, -1)
         if before.status in SPENDING:
-            _add(spend, before.currency_code, -before.total_minor)
-    _add(by_status, after.status, 1)
+            add_count(spend, before.currency_code, -before.total_minor)
+    add_count(by_status, after.status, 1)
     if after.status in SPENDING:
-        _add(spend, after.currency_code, after.total_minor)
+        add_count(spend, after.currency_code, after.total_minor)
     # One new summary, built once: dataclasses.replace (twice per order) was much of this projection's cost.
     return CustomerSummaryView(summary.customer_id, count, by_status, spend, first, last)
 

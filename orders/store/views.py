@@ -238,6 +238,16 @@ def is_json_view(raw: str | bytes) -> bool:
     return raw[:1] in (b"{", "{")
 
 
+def add_count(counts: dict[str, int], key: str, amount: int) -> None:
+    """Adds `amount` to `counts[key]` in place; a count that reaches 0 goes: a customer summary's
+    counts and spend (by status, by currency) never hold zeros."""
+    total = counts.get(key, 0) + amount
+    if total:
+        counts[key] = total
+    else:
+        counts.pop(key, None)
+
+
 @dataclass(frozen=True)
 class CustomerSummaryView:
     customer_id: str
