@@ -236,7 +236,7 @@ class Projector(ABC):
         """Applies `events`, which follow checkpoint `after` in log order, atomically; returns the new
         checkpoint: `through` if given (a partition's batch covers the log up to there, see
         event_store.Batch; `events` may then be empty), else the last event's position. Of a
-        partition, applies only its own orders' events.
+        partition, `events` are its own orders' (read_batch reads only those).
 
         With `holder`, applies only while that worker holds the projection's lease (LeaseLost otherwise).
         Of an order in `park` (order id -> the event it cannot apply), that event and the order's later
@@ -248,8 +248,6 @@ class Projector(ABC):
         names the one before it and the rebuild request names it); nothing is announced.
         """
         new_checkpoint = through or LogPosition(events[-1].tx_id, events[-1].position)
-        if self.keys.partitions > 1:  # the others' events only move this partition's checkpoint past them
-            events = [e for e in events if self.keys.owns(e.stream_id)]
         keys, park = self.keys, park or {}
         guards = [keys.checkpoint, keys.lease, keys.rebuild_target, keys.generation_pointer, keys.next_generation]
         ids = sorted({e.stream_id for e in events} - set(park))
